@@ -1,0 +1,46 @@
+"""The memory engine: Nested Learning levels as pure functions over pytrees.
+
+A level (``Level``) = a memory architecture (``LinearMemory``, ``MLPMemory``) + an inner
+objective ("l2", "dot") + an inner update rule (``Rule``: GD, Titans momentum, DGD).  It consumes
+its context flow with ``apply(..., path=...)``:
+
+  "oracle"   per-token ``lax.scan``, the definition;
+  "chunked"  generic chunk-parallel path, any architecture;
+  "dual"     matmul dual forms for linear and 2-layer MLP memories.
+
+All paths compute the same function (tests/memory).
+"""
+
+from nested_jax.memory.api import (
+    PATHS,
+    apply,
+    broadcast_state,
+    init_state,
+    stream_init,
+    stream_step,
+    validate,
+)
+from nested_jax.memory.level import Gates, Level, MemoryState
+from nested_jax.memory.memories import LinearMemory, MLPMemory
+from nested_jax.memory.rules import DGD, GD, TITANS, Rule
+from nested_jax.memory.streaming import StreamState
+
+__all__ = [
+    "DGD",
+    "GD",
+    "PATHS",
+    "TITANS",
+    "Gates",
+    "Level",
+    "LinearMemory",
+    "MLPMemory",
+    "MemoryState",
+    "Rule",
+    "StreamState",
+    "apply",
+    "broadcast_state",
+    "init_state",
+    "stream_init",
+    "stream_step",
+    "validate",
+]

@@ -1,0 +1,111 @@
+"""Batched, multi-head entry points of the memory engine.
+
+Shapes: q, k f[B, T, H, dk]; v f[B, T, H, dv]; gates f[B, T, H]; every state leaf has
+leading [B, H].  Batch and heads are ``vmap`` over the single-sequence paths, so the fast
+state is per sequence and per head (decisions.md #1): nothing is shared across a batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nested_jax.memory import chunked, dual, oracle, streaming
+from nested_jax.memory.level import Gates, Level, MemoryState
+
+PATHS = ("oracle", "chunked", "dual")
+
+
+def _concrete(x):
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
+def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size, path: str):
+    """Raise ValueError naming the argument before any work is done."""
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is unknown; use one of {PATHS}.")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int.")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have shape [B, T, H, D], got {getattr(x, 'shape', x)}.")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}.")
+    B, T, H, dk = k.shape
+    mem = level.memory
+    if q.shape != k.shape:
+        raise ValueError(f"q shape {q.shape} must equal k shape {k.shape}.")
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f"v shape {v.shape} must start with [B, T, H] = {(B, T, H)}.")
+    if dk != mem.dk:
+        raise ValueError(f"k last dim {dk} must equal the memory's dk={mem.dk}.")
+    if v.shape[3] != mem.dv:
+        raise ValueError(f"v last dim {v.shape[3]} must equal the memory's dv={mem.dv}.")
+    if T < 1:
+        raise ValueError("the sequence (axis 1 of q, k, v) must hold at least one token.")
+    for name, g, lo, hi in (("eta", gates.eta, 0.0, np.inf), ("alpha", gates.alpha, 0.0, 1.0),
+                            ("beta", gates.beta, 0.0, 1.0)):
+        if getattr(g, "shape", None) != (B, T, H):
+            raise ValueError(f"gates.{name} must have shape [B, T, H] = {(B, T, H)}, "
+                             f"got {getattr(g, 'shape', g)}.")
+        val = _concrete(g)
+        if val is not None and not (np.all(val >= lo) and np.all(val <= hi)):
+            raise ValueError(f"gates.{name} must lie in [{lo}, {hi}]; got values in "
+                             f"[{np.nanmin(val)}, {np.nanmax(val)}] (or NaN).")
+    want = mem.init(jax.random.key(0), k.dtype)
+    for part, tree in (("params", state.params), ("mom", state.mom)):
+        got = jax.tree.map(lambda x: tuple(x.shape), tree)
+        exp = jax.tree.map(lambda x: (B, H, *x.shape), want)
+        if got != exp:
+            raise ValueError(f"state.{part} shapes {got} must be {exp} (leading [B, H]); "
+                             "use nested_jax.memory.broadcast_state.")
+    if path == "dual" and not dual.supports(level):
+        raise ValueError(f"path='dual' does not support {mem}; use path='chunked'.")
+
+
+def _single(level, path, chunk_size):
+    if path == "oracle":
+        if level.read == "boundary" and chunk_size != 1:
+            raise ValueError("path='oracle' is per token; boundary reads need chunk_size=1 there.")
+        return lambda st, q, k, v, g: oracle.run(level, st, q, k, v, g)
+    fn = chunked.run if path == "chunked" else dual.run
+    return lambda st, q, k, v, g: fn(level, st, q, k, v, g, chunk_size)
+
+
+def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size: int = 1,
+          path: str = "dual"):
+    """Run a level over its context flow. Returns (o f[B, T, H, dv], final MemoryState)."""
+    validate(level, state, q, k, v, gates, chunk_size, path)
+    fn = _single(level, path, chunk_size)
+    seq = lambda x: jnp.moveaxis(x, 2, 1)  # [B, T, H, ...] -> [B, H, T, ...]
+    per_head = jax.vmap(fn, in_axes=(0, 0, 0, 0, 0))
+    batched = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0))
+    o, final = batched(state, seq(q), seq(k), seq(v), Gates(*map(seq, gates)))
+    return jnp.moveaxis(o, 1, 2), final
+
+
+def broadcast_state(state_H: MemoryState, batch_size: int) -> MemoryState:
+    """Per-head initial state (leaves [H, ...], e.g. meta-learned) -> per-sequence [B, H, ...]."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (batch_size, *x.shape)), state_H)
+
+
+def init_state(level: Level, key, num_heads: int, dtype=jnp.float32) -> MemoryState:
+    """Independent random initial state per head: leaves [H, ...]."""
+    keys = jax.random.split(key, num_heads)
+    return jax.vmap(lambda kk: level.init_state(kk, dtype))(keys)
+
+
+def stream_init(state: MemoryState) -> streaming.StreamState:
+    """[B, H, ...] MemoryState -> StreamState for token-by-token decoding."""
+    return jax.vmap(jax.vmap(streaming.init))(state)
+
+
+def stream_step(level: Level, st: streaming.StreamState, q, k, v, gates: Gates, *,
+                chunk_size: int = 1):
+    """One token for a batch: q, k f[B, H, dk]; v f[B, H, dv]; gates f[B, H]."""
+    fn = lambda s, q, k, v, e, a, b: streaming.step(level, s, q, k, v, e, a, b, chunk_size)
+    return jax.vmap(jax.vmap(fn))(st, q, k, v, *gates)

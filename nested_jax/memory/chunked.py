@@ -1,0 +1,71 @@
+"""Path 2, the generic chunked path (decisions.md #2), for any memory architecture.
+
+Per chunk of C tokens, every inner gradient is taken at the chunk-boundary state with
+``vmap(grad)`` (the parallelisable part: TTT's mini-batch GD, Titans §3.2 eq. 16-17), then the
+gradient-independent recurrence factors -- momentum and the DGD factor (alpha I - eta k k^T) --
+are applied token by token.  ``lax.scan`` runs over chunks; each chunk body is rematerialised
+(``jax.checkpoint``) so the backward pass stores one state per chunk.  With C = 1 this is the
+oracle exactly.  A ragged last chunk (T not a multiple of C) is run as a shorter chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nested_jax.memory import rules
+from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
+
+
+def chunk_step(level: Level, state: MemoryState, q, k, v, gates: Gates):
+    """One chunk. q, k: f[C, dk]; v: f[C, dv]; gates f[C]. Returns (state, o f[C, dv])."""
+    boundary = state.params
+    grads = jax.vmap(level.inner_grad, in_axes=(None, 0, 0))(boundary, k, v)
+    inputs = jax.vmap(level.layer_inputs, in_axes=(None, 0))(boundary, k)
+
+    def body(st, xs):
+        g, x, q_t, eta, alpha, beta = xs
+        params, mom = rules.step(level.rule, st.params, st.mom, g, x, eta, alpha, beta)
+        new = MemoryState(params, mom)
+        return new, (level.memory.apply(params, q_t) if level.read == "online" else None)
+
+    final, o = jax.lax.scan(body, state, (grads, inputs, q, *gates))
+    if level.read == "boundary":
+        o = jax.vmap(level.memory.apply, in_axes=(None, 0))(boundary, q)
+    return final, o
+
+
+def split_chunks(x, chunk_size: int):
+    """[T, ...] -> ([n, C, ...] full chunks, [r, ...] ragged tail or None)."""
+    n = x.shape[0] // chunk_size
+    full = x[: n * chunk_size].reshape(n, chunk_size, *x.shape[1:])
+    tail = x[n * chunk_size :] if x.shape[0] % chunk_size else None
+    return full, tail
+
+
+def scan_chunks(chunk_fn, state, xs, chunk_size: int, remat: bool = True):
+    """Run ``chunk_fn(state, *chunk) -> (state, out)`` over full chunks, then the ragged tail."""
+    full, tails = [], []
+    for x in xs:
+        f, t = split_chunks(x, chunk_size)
+        full.append(f)
+        tails.append(t)
+    body = jax.checkpoint(chunk_fn) if remat else chunk_fn
+    outs = []
+    if full[0].shape[0] > 0:
+        state, o = jax.lax.scan(lambda s, c: body(s, *c), state, tuple(full))
+        outs.append(o.reshape(-1, *o.shape[2:]))
+    if tails[0] is not None:
+        state, o = body(state, *tails)
+        outs.append(o)
+    return jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0], state
+
+
+def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int):
+    """q, k: f[T, dk]; v: f[T, dv]; gates f[T]. Returns (o f[T, dv], final state)."""
+    k, v, gates = maybe_stop(level, k, v, gates)
+
+    def chunk_fn(st, q_c, k_c, v_c, eta, alpha, beta):
+        return chunk_step(level, st, q_c, k_c, v_c, Gates(eta, alpha, beta))
+
+    return scan_chunks(chunk_fn, state, (q, k, v, *gates), chunk_size)

@@ -1,0 +1,81 @@
+"""A nesting level: fast parameters + read-out + inner objective + inner update rule.
+
+decisions.md #1: a level is a pure function of its initial state and its context flow.
+The context flow of a memory level is the token stream (q_t, k_t, v_t, eta_t, alpha_t, beta_t):
+k/v are the keys and targets of the inner objective, q the read-out query, and the gates
+are per-token scalars.  Everything here is for ONE sequence and ONE head; batching and heads
+are ``vmap`` (see ``api.py``), so the fast state is always per sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from nested_jax.memory import objectives
+from nested_jax.memory.memories import LinearMemory, MLPMemory
+from nested_jax.memory.rules import Rule
+
+READS = ("online", "boundary")
+
+
+class MemoryState(NamedTuple):
+    params: Any  # memory params pytree, e.g. {"W": f[dv, dk]}
+    mom: Any  # momentum S, same structure as params
+
+
+class Gates(NamedTuple):
+    eta: jax.Array  # f[T] inner learning rate, >= 0
+    alpha: jax.Array  # f[T] retention / weight decay, in [0, 1]
+    beta: jax.Array  # f[T] momentum decay, in [0, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """Configuration of one level.
+
+    read: "online" -- token t reads the state after the updates of tokens <= t (the dual form,
+          decisions.md #2); "boundary" -- every token of a chunk reads the chunk-boundary state
+          and the chunk's accumulated update is visible from the next chunk (CMS, eq. 71).
+    stop_grad: ablation (decisions.md #4): the update inputs k, v and gates are wrapped in
+          stop_gradient, so outer gradients reach queries and the initial state only.
+    """
+
+    memory: LinearMemory | MLPMemory
+    objective: str = "l2"
+    rule: Rule = Rule()
+    read: str = "online"
+    stop_grad: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.memory, LinearMemory | MLPMemory):
+            raise ValueError(f"memory={self.memory!r} must be a LinearMemory or MLPMemory.")
+        objectives.check(self.objective)
+        if not isinstance(self.rule, Rule):
+            raise ValueError(f"rule={self.rule!r} must be a nested_jax.memory.Rule.")
+        if self.read not in READS:
+            raise ValueError(f"read={self.read!r} is unknown; use one of {READS}.")
+
+    def init_state(self, key, dtype=jnp.float32) -> MemoryState:
+        params = self.memory.init(key, dtype)
+        return MemoryState(params, jax.tree.map(jnp.zeros_like, params))
+
+    def inner_loss(self, params, k, v):
+        return objectives.loss(self.objective, self.memory.apply(params, k), v)
+
+    def inner_grad(self, params, k, v):
+        """grad_M L(M(k); v): the write of one token (v is a constant of the inner problem)."""
+        return jax.grad(self.inner_loss)(params, k, v)
+
+    def layer_inputs(self, params, k):
+        return self.memory.layer_inputs(params, k, self.rule.dgd_all_layers)
+
+
+def maybe_stop(level: Level, k, v, gates: Gates):
+    if not level.stop_grad:
+        return k, v, gates
+    sg = jax.lax.stop_gradient
+    return sg(k), sg(v), Gates(*map(sg, gates))

@@ -1,0 +1,35 @@
+"""Path 1, the per-token oracle: a plain ``lax.scan`` over tokens.  It is the definition
+(decisions.md #3); every other path is tested against it.
+
+For token t: g_t = grad L(M_{t-1}; k_t, v_t); (M_t, S_t) = rule step; o_t = M_t(q_t)
+("online" read) or M_{t-1}(q_t) ("boundary" read: the CMS read-before-write at C = 1).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from nested_jax.memory import rules
+from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
+
+
+def token_step(level: Level, state: MemoryState, boundary, q, k, v, eta, alpha, beta):
+    """One token with the inner gradient taken at ``boundary`` (the shared step of all paths)."""
+    grads = level.inner_grad(boundary, k, v)
+    inputs = level.layer_inputs(boundary, k)
+    params, mom = rules.step(level.rule, state.params, state.mom, grads, inputs, eta, alpha, beta)
+    return MemoryState(params, mom)
+
+
+def run(level: Level, state: MemoryState, q, k, v, gates: Gates):
+    """q, k: f[T, dk]; v: f[T, dv]; gates: f[T] each. Returns (o f[T, dv], final state)."""
+    k, v, gates = maybe_stop(level, k, v, gates)
+
+    def body(st, xs):
+        q_t, k_t, v_t, eta, alpha, beta = xs
+        new = token_step(level, st, st.params, q_t, k_t, v_t, eta, alpha, beta)
+        read = new.params if level.read == "online" else st.params
+        return new, level.memory.apply(read, q_t)
+
+    final, o = jax.lax.scan(body, state, (q, k, v, *gates))
+    return o, final

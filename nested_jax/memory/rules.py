@@ -1,0 +1,70 @@
+"""Inner update rules: GD, Titans momentum + retention, DGD with weight decay.
+
+One rule covers all three (decisions.md #5, #6).  For every weight matrix W of the memory,
+with inner gradient g taken at the chunk-boundary state and data-dependent gates
+(eta, alpha, beta) of the token:
+
+    S_t = beta_t S_{t-1} - eta_t g_t                          (momentum / surprise, Titans eq. 10)
+    W_t = W_{t-1} (alpha_t I - eta_t x_t x_t^T) + S_t         (DGD + weight decay, Hope eq. 88)
+        = alpha_t W_{t-1} + S_t                               (matrices without DGD: retention)
+
+x_t is the matrix's input (k_t for the input-side matrix).  ``momentum=False`` forces beta=0,
+``dgd=False`` drops the rank-1 term.  With ``dgd_all_layers`` every matrix gets the DGD factor
+with its own input and the exact step size eta' = eta / (1 + eta ||x||^2) (Sherman-Morrison),
+used for both the factor and the gradient term (paper §2, DGD row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    momentum: bool = True
+    dgd: bool = False
+    dgd_all_layers: bool = False
+
+    def __post_init__(self):
+        for f in ("momentum", "dgd", "dgd_all_layers"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"Rule.{f}={getattr(self, f)!r} must be a bool.")
+        if self.dgd_all_layers and not self.dgd:
+            raise ValueError("Rule.dgd_all_layers=True needs dgd=True.")
+
+
+GD = Rule(momentum=False, dgd=False)
+TITANS = Rule(momentum=True, dgd=False)
+DGD = Rule(momentum=True, dgd=True)
+
+
+def effective_eta(rule: Rule, eta, x):
+    """Per-matrix step: eta' = eta / (1 + eta ||x||^2) under ``dgd_all_layers``, else eta."""
+    if rule.dgd_all_layers and x is not None:
+        return eta / (1.0 + eta * jnp.sum(x * x))
+    return eta
+
+
+def step(rule: Rule, params, mom, grads, inputs, eta, alpha, beta):
+    """One token of the rule. ``inputs`` is the memory's ``layer_inputs`` (None = no DGD)."""
+    if not rule.momentum:
+        beta = jnp.zeros_like(beta)
+
+    def one(w, s, g, x):
+        e = effective_eta(rule, eta, x)
+        s_new = beta * s - e * g
+        w_dec = alpha * w
+        if rule.dgd and x is not None:
+            w_dec = w_dec - e * jnp.outer(w @ x, x)
+        return w_dec + s_new, s_new
+
+    names = list(params)
+    new = {n: one(params[n], mom[n], grads[n], inputs[n]) for n in names}
+    return {n: new[n][0] for n in names}, {n: new[n][1] for n in names}
+
+
+def zeros_like_tree(tree):
+    return jax.tree.map(jnp.zeros_like, tree)

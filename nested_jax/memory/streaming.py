@@ -1,0 +1,41 @@
+"""Streaming (decode) path: advance one token at a time from a carried state.
+
+To equal the chunked paths for any chunk size, the carried state holds the current memory,
+its momentum, the chunk-boundary memory (where inner gradients are taken) and the position
+inside the chunk.  The cost of one step is constant in the position.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from nested_jax.memory.level import Level, MemoryState
+from nested_jax.memory.oracle import token_step
+
+
+class StreamState(NamedTuple):
+    params: Any  # current memory M_t
+    mom: Any  # momentum S_t
+    boundary: Any  # memory at the start of the current chunk
+    pos: jax.Array  # i32[] tokens already consumed in the current chunk
+
+
+def init(state: MemoryState) -> StreamState:
+    return StreamState(state.params, state.mom, state.params, jnp.zeros((), jnp.int32))
+
+
+def step(level: Level, st: StreamState, q, k, v, eta, alpha, beta, chunk_size: int):
+    """One token. q, k: f[dk]; v: f[dv]; gates scalars. Returns (o f[dv], new StreamState)."""
+    new = token_step(level, MemoryState(st.params, st.mom), st.boundary, q, k, v, eta, alpha, beta)
+    o = level.memory.apply(new.params if level.read == "online" else st.boundary, q)
+    pos = st.pos + 1
+    done = pos == chunk_size
+    boundary = jax.tree.map(lambda n, b: jnp.where(done, n, b), new.params, st.boundary)
+    return o, StreamState(new.params, new.mom, boundary, jnp.where(done, 0, pos))
+
+
+def to_memory_state(st: StreamState) -> MemoryState:
+    return MemoryState(st.params, st.mom)
