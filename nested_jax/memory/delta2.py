@@ -79,7 +79,7 @@ def chunk(m0, s0, k, x, r, eta, alpha, beta, dgd: bool):
         lower = _shift_down(A) * kk * eta[None, :]  # strictly lower
         gprev = _shift_down(gamma).at[0].set(1.0)  # Gamma_{t-1}, empty product at t = 0
         rhs = gprev[:, None] * km0 + _shift_down(d)[:, None] * ks0 - mm(_shift_down(D) * kk, ex)
-        # unit_diagonal: the solver reads only the strictly-lower part, i.e. solves (I + lower) m = rhs.
+        # unit_diagonal: only the strictly-lower part is read, i.e. (I + lower) m = rhs.
         m = jax.scipy.linalg.solve_triangular(lower, rhs, lower=True, unit_diagonal=True)
         em = eta[:, None] * m
         y = y - mm(A * kr, em)
