@@ -1,0 +1,145 @@
+"""Frozen, validated model configs and the size-preset machinery.
+
+Every model config subclasses `ModelConfig`: a frozen, keyword-only dataclass
+validated in `__post_init__`. A bad value fails when the config is built, with a
+`ValueError` that names the field and says how to fix it. Presets are a class-level
+table `name -> Preset(nominal_params, fields)`; `nominal_params` is the size the
+preset is named for, and tests hold the real count within 10% of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16", "float16")
+PRESET_ORDER = ("tiny", "small", "125M", "340M", "760M", "1.3B")
+
+
+def fail(field: str, value: Any, fix: str) -> None:
+    """Raise the project's config error: the field, its bad value and the fix."""
+    raise ValueError(f"{field}={value!r}: {fix}")
+
+
+def check_positive(cfg: Any, *fields: str) -> None:
+    for name in fields:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            fail(name, value, "must be a positive integer")
+
+
+def check_divisible(cfg: Any, field: str, by: str) -> None:
+    value, divisor = getattr(cfg, field), getattr(cfg, by)
+    if value % divisor:
+        fail(field, value, f"must be divisible by {by}={divisor}; pick a multiple of {divisor}")
+
+
+def check_choice(cfg: Any, field: str, choices: tuple[Any, ...]) -> None:
+    value = getattr(cfg, field)
+    if value not in choices:
+        fail(field, value, f"must be one of {list(choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named size: the parameter count it is named for and the fields it sets."""
+
+    nominal_params: float
+    fields: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Fields every language model shares.
+
+    Attributes:
+        vocab_size: V, the number of token ids (the trainer sets it from the tokenizer).
+        d_model: D, the residual width.
+        n_layers: L, the number of blocks.
+        n_heads: H, the number of attention (or memory) heads.
+        max_seq_len: the longest sequence the model accepts; the decode cache length.
+        dtype: compute dtype of activations ("bfloat16" for mixed precision).
+        param_dtype: dtype the parameters are stored in.
+    """
+
+    vocab_size: int = 32_000
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    max_seq_len: int = 2048
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    PRESETS: ClassVar[Mapping[str, Preset]] = {}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field. Subclasses extend this."""
+        check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
+        check_divisible(self, "d_model", "n_heads")
+        check_choice(self, "dtype", DTYPES)
+        check_choice(self, "param_dtype", DTYPES)
+
+    # ---- presets -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> ModelConfig:
+        """Build the preset `preset`, then apply `overrides` (field names are checked)."""
+        if preset not in cls.PRESETS:
+            fail("preset", preset, f"unknown for {cls.__name__}; choose one of {list(cls.PRESETS)}")
+        fields = dict(cls.PRESETS[preset].fields)
+        cls.check_field_names(overrides)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def check_field_names(cls, names: Mapping[str, Any] | tuple[str, ...]) -> None:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in names:
+            if name not in known:
+                fail(name, names[name] if isinstance(names, Mapping) else None,
+                     f"{cls.__name__} has no such field; valid fields: {sorted(known)}")
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        """`dataclasses.replace` that names an unknown field instead of a TypeError."""
+        self.check_field_names(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    # ---- derived -------------------------------------------------------------------------------
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def seq_len_multiples(self) -> dict[str, int]:
+        """Fields a training sequence length must be a multiple of: every int field named *chunk*.
+
+        Chunked models (Hope, Titans, CMS) get the check for free by naming their chunk
+        sizes e.g. `chunk_memory`; override for anything subtler.
+        """
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "chunk" in f.name and type(value) is int and value > 0:
+                out[f.name] = value
+        return out
+
+    def check_seq_len(self, seq_len: int, field: str = "seq_len") -> None:
+        """Raise ValueError unless a training sequence of `seq_len` tokens fits this model."""
+        if seq_len > self.max_seq_len:
+            fail(field, seq_len, f"exceeds the model's max_seq_len={self.max_seq_len}; "
+                 f"lower {field} or raise model.max_seq_len")
+        for name, multiple in self.seq_len_multiples().items():
+            if seq_len % multiple:
+                nearest = max(multiple, seq_len - seq_len % multiple)
+                fail(field, seq_len, f"must be a multiple of model.{name}={multiple} (chunked "
+                     f"memory); use {nearest} or change model.{name}")

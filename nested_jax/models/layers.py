@@ -1,0 +1,150 @@
+"""Shared building blocks: RMSNorm, RoPE, SwiGLU, causal attention, tied embedding/LM head.
+
+Every parameter carries `logical_axes` metadata (names such as "embed", "mlp",
+"heads", "vocab"); `nested_jax.train.sharding` maps those names to mesh axes through
+one rules table. Model code never names a mesh axis.
+
+Shape suffixes: B batch, T query length, S key/cache length, D d_model, H heads,
+G kv heads, K head dim, F mlp width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+normal = nnx.initializers.normal
+# flax >= 0.12 wants module lists wrapped; older versions take a plain list.
+ModuleList = getattr(nnx, "List", list)
+
+
+def param_init(init: Initializer, *logical_axes: str | None) -> Initializer:
+    """Tag an initializer with the logical axis name of each parameter dimension."""
+    return nnx.with_metadata(init, logical_axes=tuple(logical_axes))
+
+
+def rms_norm(d_model: int, *, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    """Pre-norm RMSNorm (computed in float32, cast back to the input dtype by the caller)."""
+    return nnx.RMSNorm(d_model, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
+                       scale_init=param_init(nnx.initializers.ones, "embed"), rngs=rngs)
+
+
+def apply_norm(norm: nnx.RMSNorm, x: jax.Array) -> jax.Array:
+    return norm(x).astype(x.dtype)
+
+
+def dense(d_in: int, d_out: int, axes: tuple[str, str], *, std: float, dtype: jnp.dtype,
+          param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """Bias-free linear layer with a truncation-free normal(std) init."""
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=param_init(normal(std), *axes), rngs=rngs)
+
+
+# ---- rotary position embedding --------------------------------------------------------------
+
+
+def rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, rotate-half layout (Su et al. 2021; Llama/NeoX convention)."""
+    half = x_BxTxHxK.shape[-1] // 2
+    freqs_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BxTxK2 = positions_BxT.astype(jnp.float32)[:, :, None] * freqs_K2[None, None, :]
+    sin, cos = jnp.sin(angles_BxTxK2)[:, :, None, :], jnp.cos(angles_BxTxK2)[:, :, None, :]
+    x = x_BxTxHxK.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxK.dtype)
+
+
+# ---- modules --------------------------------------------------------------------------------
+
+
+class SwiGLU(nnx.Module):
+    """y = W_down (silu(W_gate x) * W_up x)  (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, out_std: float, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = dense(d_model, d_ff, ("embed", "mlp"), std=0.02, **kw)
+        self.up = dense(d_model, d_ff, ("embed", "mlp"), std=0.02, **kw)
+        self.down = dense(d_ff, d_model, ("mlp", "embed"), std=out_std, **kw)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x_BxTxD)) * self.up(x_BxTxD))
+
+
+class CausalSelfAttention(nnx.Module):
+    """Multi-head (or grouped-query) causal attention with RoPE.
+
+    Training uses `jax.nn.dot_product_attention(..., is_causal=True)`, which lowers to
+    cuDNN flash attention on GPU when `impl="cudnn"`. Decoding writes one key/value
+    into a fixed-length cache and attends over its first `pos + 1` entries.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, rope_theta: float,
+                 out_std: float, impl: str | None, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.rope_theta, self.impl = rope_theta, impl
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        k_dim = n_kv_heads * self.head_dim
+        self.q = dense(d_model, d_model, ("embed", "heads"), std=0.02, **kw)
+        self.k = dense(d_model, k_dim, ("embed", "kv_heads"), std=0.02, **kw)
+        self.v = dense(d_model, k_dim, ("embed", "kv_heads"), std=0.02, **kw)
+        self.o = dense(d_model, d_model, ("heads", "embed"), std=out_std, **kw)
+
+    def _qkv(self, x_BxTxD: jax.Array, positions_BxT: jax.Array):
+        B, T, _ = x_BxTxD.shape
+        q = self.q(x_BxTxD).reshape(B, T, self.n_heads, self.head_dim)
+        k = self.k(x_BxTxD).reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v(x_BxTxD).reshape(B, T, self.n_kv_heads, self.head_dim)
+        return rope(q, positions_BxT, self.rope_theta), rope(k, positions_BxT, self.rope_theta), v
+
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+        B, T, D = x_BxTxD.shape
+        q, k, v = self._qkv(x_BxTxD, positions_BxT)
+        out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                   implementation=self.impl)
+        return self.o(out_BxTxHxK.reshape(B, T, D))
+
+    def decode(self, x_Bx1xD: jax.Array, cache_k_BxSxGxK: jax.Array, cache_v_BxSxGxK: jax.Array,
+               pos: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One token at position `pos` (int32 scalar) -> (y_Bx1xD, new cache k, new cache v)."""
+        B, _, D = x_Bx1xD.shape
+        positions_Bx1 = jnp.full((B, 1), pos, jnp.int32)
+        q, k, v = self._qkv(x_Bx1xD, positions_Bx1)
+        start = (0, pos, 0, 0)
+        dtype = cache_k_BxSxGxK.dtype
+        cache_k = jax.lax.dynamic_update_slice(cache_k_BxSxGxK, k.astype(dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v_BxSxGxK, v.astype(dtype), start)
+        lengths_B = jnp.full((B,), pos + 1, jnp.int32)
+        out = jax.nn.dot_product_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                                           key_value_seq_lengths=lengths_B)
+        return self.o(out.reshape(B, 1, D)), cache_k, cache_v
+
+
+class TiedEmbedding(nnx.Module):
+    """Token embedding whose transpose is the LM head (Press & Wolf 2017)."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, param_dtype=param_dtype,
+                               embedding_init=param_init(normal(0.02), "vocab", "embed"), rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.embed(tokens)
+
+    def logits(self, x_BxTxD: jax.Array) -> jax.Array:
+        """float32 logits, whatever the compute dtype (the loss needs them in full precision)."""
+        table_VxD = self.embed.embedding[...].astype(x_BxTxD.dtype)
+        return jnp.einsum("...d,vd->...v", x_BxTxD, table_VxD, preferred_element_type=jnp.float32)
+
+
+def residual_out_std(n_layers: int) -> float:
+    """GPT-2's scaled init for projections that write into the residual stream."""
+    return 0.02 / math.sqrt(2 * n_layers)

@@ -1,0 +1,179 @@
+"""Transformer++: the attention baseline of the paper's tables (decision 16).
+
+Pre-norm RMSNorm blocks, RoPE, SwiGLU MLP, causal attention through
+`jax.nn.dot_product_attention`, a final norm and tied input/output embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nested_jax.models import layers
+from nested_jax.models.config import ModelConfig, Preset, check_choice, check_divisible, fail
+from nested_jax.models.registry import count_params, register
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(-(-x // multiple) * multiple)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig(ModelConfig):
+    """Transformer++ hyper-parameters (fields of `ModelConfig` plus these).
+
+    Attributes:
+      d_ff: F, the SwiGLU width; 0 means 8/3 * d_model rounded up to a multiple of 256.
+      n_kv_heads: G, key/value heads (grouped-query attention); 0 means n_heads.
+      rope_theta: RoPE base frequency.
+      norm_eps: RMSNorm epsilon.
+      attention_impl: `jax.nn.dot_product_attention` implementation: None (XLA picks),
+        "xla", or "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16 only).
+      remat: rematerialize each block in the backward pass (saves activation memory).
+    """
+
+    d_ff: int = 0
+    n_kv_heads: int = 0
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    attention_impl: str | None = None
+    remat: bool = False
+
+    PRESETS = {
+        # nominal sizes count the tied embedding once, at the preset's vocabulary.
+        "tiny": Preset(0.123e6, dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4,
+                                     d_ff=192, max_seq_len=256)),
+        "small": Preset(23e6, dict(d_model=384, n_layers=6, n_heads=6, d_ff=1024,
+                                   max_seq_len=1024)),
+        "125M": Preset(125e6, dict(d_model=768, n_layers=12, n_heads=12, d_ff=2560,
+                                   max_seq_len=4096)),
+        "340M": Preset(340e6, dict(d_model=1024, n_layers=24, n_heads=16, d_ff=2816,
+                                   max_seq_len=4096)),
+        "760M": Preset(760e6, dict(d_model=1536, n_layers=24, n_heads=12, d_ff=4096,
+                                   max_seq_len=4096)),
+        "1.3B": Preset(1.3e9, dict(d_model=2048, n_layers=24, n_heads=16, d_ff=5632,
+                                   max_seq_len=4096)),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if self.d_ff < 0:
+            fail("d_ff", self.d_ff, "must be >= 0 (0 picks 8/3 * d_model rounded to 256)")
+        if self.n_kv_heads < 0 or (self.n_kv_heads and self.n_heads % self.n_kv_heads):
+            fail("n_kv_heads", self.n_kv_heads,
+                 f"must divide n_heads={self.n_heads} (or be 0 for n_heads)")
+        if self.head_dim % 2:
+            fail("d_model", self.d_model,
+                 f"d_model / n_heads = {self.head_dim} must be even for RoPE")
+        check_choice(self, "attention_impl", (None, "xla", "cudnn"))
+        if self.rope_theta <= 0:
+            fail("rope_theta", self.rope_theta, "must be positive")
+        check_divisible(self, "d_model", "n_heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or _round_up(8 * self.d_model / 3, 256)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+class KVCache(NamedTuple):
+    """Decode state: per-layer keys/values of every position so far.
+
+    k, v: [L, B, S, G, K] in the compute dtype, S = max_seq_len.
+    pos: int32 scalar, the position the next token is written to (shared by the batch).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        out_std = layers.residual_out_std(cfg.n_layers)
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.attn_norm = layers.rms_norm(cfg.d_model, eps=cfg.norm_eps,
+                                         param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.attn = layers.CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads,
+                                               rope_theta=cfg.rope_theta, out_std=out_std,
+                                               impl=cfg.attention_impl, **kw)
+        self.mlp_norm = layers.rms_norm(cfg.d_model, eps=cfg.norm_eps,
+                                        param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.mlp = layers.SwiGLU(cfg.d_model, cfg.ff_dim, out_std=out_std, **kw)
+
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+        x = x_BxTxD + self.attn(layers.apply_norm(self.attn_norm, x_BxTxD), positions_BxT)
+        return x + self.mlp(layers.apply_norm(self.mlp_norm, x))
+
+    def decode(self, x_Bx1xD, cache_k, cache_v, pos):
+        h, cache_k, cache_v = self.attn.decode(layers.apply_norm(self.attn_norm, x_Bx1xD),
+                                               cache_k, cache_v, pos)
+        x = x_Bx1xD + h
+        return x + self.mlp(layers.apply_norm(self.mlp_norm, x)), cache_k, cache_v
+
+
+def _block_forward(block: Block, x, positions):
+    return block(x, positions)
+
+
+@register("transformer", TransformerConfig)
+class Transformer(nnx.Module):
+    """Transformer++ language model: `model(tokens_BxT) -> logits_BxTxV` (float32)."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+        self.embed = layers.TiedEmbedding(config.vocab_size, config.d_model, **kw)
+        self.blocks = layers.ModuleList([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.final_norm = layers.rms_norm(config.d_model, eps=config.norm_eps,
+                                          param_dtype=config.weight_dtype, rngs=rngs)
+
+    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+        return self.forward_embedded(self.embed(tokens_BxT))
+
+    def forward_embedded(self, x_BxTxD: jax.Array) -> jax.Array:
+        """Logits from already-embedded tokens (the causality test differentiates this)."""
+        B, T, _ = x_BxTxD.shape
+        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+        x = x_BxTxD
+        forward = nnx.remat(_block_forward) if self.config.remat else _block_forward
+        for block in self.blocks:
+            x = forward(block, x, positions_BxT)
+        return self.embed.logits(layers.apply_norm(self.final_norm, x))
+
+    def init_state(self, batch_size: int) -> KVCache:
+        """An empty KV cache holding up to `max_seq_len` positions."""
+        c = self.config
+        shape = (c.n_layers, batch_size, c.max_seq_len, c.kv_heads, c.head_dim)
+        zeros = jnp.zeros(shape, c.compute_dtype)
+        return KVCache(k=zeros, v=zeros, pos=jnp.zeros((), jnp.int32))
+
+    def decode_step(self, state: KVCache, tokens_B: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Feed one token per sequence: returns (logits_BxV float32, next state).
+
+        Positions past `max_seq_len` are not representable; the caller stops there.
+        """
+        x = self.embed(tokens_B[:, None])
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block.decode(x, state.k[i], state.v[i], state.pos)
+            ks.append(k)
+            vs.append(v)
+        logits = self.embed.logits(layers.apply_norm(self.final_norm, x))[:, 0]
+        return logits, KVCache(k=jnp.stack(ks), v=jnp.stack(vs), pos=state.pos + 1)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token: 6 N + 12 L D T (PaLM, appendix B)."""
+        c = self.config
+        return 6.0 * count_params(self) + 12.0 * c.n_layers * c.d_model * seq_len
