@@ -1,0 +1,89 @@
+"""Deep optimizers of Nested Learning as optax gradient transformations.
+
+Each optimizer of the paper's §2 comes in optax's idiom: a ``scale_by_<name>``
+transform with a ``NamedTuple`` state, and an alias taking ``learning_rate``
+first that adds weight decay and the learning-rate scale. All work in
+``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
+``optax.partition`` and ``flax.nnx.Optimizer``. Map of equations to code and
+tests: ``docs/paper_map/optim.md``.
+"""
+
+from nested_jax.optim.adam_memory import (
+    AdamMemoryState,
+    adam_memory,
+    adam_memory_loss,
+    scale_by_adam_memory,
+)
+from nested_jax.optim.deep_momentum import (
+    DeepMomentumState,
+    deep_momentum,
+    deep_momentum_loss,
+    deep_momentum_readout,
+    scale_by_deep_momentum,
+)
+from nested_jax.optim.delta_momentum import (
+    DeltaMomentumState,
+    delta_momentum,
+    delta_momentum_loss,
+    scale_by_delta_momentum,
+)
+from nested_jax.optim.dgd import DGDState, dgd, scale_by_dgd
+from nested_jax.optim.m3 import M3State, m3, scale_by_m3
+from nested_jax.optim.momentum_memory import (
+    MomentumMemoryState,
+    momentum_memory,
+    momentum_memory_loss,
+    scale_by_momentum_memory,
+)
+from nested_jax.optim.newton_schulz import (
+    MUON_NS_COEFFS,
+    DimensionNumbers,
+    matrix_dimension_numbers,
+    newton_schulz_momentum,
+    orthogonalize,
+    scale_by_newton_schulz,
+)
+from nested_jax.optim.preconditioned_momentum import (
+    DiagonalSecondMomentState,
+    PreconditionedMomentumState,
+    preconditioned_momentum,
+    scale_by_diagonal_second_moment,
+    scale_by_preconditioned_momentum,
+)
+
+__all__ = [
+    "MUON_NS_COEFFS",
+    "AdamMemoryState",
+    "DGDState",
+    "DeepMomentumState",
+    "DeltaMomentumState",
+    "DiagonalSecondMomentState",
+    "DimensionNumbers",
+    "M3State",
+    "MomentumMemoryState",
+    "PreconditionedMomentumState",
+    "adam_memory",
+    "adam_memory_loss",
+    "deep_momentum",
+    "deep_momentum_loss",
+    "deep_momentum_readout",
+    "delta_momentum",
+    "delta_momentum_loss",
+    "dgd",
+    "m3",
+    "matrix_dimension_numbers",
+    "momentum_memory",
+    "momentum_memory_loss",
+    "newton_schulz_momentum",
+    "orthogonalize",
+    "preconditioned_momentum",
+    "scale_by_adam_memory",
+    "scale_by_deep_momentum",
+    "scale_by_delta_momentum",
+    "scale_by_dgd",
+    "scale_by_diagonal_second_moment",
+    "scale_by_m3",
+    "scale_by_momentum_memory",
+    "scale_by_newton_schulz",
+    "scale_by_preconditioned_momentum",
+]

@@ -1,0 +1,272 @@
+r"""M3, multi-scale momentum Muon (paper Algorithm 1): Adam + Muon + CMS.
+
+Algorithm 1 as printed, for lower-frequency iteration ``k`` and step ``t``:
+
+* slow (once per chunk of ``f`` steps, from the *previous* chunk's gradients):
+  ``M2 += beta3 * sum_{i in chunk k-1} g_i``, ``O2 = NS_T(M2)``;
+* fast (every step): ``M1 += beta1 g_t``, ``V += beta2 g_t^2``,
+  ``O1 = NS_T(M1)``;
+* ``theta -= eta (O1 + alpha O2) / sqrt(V + eps)``.
+
+The paper publishes no defaults. Ours, and why:
+
+* ``moments="ema"`` (default): ``M1 = beta1 M1 + (1-beta1) g``, ``V = beta2 V +
+  (1-beta2) g^2`` (debiased), ``M2 = beta3 M2 + (1-beta3) mean_chunk(g)``.
+  The printed cumulative sums never forget, so ``O1`` would point along the
+  sum of *all* past gradients; exponential forgetting is what every momentum
+  method of the paper's §2 uses. ``moments="cumulative"`` is Algorithm 1
+  verbatim (tested against a loop transcription of it). Since NS is scale
+  invariant, ``(1-beta)`` factors only matter for ``V``.
+* ``beta1 = 0.95``: Muon's momentum, since the fast path is Muon's.
+* ``beta2 = 0.999``: Adam's second moment.
+* ``every = 100`` (``f``): the slow chunk of the community reimplementation,
+  and the order of CMS's lowest frequencies; long enough that the slow memory
+  sees a different timescale than ``M1`` (horizon ~20 steps at 0.95).
+* ``beta3 = 0.9``: the slow memory averages ~10 chunks (~1000 steps).
+* ``alpha = 1``: slow and fast directions have equal weight; both are
+  (near-)orthogonal matrices of the same scale, so 1 is the neutral choice.
+* ``ns_steps = 5`` with Muon's coefficients: Muon's tested setting.
+* ``eps = 1e-8`` inside the square root, as printed.
+
+State: 5 param-sized buffers (``M1, V, M2``, the cached ``O2`` -- ``M2`` only
+changes at chunk boundaries, so its Newton–Schulz is computed once per chunk,
+under ``lax.cond`` -- and the running sum of the current chunk).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nested_jax.optim import _common, _validate
+from nested_jax.optim.newton_schulz import (
+    MUON_NS_COEFFS,
+    WeightDimensionNumbers,
+    _check_ns_args,
+    newton_schulz_tree,
+    resolve_dimension_numbers,
+)
+
+MOMENTS = ("ema", "cumulative")
+
+
+class M3State(NamedTuple):
+    """State of :func:`scale_by_m3`; every buffer is like params."""
+
+    count: jax.Array  # shape=(), dtype=int32: steps taken.
+    m1: optax.Updates  # like params, dtype=accumulator_dtype or the params': fast momentum.
+    v: optax.Updates  # like params, dtype of the params: second moment.
+    m2: optax.Updates  # like params, dtype=accumulator_dtype or the params': slow momentum.
+    o2: optax.Updates  # like params, dtype of the params: NS_T(m2), fixed within a chunk.
+    chunk: optax.Updates  # like params, dtype=accumulator_dtype or the params': sum of
+    #                       the current chunk's gradients.
+
+
+def scale_by_m3(
+    beta1: float = 0.95,
+    beta2: float = 0.999,
+    beta3: float = 0.9,
+    alpha: float = 1.0,
+    eps: float = 1e-8,
+    *,
+    every: int = 100,
+    ns_steps: int = 5,
+    ns_coeffs: Any = MUON_NS_COEFFS,
+    ns_eps: float = 1e-8,
+    moments: str = "ema",
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Multi-scale momentum Muon (Algorithm 1), direction only.
+
+    .. math::
+      u_t = \frac{\mathrm{NS}_T(M_1) + \alpha\, \mathrm{NS}_T(M_2)}{\sqrt{V + \epsilon}}
+
+    with ``M2`` refreshed every ``every`` steps from the previous chunk's
+    gradients (module docstring: moments and defaults).
+
+    Args:
+      beta1: fast momentum (decay for ``"ema"``, write weight for ``"cumulative"``).
+      beta2: second moment (same two readings).
+      beta3: slow momentum (same two readings).
+      alpha: weight of the slow direction, ``>= 0``.
+      eps: inside the square root, ``>= 0``.
+      every: slow chunk length ``f`` (structural: static under inject_hyperparams).
+      ns_steps: Newton–Schulz steps ``T`` (static).
+      ns_coeffs: Newton–Schulz coefficients.
+      ns_eps: epsilon of the Newton–Schulz normalization.
+      moments: ``"ema"`` or ``"cumulative"`` (Algorithm 1 verbatim).
+      weight_dimension_numbers: which axes Newton–Schulz treats as the matrix, see
+        :func:`scale_by_newton_schulz`; ``None`` requires every parameter to be a
+        matrix; rank < 2 tensors need an explicit ``None`` entry (pass-through,
+        e.g. via :func:`matrix_dimension_numbers`).
+      accumulator_dtype: dtype of ``m1``, ``m2`` and ``chunk``.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`M3State`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from nested_jax.optim import scale_by_m3
+      >>> tx = scale_by_m3(every=2)
+      >>> state = tx.init({'w': jnp.zeros((2, 3))})
+      >>> for _ in range(3):
+      ...   u, state = tx.update({'w': jnp.ones((2, 3))}, state)
+      >>> bool(jnp.any(state.o2['w'] != 0))  # the slow memory was written at step 3
+      True
+
+    References:
+      Paper §2, Algorithm 1 (M3).
+    """
+    where = "scale_by_m3"
+    for name, val in (("beta1", beta1), ("beta2", beta2), ("beta3", beta3)):
+        _validate.check_scalar(where, name, val, low=0.0, high=1.0, fix="Use a value in [0, 1].")
+    _validate.check_scalar(
+        where, "alpha", alpha, low=0.0, fix="Use e.g. 1.0; 0 disables the slow path."
+    )
+    _validate.check_scalar(where, "eps", eps, low=0.0, fix="Use e.g. 1e-8.")
+    chunk_len = _validate.check_int(where, "every", every, low=1)
+    steps = _check_ns_args(where, ns_coeffs, ns_steps, ns_eps)
+    _validate.check_choice(where, "moments", moments, MOMENTS)
+    acc_dtype = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+    ema = moments == "ema"
+
+    def ns(tree):
+        return newton_schulz_tree(
+            where, tree, weight_dimension_numbers, ns_coeffs=ns_coeffs, ns_steps=steps, eps=ns_eps
+        )
+
+    def init_fn(params):
+        if _validate.all_arrays(params):
+            resolve_dimension_numbers(where, weight_dimension_numbers, params)
+        acc = lambda: _common.zeros_like(params, acc_dtype)
+        return M3State(
+            count=jnp.zeros([], jnp.int32),
+            m1=acc(),
+            v=_common.zeros_like(params),
+            m2=acc(),
+            o2=_common.zeros_like(params),
+            chunk=acc(),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        _validate.check_like(
+            where,
+            "updates",
+            updates,
+            "state.m1",
+            state.m1,
+            "Initialize the optimizer with params of the same structure as the gradients.",
+        )
+        count = _common.safe_increment(state.count)
+
+        # Slow level: at the first step of chunk k (k >= 1), fold in chunk k-1.
+        def refresh(m2, chunk):
+            if ema:
+                m2 = jax.tree.map(lambda m, c: beta3 * m + (1 - beta3) * (c / chunk_len), m2, chunk)
+            else:
+                m2 = jax.tree.map(lambda m, c: m + beta3 * c, m2, chunk)
+            m2 = _common.cast_like(m2, state.m2)
+            return m2, _common.cast_like(ns(m2), state.o2), _common.zeros_like(chunk)
+
+        boundary = (state.count > 0) & (state.count % chunk_len == 0)
+        m2, o2, chunk = jax.lax.cond(
+            boundary, refresh, lambda m2, c: (m2, state.o2, c), state.m2, state.chunk
+        )
+        chunk = _common.cast_like(jax.tree.map(lambda c, g: c + g, chunk, updates), state.chunk)
+
+        # Fast level.
+        if ema:
+            m1 = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, state.m1, updates)
+            v = jax.tree.map(lambda s, g: beta2 * s + (1 - beta2) * (g * g), state.v, updates)
+            v_hat = jax.tree.map(lambda s: s / _common.debias(beta2, count, s.dtype), v)
+        else:
+            m1 = jax.tree.map(lambda m, g: m + beta1 * g, state.m1, updates)
+            v = jax.tree.map(lambda s, g: s + beta2 * (g * g), state.v, updates)
+            v_hat = v
+        m1 = _common.cast_like(m1, state.m1)
+        o1 = ns(m1)
+        out = jax.tree.map(lambda a, b, s: (a + alpha * b) / jnp.sqrt(s + eps), o1, o2, v_hat)
+        return _common.cast_like(out, updates), M3State(
+            count=count, m1=m1, v=_common.cast_like(v, state.v), m2=m2, o2=o2, chunk=chunk
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def m3(
+    learning_rate: optax.ScalarOrSchedule,
+    beta1: float = 0.95,
+    beta2: float = 0.999,
+    beta3: float = 0.9,
+    alpha: float = 1.0,
+    eps: float = 1e-8,
+    *,
+    every: int = 100,
+    ns_steps: int = 5,
+    ns_coeffs: Any = MUON_NS_COEFFS,
+    moments: str = "ema",
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""M3 with weight decay and learning rate.
+
+    .. math::
+      \theta_t = \theta_{t-1} - \eta_t \left(
+        \frac{\mathrm{NS}_T(M_1) + \alpha\,\mathrm{NS}_T(M_2)}{\sqrt{V + \epsilon}}
+        + \lambda \theta_{t-1} \right)
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      beta1: fast momentum.
+      beta2: second moment.
+      beta3: slow momentum.
+      alpha: weight of the slow direction.
+      eps: epsilon inside the square root.
+      every: slow chunk length (static under inject_hyperparams).
+      ns_steps: Newton–Schulz steps (static).
+      ns_coeffs: Newton–Schulz coefficients.
+      moments: ``"ema"`` or ``"cumulative"``.
+      weight_dimension_numbers: see :func:`scale_by_m3`.
+      weight_decay: decoupled weight decay, scaled by the learning rate.
+      weight_decay_mask: optax mask for the decay.
+      accumulator_dtype: dtype of the momenta.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from nested_jax.optim import m3
+      >>> tx = m3(optax.cosine_decay_schedule(1e-3, 1000), every=10)
+      >>> params = {'w': jnp.zeros((2, 3))}
+      >>> u, state = tx.update({'w': jnp.ones((2, 3))}, tx.init(params), params)
+      >>> u['w'].shape, u['w'].dtype
+      ((2, 3), dtype('float32'))
+
+    References:
+      Paper §2, Algorithm 1.
+    """
+    return optax.chain(
+        scale_by_m3(
+            beta1,
+            beta2,
+            beta3,
+            alpha,
+            eps,
+            every=every,
+            ns_steps=ns_steps,
+            ns_coeffs=ns_coeffs,
+            moments=moments,
+            weight_dimension_numbers=weight_dimension_numbers,
+            accumulator_dtype=accumulator_dtype,
+        ),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
