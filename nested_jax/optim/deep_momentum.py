@@ -236,7 +236,8 @@ def deep_momentum(
       ...     u, s = tx.update(jnp.full((2, 3), 1.0 + k), s, p)
       ...     out.append(u)
       ...   return jnp.stack(out)
-      >>> bool(jnp.allclose(updates(deep_momentum(0.1, eta_mlp=0.0)), updates(momentum_memory(0.1))))
+      >>> frozen_mlp = deep_momentum(0.1, eta_mlp=0.0)
+      >>> bool(jnp.allclose(updates(frozen_mlp), updates(momentum_memory(0.1))))
       True
 
     References:
