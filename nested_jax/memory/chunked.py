@@ -20,6 +20,9 @@ from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
 def chunk_step(level: Level, state: MemoryState, q, k, v, gates: Gates):
     """One chunk. q, k: f[C, dk]; v: f[C, dv]; gates f[C]. Returns (state, o f[C, dv])."""
     boundary = state.params
+    v = jax.vmap(level.target, in_axes=(None, 0))(boundary, v)
+    if level.read == "boundary" and not level.rule.momentum and not level.rule.dgd:
+        return _boundary_gd_chunk(level, state, q, k, v, gates)
     grads = jax.vmap(level.inner_grad, in_axes=(None, 0, 0))(boundary, k, v)
     inputs = jax.vmap(level.layer_inputs, in_axes=(None, 0))(boundary, k)
 
@@ -33,6 +36,25 @@ def chunk_step(level: Level, state: MemoryState, q, k, v, gates: Gates):
     if level.read == "boundary":
         o = jax.vmap(level.memory.apply, in_axes=(None, 0))(boundary, q)
     return final, o
+
+
+def _boundary_gd_chunk(level: Level, state: MemoryState, q, k, v, gates: Gates):
+    """CMS fast case (read-before-write, plain GD): one VJP instead of C per-token gradients.
+
+    M_C = (prod_l alpha_l) M_0 - sum_i w_i g_i with w_i = eta_i prod_{l>i} alpha_l, and
+    sum_i w_i g_i = grad of sum_i w_i L_i at M_0 (eq. 71: the chunk's accumulated gradient).
+    """
+    boundary = state.params
+    alpha, eta = gates.alpha, gates.eta
+    tail = jnp.cumprod(jnp.concatenate([alpha[1:], jnp.ones_like(alpha[:1])])[::-1])[::-1]
+    w = eta * tail
+    total = lambda p: jnp.sum(w * jax.vmap(level.inner_loss, in_axes=(None, 0, 0))(p, k, v))
+    summed = jax.grad(total)(boundary)
+    params = jax.tree.map(lambda m, g: jnp.prod(alpha) * m - g, boundary, summed)
+    # momentum=False keeps S_t = -eta_t g_t: the last token's write.
+    mom = jax.tree.map(lambda g: -eta[-1] * g, level.inner_grad(boundary, k[-1], v[-1]))
+    o = jax.vmap(level.memory.apply, in_axes=(None, 0))(boundary, q)
+    return MemoryState(params, mom), o
 
 
 def split_chunks(x, chunk_size: int):

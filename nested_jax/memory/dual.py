@@ -46,6 +46,7 @@ def _layer(level: Level, w0, s0, keys, errs, queries, g: Gates, is_input_side: b
 
 def _linear_chunk(level: Level, st: MemoryState, q, k, v, g: Gates):
     w0 = st.params["W"]
+    v = v @ w0.T if level.self_target else v
     u = objectives.error(level.objective, k @ w0.T, v)
     y, w, s = _layer(level, w0, st.mom["W"], k, u, q, g, True)
     return MemoryState({"W": w}, {"W": s}), y
@@ -55,6 +56,7 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates):
     mem: MLPMemory = level.memory
     act = activation(mem.activation)
     w1, w2 = st.params["W1"], st.params["W2"]
+    v = jax.vmap(mem.apply, in_axes=(None, 0))(st.params, v) if level.self_target else v
     z = k @ w2.T  # [C, hidden]
     h, dh = jax.jvp(act, (z,), (jnp.ones_like(z),))  # s(z), s'(z)
     y = h @ w1.T + (k if mem.residual else 0.0)

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from nested_jax.memory import objectives
-from nested_jax.memory.memories import LinearMemory, MLPMemory
 from nested_jax.memory.rules import Rule
 
 READS = ("online", "boundary")
@@ -42,17 +41,30 @@ class Level:
           and the chunk's accumulated update is visible from the next chunk (CMS, eq. 71).
     stop_grad: ablation (decisions.md #4): the update inputs k, v and gates are wrapped in
           stop_gradient, so outer gradients reach queries and the initial state only.
+    self_target: self-generated targets vhat_t = M_b(v_t) (Hope eq. 84, decisions.md #8), read
+          from the chunk-boundary state.  vhat is a constant of the inner problem (the inner
+          gradient is w.r.t. the memory only) but the outer gradient flows through it.
+
+    ``memory`` is any object with ``dk``, ``dv``, ``init(key, dtype)``, ``apply(params, x)`` and
+    ``layer_inputs(params, x, all_layers)`` (``LinearMemory``, ``MLPMemory`` or a model's own).
     """
 
-    memory: LinearMemory | MLPMemory
+    memory: Any  # LinearMemory, MLPMemory or a compatible object
     objective: str = "l2"
     rule: Rule = Rule()
     read: str = "online"
     stop_grad: bool = False
+    self_target: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.memory, LinearMemory | MLPMemory):
-            raise ValueError(f"memory={self.memory!r} must be a LinearMemory or MLPMemory.")
+        missing = [a for a in ("dk", "dv", "init", "apply", "layer_inputs")
+                   if not hasattr(self.memory, a)]
+        if missing:
+            raise ValueError(f"memory={self.memory!r} lacks {missing}; use LinearMemory, "
+                             "MLPMemory or an object with the same methods.")
+        if self.self_target and self.memory.dk != self.memory.dv:
+            raise ValueError(f"self_target=True applies the memory to v, so it needs dk == dv; "
+                             f"got dk={self.memory.dk}, dv={self.memory.dv}.")
         objectives.check(self.objective)
         if not isinstance(self.rule, Rule):
             raise ValueError(f"rule={self.rule!r} must be a nested_jax.memory.Rule.")
@@ -69,6 +81,10 @@ class Level:
     def inner_grad(self, params, k, v):
         """grad_M L(M(k); v): the write of one token (v is a constant of the inner problem)."""
         return jax.grad(self.inner_loss)(params, k, v)
+
+    def target(self, boundary, v):
+        """The inner objective's target for one token: v, or vhat = M_b(v) with self_target."""
+        return self.memory.apply(boundary, v) if self.self_target else v
 
     def layer_inputs(self, params, k):
         return self.memory.layer_inputs(params, k, self.rule.dgd_all_layers)
