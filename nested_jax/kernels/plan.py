@@ -1,0 +1,104 @@
+"""Decide, before any tracing, which implementation runs a call and with which tiles.
+
+``impl``:
+  "auto"       the kernel of the current backend (Triton on GPU, Mosaic on TPU) when the level
+               and shapes are supported, else the XLA dual form; never an error for support.
+  "pallas"     the kernel, or a ValueError that says why not and what to change.
+  "interpret"  the kernel run by the Pallas interpreter (CPU tests); ``kernel`` picks which
+               variant's code is interpreted (default Mosaic, run in TPU interpret mode).
+  "xla"        ``nested_jax.memory.apply(path="dual")``: differentiable any number of times.
+
+Support: LinearMemory, "online" reads (the engine's default), any objective and rule.
+Chunk size: a multiple of 8 (Mosaic) or a power of two >= 16 (Triton, whose dots need dims
+>= 16).  Head dims are free: Triton pads dk and dv with zeros to powers of two >= 16 (exact:
+zero key columns and zero memory rows never mix into the rest), Mosaic uses full-dim blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from nested_jax.memory.level import Level
+from nested_jax.memory.memories import LinearMemory
+
+IMPLS = ("auto", "pallas", "interpret", "xla")
+KERNELS = ("auto", "triton", "mosaic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    kernel: str  # "triton" | "mosaic" | "xla"
+    interpret: bool = False
+    dk: int = 0  # padded head dims the kernel sees
+    dv: int = 0
+    bv: int = 0  # rows of W per program (dv tile)
+    reason: str = ""  # why "xla" was chosen
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def _default_kernel() -> str:
+    backend = jax.default_backend()
+    return {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic"}.get(backend, "")
+
+
+def unsupported(level: Level, kernel: str, chunk_size: int, dtype) -> str:
+    """Why ``kernel`` cannot run this level ('' if it can)."""
+    if not isinstance(level.memory, LinearMemory):
+        return (f"memory={type(level.memory).__name__} has no kernel (LinearMemory only); "
+                "use impl='xla'")
+    if level.read != "online":
+        return f"read={level.read!r} has no kernel (online reads only); use impl='xla'"
+    if kernel == "triton" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        return (f"chunk_size={chunk_size} must be a power of two >= 16 for the Triton kernel "
+                "(tl.dot needs dims >= 16); use e.g. chunk_size=64, or impl='xla'")
+    if kernel == "mosaic" and chunk_size % 8:
+        return (f"chunk_size={chunk_size} must be a multiple of 8 for the Mosaic kernel "
+                "(TPU sublane tiling); use e.g. chunk_size=64, or impl='xla'")
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64):
+        return f"dtype {jnp.dtype(dtype)} is not supported by the kernels; use impl='xla'"
+    return ""
+
+
+def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str = "auto",
+              kernel: str = "auto", block_dv: int | None = None) -> Plan:
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is unknown; use one of {IMPLS}.")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is unknown; use one of {KERNELS}.")
+    if impl == "xla":
+        return Plan("xla", reason="impl='xla'")
+    if kernel == "auto":
+        kernel = _default_kernel() or ("mosaic" if impl == "interpret" else "")
+    if not kernel:
+        if impl == "pallas":
+            raise ValueError(f"impl='pallas' needs a GPU or TPU backend, got "
+                             f"{jax.default_backend()!r}; use impl='interpret' or 'xla'.")
+        return Plan("xla", reason=f"no kernel for backend {jax.default_backend()!r}")
+    why = unsupported(level, kernel, chunk_size, dtype)
+    if not why and impl == "pallas" and jnp.dtype(dtype) == jnp.float64:
+        why = "float64 kernels run in interpret mode only; use impl='interpret' or 'xla'"
+    if why:
+        if impl == "auto":
+            return Plan("xla", reason=why)
+        raise ValueError(why + ".")
+    if kernel == "triton":
+        dkp, dvp = _pow2_at_least(dk, 16), _pow2_at_least(dv, 16)
+        bv = block_dv or min(dvp, 32)
+    else:
+        dkp, dvp = dk, dv
+        bv = block_dv or dv
+    if dvp % bv or (kernel == "triton" and (bv < 16 or bv & (bv - 1))):
+        raise ValueError(f"block_dv={bv} must divide the (padded) dv={dvp}"
+                         + (" and be a power of two >= 16." if kernel == "triton" else "."))
+    if kernel == "mosaic" and bv != dvp and (bv % 128):
+        raise ValueError(f"block_dv={bv} must be dv={dvp} or a multiple of 128 (Mosaic tiling).")
+    return Plan(kernel, interpret=impl == "interpret", dk=dkp, dv=dvp, bv=bv)

@@ -1,0 +1,46 @@
+"""The kernels' sequential loop as a plain ``lax.scan``: the in-package oracle for the kernels.
+
+Same inputs and outputs as the Pallas forward kernels (``prep.Chunk`` of [BH, N, C, ...]),
+computed with ``chunk_math.forward`` in XLA.  Tests hold each kernel's forward to this scan and
+its hand-written backward to ``jax.vjp`` of this scan, in float64; the end-to-end tests then
+hold the whole pipeline to ``memory.apply`` (dual path and per-token oracle).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nested_jax.kernels import chunk_math
+from nested_jax.kernels.chunk_math import NCOL, Chunk, Flags
+
+
+def split_cols(cols):
+    """[..., C, 8] -> tuple of [..., C, 1], the per-token columns in COLS order."""
+    return tuple(cols[..., j:j + 1] for j in range(NCOL - 1))
+
+
+def scan(ch: Chunk, w0, s0, fl: Flags, op_dtype):
+    """ch: [BH, N, C, ...]; w0, s0 f[BH, dv, dk]. Returns (y [BH, N, C, dv], wN, sN, wb, sb).
+
+    wb, sb f[BH, N, dv, dk] are the boundary states (the state at the start of each chunk),
+    which the forward kernels also return for the backward.
+    """
+    acc = w0.dtype
+    dot = chunk_math.make_dot(op_dtype, acc)
+
+    def one(ch1, w, s):
+        def body(carry, c):
+            w, s = carry
+            c = c._replace(cols=split_cols(c.cols))
+            y, w1, s1 = chunk_math.forward(c, w, s, fl, dot, acc)
+            return (w1, s1), (y, w, s)
+
+        (wn, sn), (y, wb, sb) = jax.lax.scan(body, (w, s), ch1)
+        return y, wn, sn, wb, sb
+
+    return jax.vmap(one)(ch, w0.astype(acc), s0.astype(acc))
+
+
+def zeros_like_chunk(ch: Chunk) -> Chunk:
+    return jax.tree.map(jnp.zeros_like, ch)
