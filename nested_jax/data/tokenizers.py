@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
+from etils import epath
 
 from nested_jax.data import fetch
 
@@ -69,10 +70,10 @@ class SentencePieceTokenizer:
 
     def __init__(self, path: str | pathlib.Path):
         spm = _import_sentencepiece()
-        self.path = pathlib.Path(path)
+        self.path = epath.Path(path)
         if not self.path.is_file():
             raise ValueError(f"tokenizer=sentencepiece:{path}: no such SentencePiece model file")
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self._sp = spm.SentencePieceProcessor(model_proto=self.path.read_bytes())
         self.vocab_size = int(self._sp.get_piece_size())
         eos = int(self._sp.eos_id())
         self.eos_id = eos if eos >= 0 else 0
@@ -95,7 +96,7 @@ def mistral_model_path(cache: pathlib.Path | None = None) -> pathlib.Path:
     return path
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, out: pathlib.Path,
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, out: epath.PathLike,
                         max_sentences: int = 200_000) -> pathlib.Path:
     """Train a unigram SentencePiece model on `texts`, written to `out` (a .model file)."""
     spm = _import_sentencepiece()
@@ -105,6 +106,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out: pathlib.Path
         model_type="unigram", input_sentence_size=max_sentences, shuffle_input_sentence=True,
         byte_fallback=True, character_coverage=0.9995, pad_id=-1, bos_id=1, eos_id=2, unk_id=0,
         minloglevel=2)
+    out = epath.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model.getvalue())
     log.info("trained a %d-piece SentencePiece model at %s", vocab_size, out)

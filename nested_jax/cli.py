@@ -1,0 +1,199 @@
+"""`nested-jax`: train, eval, generate and presets.
+
+  nested-jax train --config lm:cpu_demo --model transformer --workdir runs/demo
+  nested-jax train --workdir runs/demo --steps 600          # resumes, to step 600
+  nested-jax eval --workdir runs/demo [--data PATH]         # prints "perplexity: <number>"
+  nested-jax generate --workdir runs/demo --prompt "The river" --max-new-tokens 200
+  nested-jax presets                                        # parameter count of every preset
+
+A train config is built in this order: `--config FILE[:VARIANT]` (or the saved
+config of an existing --workdir, or the defaults), then the flags given, then each
+`--set key=value` (dotted, e.g. --set optim.learning_rate=3e-4 --set model.d_model=256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("nested_jax")
+
+# flag -> config key; a flag left out keeps the config's value.
+TRAIN_FLAGS = {
+    "data": "data.path",
+    "steps": "steps",
+    "model": "model",
+    "preset": "preset",
+    "optimizer": "optim.name",
+    "tokenizer": "data.tokenizer",
+    "batch_size": "data.batch_size",
+    "seq_len": "data.seq_len",
+    "lr": "optim.learning_rate",
+    "seed": "seed",
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("nested_jax").setLevel(logging.INFO)
+    for noisy in ("absl", "orbax", "jax", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _train_config(args: argparse.Namespace):
+    from etils import epath
+
+    from nested_jax.train import config as config_lib
+
+    saved = epath.Path(args.workdir) / "config.json"
+    if args.config:
+        cfg = config_lib.from_file(args.config)
+    elif saved.exists():
+        cfg = config_lib.TrainConfig.load(saved)
+        log.info("using the saved config of %s", args.workdir)
+    else:
+        cfg = config_lib.TrainConfig()
+    pairs = [(key, getattr(args, flag)) for flag, key in TRAIN_FLAGS.items()
+             if getattr(args, flag) is not None]
+    if args.bf16:
+        pairs.append(("bf16", True))
+    cfg = config_lib.with_values(cfg, pairs)
+    return config_lib.apply_overrides(cfg, args.set)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nested_jax.train import distributed
+
+    distributed.initialize(args.distributed, coordinator=args.coordinator,
+                           num_processes=args.num_processes, process_id=args.process_id)
+    from nested_jax.train import trainer
+
+    cfg = _train_config(args)
+    try:
+        summary = trainer.train(cfg, args.workdir, progress=not args.no_progress)
+    except trainer.NonFiniteError as e:
+        log.error("%s", e)
+        return 3
+    if summary["preempted"]:
+        print(f"stopped by SIGTERM at step {summary['final_step']}; checkpoint saved")
+        return 0
+    before, after = summary["ppl_before"], summary["ppl_after"]
+    if before is not None and after is not None:
+        print(f"held-out perplexity: {before:.3f} (step {summary['start_step']}) -> "
+              f"{after:.3f} (step {summary['final_step']})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nested_jax.train import evaluate
+
+    out = evaluate.evaluate_checkpoint(args.workdir, data_path=args.data, split=args.split,
+                                       num_batches=args.batches)
+    print(f"step: {out['step']}")
+    print(f"loss: {out['loss']:.6f}")
+    print(f"perplexity: {out['perplexity']:.6f}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from nested_jax.train import generate
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    write(args.prompt)
+    generate.generate(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                      write=write)
+    write("\n")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from nested_jax import models
+
+    names = [args.model] if args.model else models.names()
+    print(f"{'model':<16} {'preset':<8} {'parameters':>14} {'nominal':>10}")
+    for name in names:
+        for preset, nominal in models.presets(name).items():
+            n = models.count_params(models.abstract_model(name, preset))
+            print(f"{name:<16} {preset:<8} {n:>14,} {nominal / 1e6:>9.1f}M")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nested-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train, or resume the run in --workdir")
+    t.add_argument("--config", help="PATH.py[:VARIANT] defining get_config(variant), or a "
+                   "packaged config such as lm:cpu_demo")
+    t.add_argument("--workdir", required=True, help="checkpoints, logs and metrics go here")
+    t.add_argument("--data", help="text file, directory, JSONL, ArrayRecord, glob, or "
+                   "builtin:wikipedia (the default)")
+    t.add_argument("--steps", type=int, help="total optimizer steps (larger than before: resume)")
+    t.add_argument("--model", help="hope, hope_attention, titans, transformer, ... (registered)")
+    t.add_argument("--preset", help="tiny, small, 125M, 340M, 760M, 1.3B")
+    t.add_argument("--optimizer", help="adamw (default), muon, m3, delta_momentum, deep_momentum, "
+                   "any optax alias, or module:factory")
+    t.add_argument("--tokenizer", help="byte, mistral, sentencepiece:PATH, sentencepiece-train:V")
+    t.add_argument("--batch-size", type=int, help="global batch size in sequences")
+    t.add_argument("--seq-len", type=int, help="tokens per sequence")
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 parameters)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set optim.grad_accum=4")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                   help="jax.distributed.initialize(): auto = on TPU pods or with --coordinator")
+    t.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process without a "
+                   "cluster manager)")
+    t.add_argument("--num-processes", type=int)
+    t.add_argument("--process-id", type=int)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="perplexity of the latest checkpoint")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--data", help="data to score (default: the run's held-out documents)")
+    e.add_argument("--split", choices=("auto", "heldout", "all"), default="auto",
+                   help="auto: held-out documents of the training data, all documents of other "
+                   "data")
+    e.add_argument("--batches", type=int, help="batches to score (default: the run's "
+                   "eval_batches)")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="stream a continuation of a prompt")
+    g.add_argument("--workdir", required=True)
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    g.add_argument("--top-k", type=int, default=40, help="0 for the full distribution")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("presets", help="print the parameter count of every model preset")
+    p.add_argument("--model")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(not args.quiet)
+    try:
+        return args.func(args)
+    except ValueError as e:  # config errors: one line naming the field and the fix
+        log.error("%s", e)
+        log.debug("traceback", exc_info=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Packaged train configs (big_vision style): `--config NAME:VARIANT`."""

@@ -1,0 +1,51 @@
+"""Perplexity of a run's latest checkpoint on held-out or new data (`nested-jax eval`)."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from collections.abc import Sequence
+
+import jax
+
+from nested_jax import data as data_lib
+from nested_jax.train import trainer
+
+log = logging.getLogger(__name__)
+
+
+def _same_path(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
+    except OSError:
+        return False
+
+
+def evaluate_checkpoint(workdir: str, *, data_path: str | None = None,
+                        split: str = "auto", num_batches: int | None = None,
+                        devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
+    """{"step", "loss", "perplexity"} of the latest checkpoint.
+
+    `split="auto"` scores the held-out documents when `data_path` is the training data
+    (or omitted) and every document of any other data.
+    """
+    from nested_jax.train.config import TrainConfig
+
+    saved = TrainConfig.load(trainer.workdir_path(workdir) / "config.json")
+    path = data_path or saved.data.path
+    if split == "auto":
+        split = "heldout" if _same_path(path, saved.data.path) else "all"
+    if split == "heldout" and saved.data.eval_fraction <= 0:
+        raise ValueError("--split heldout: this run trained on every document "
+                         "(data.eval_fraction=0); pass --data with other data or --split all")
+    run, state, step = trainer.load_run(workdir, devices=devices, data_path=path)
+    cfg = run.cfg
+    batches = data_lib.eval_batches(
+        run.documents, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+        num_batches=num_batches or cfg.eval_batches, eval_fraction=cfg.data.eval_fraction,
+        split=split)
+    loss, ppl = trainer.perplexity(run, state, batches, trainer.make_eval_fn(run))
+    log.info("step %d, %s split of %s: loss %.4f", step, split, path, loss)
+    return {"step": step, "loss": loss, "perplexity": ppl}

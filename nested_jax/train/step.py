@@ -1,0 +1,100 @@
+"""The jitted train and eval steps, as pure functions of a state pytree.
+
+The train state is a dict (what orbax saves):
+
+  params      nnx.State of the model's nnx.Param variables
+  rest        nnx.State of every other model variable (kept as is)
+  opt_state   the optax state
+  step        int32 [], optimizer steps taken (skipped ones included)
+  bad_streak  int32 [], consecutive steps whose loss or gradients were not finite
+  bad_total   int32 [], all such steps
+
+A step whose loss or any gradient entry is NaN/Inf leaves params and opt_state
+untouched and counts itself (the guard). `optax.apply_if_finite` is not used: it
+looks only at gradients and applies the update anyway after too many failures,
+where the trainer must stop instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def next_token_loss(model: nnx.Module, tokens_BxT1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean NLL, token count) of predicting tokens[:, 1:] from tokens[:, :-1]."""
+    logits_BxTxV = model(tokens_BxT1[:, :-1])
+    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxTxV.astype(jnp.float32), tokens_BxT1[:, 1:])
+    return nll_BxT.mean(), jnp.asarray(nll_BxT.size, jnp.float32)
+
+
+# optax >= 0.2.5 has optax.tree.norm; global_norm is its deprecated older name.
+_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+def all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+                    ) -> Callable[[dict, jax.Array], tuple[dict, dict]]:
+    """step(state, batch_AxBxT1) -> (state, metrics); A microbatches are averaged."""
+
+    def loss_fn(params, rest, tokens):
+        return next_token_loss(nnx.merge(graphdef, params, rest), tokens)[0]
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(state: dict, batch_AxBxT1: jax.Array) -> tuple[dict, dict]:
+        params, rest = state["params"], state["rest"]
+        n_micro = batch_AxBxT1.shape[0]
+
+        def micro(grads_sum, tokens):
+            loss, grads = grad_fn(params, rest, tokens)
+            return jax.tree.map(jnp.add, grads_sum, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, losses = jax.lax.scan(micro, zeros, batch_AxBxT1)
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        loss = losses.mean()
+        finite = jnp.isfinite(loss) & all_finite(grads)
+
+        def apply(operands):
+            params, opt_state = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        new_params, new_opt_state = jax.lax.cond(
+            finite, apply, lambda operands: operands, (params, state["opt_state"]))
+        bad = (~finite).astype(jnp.int32)
+        new_state = dict(state, params=new_params, opt_state=new_opt_state,
+                         step=state["step"] + 1,
+                         bad_streak=(state["bad_streak"] + 1) * bad,
+                         bad_total=state["bad_total"] + bad)
+        metrics = dict(loss=loss, grad_norm=_norm(grads), finite=finite,
+                       bad_streak=new_state["bad_streak"], bad_total=new_state["bad_total"])
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array], jax.Array]:
+    """eval(params, rest, batch_BxT1) -> [sum of NLL, token count] (float32)."""
+
+    def evaluate(params, rest, tokens_BxT1):
+        mean, count = next_token_loss(nnx.merge(graphdef, params, rest), tokens_BxT1)
+        return jnp.stack([mean * count, count])
+
+    return evaluate
+
+
+def init_guard_counters() -> dict[str, jax.Array]:
+    zero = jnp.zeros((), jnp.int32)
+    return dict(step=zero, bad_streak=zero, bad_total=zero)

@@ -1,0 +1,472 @@
+"""The training loop: validate, build, restore, train, evaluate, checkpoint, report.
+
+`prepare()` does every check that can fail on a bad config (data path, tokenizer,
+vocabulary, sequence length, mesh, batch split) before anything is compiled.
+`train()` then runs the loop and writes, under the working directory:
+
+  config.json      the TrainConfig (a resumed run must match it; see RESUMABLE_FIELDS)
+  run.json         what was resolved from it: tokenizer spec, vocabulary, sizes, devices
+  checkpoints/     orbax: train state + data-iterator state per saved step
+  metrics.jsonl    one record per logged step; tensorboard/ has the same scalars
+  loss_curve.png   at the end
+  train.log        the log
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from nested_jax import data as data_lib
+from nested_jax import models
+from nested_jax.data import tokenizers
+from nested_jax.models.config import ModelConfig, fail
+from nested_jax.train import optimizers, sharding
+from nested_jax.train import step as step_lib
+from nested_jax.train.checkpoints import Checkpoints
+from nested_jax.train.config import RESUMABLE_FIELDS, TrainConfig, differences
+from nested_jax.train.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a NaN/Inf loss or gradient."""
+
+
+class ConfigMismatchError(ValueError):
+    """The working directory holds a run with an incompatible config."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built from a config before anything is compiled."""
+
+    cfg: TrainConfig
+    workdir: epath.Path
+    model_cfg: ModelConfig
+    tokenizer: tokenizers.Tokenizer
+    documents: Sequence[str]
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    abstract_model: nnx.Module
+    n_params: int
+    tx: Any
+    state_shardings: dict
+    abstract_state: dict
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """[microbatches, batch, T+1] training batches."""
+        return sharding.batch_sharding(self.mesh)
+
+    @property
+    def eval_sharding(self) -> NamedSharding:
+        """[batch, T+1] evaluation batches."""
+        return NamedSharding(self.mesh, PartitionSpec(*self.batch_sharding.spec[1:]))
+
+    def init_state(self) -> dict:
+        """Fresh parameters and optimizer state, created directly in their shardings."""
+        return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+
+    def _init_fn(self) -> dict:
+        model = models.create(self.cfg.model, self.model_cfg, rngs=nnx.Rngs(self.cfg.seed))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return dict(params=params, rest=rest, opt_state=self.tx.init(params),
+                    **step_lib.init_guard_counters())
+
+    def model(self, state: dict) -> nnx.Module:
+        return nnx.merge(self.graphdef, state["params"], state["rest"])
+
+
+def workdir_path(workdir: epath.PathLike) -> epath.Path:
+    """The working directory: local (made absolute) or an object-store URL such as gs://."""
+    workdir = str(workdir)
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
+# ---- configuration and validation (no compilation) --------------------------------------------
+
+
+def resolve_tokenizer(cfg: TrainConfig, workdir: epath.Path,
+                      documents: Sequence[str]) -> tokenizers.Tokenizer:
+    """The run's tokenizer; `sentencepiece-train:V` trains one into the workdir once."""
+    spec = cfg.data.tokenizer
+    if spec.startswith("sentencepiece-train:"):
+        vocab = int(spec.split(":", 1)[1])
+        path = workdir / "tokenizer.model"
+        if not path.exists():
+            if jax.process_index() == 0:
+                tokenizers.train_sentencepiece(
+                    (documents[i] for i in range(min(len(documents), 200_000))), vocab, path)
+            _barrier("tokenizer")
+        spec = f"sentencepiece:{path}"
+    try:
+        return tokenizers.get_tokenizer(spec)
+    except ValueError as e:
+        raise ValueError(f"data.tokenizer: {e}") from e
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def model_config(cfg: TrainConfig, tokenizer: tokenizers.Tokenizer) -> ModelConfig:
+    """The model config with the vocabulary taken from the tokenizer (checked if overridden)."""
+    models.lookup(cfg.model)  # unknown model names fail here, listing the registered ones
+    overrides = dict(cfg.model_overrides)
+    vocab = overrides.setdefault("vocab_size", tokenizer.vocab_size)
+    if vocab < tokenizer.vocab_size:
+        fail("model.vocab_size", vocab, f"is smaller than the tokenizer's vocabulary "
+             f"({cfg.data.tokenizer}: {tokenizer.vocab_size}); drop the override or raise it")
+    if cfg.bf16:
+        overrides.setdefault("dtype", "bfloat16")
+    try:
+        return models.make_config(cfg.model, cfg.preset, **overrides)
+    except ValueError as e:
+        raise ValueError(f"model.{e}" if not str(e).startswith("preset") else str(e)) from e
+
+
+def check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    """The batch must split evenly over microbatches, processes and data-parallel devices."""
+    micro = cfg.data.batch_size // cfg.optim.grad_accum
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro % ways:
+        fail("data.batch_size", cfg.data.batch_size,
+             f"batch_size / optim.grad_accum = {micro} must be divisible by mesh.data * "
+             f"mesh.fsdp = {ways}")
+    if micro % jax.process_count():
+        fail("data.batch_size", cfg.data.batch_size,
+             f"each microbatch ({micro}) must split evenly over {jax.process_count()} processes")
+
+
+def prepare(cfg: TrainConfig, workdir: epath.PathLike,
+            devices: Sequence[jax.Device] | None = None, *, for_training: bool = True) -> Run:
+    """Validate `cfg` and build the (abstract) run. Raises ValueError naming the bad field.
+
+    `for_training=False` (generate) skips reading the data and the batch-split checks.
+    """
+    workdir = workdir_path(workdir)
+    documents: Sequence[str] = ()
+    if for_training:
+        documents = data_lib.load_documents(cfg.data.path, text_field=cfg.data.text_field)
+        if cfg.data.eval_fraction > 0:
+            data_lib.pipeline.heldout_size(len(documents), cfg.data.eval_fraction)
+    tokenizer = resolve_tokenizer(cfg, workdir, documents)
+    model_cfg = model_config(cfg, tokenizer)
+    model_cfg.check_seq_len(cfg.data.seq_len, field="data.seq_len")
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    if for_training:
+        check_batch(cfg, mesh)
+
+    abstract = nnx.eval_shape(
+        lambda: models.create(cfg.model, model_cfg, rngs=nnx.Rngs(cfg.seed)))
+    graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+    tx = optimizers.build(cfg.optim, cfg.steps)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    param_sh = sharding.state_shardings(abs_params, mesh)
+    repl = sharding.replicated(mesh)
+    shardings = dict(params=param_sh, rest=sharding.state_shardings(abs_rest, mesh),
+                     opt_state=sharding.like_params(abs_opt, abs_params, param_sh, mesh),
+                     step=repl, bad_streak=repl, bad_total=repl)
+    run = Run(cfg=cfg, workdir=workdir, model_cfg=model_cfg, tokenizer=tokenizer,
+              documents=documents, mesh=mesh, graphdef=graphdef, abstract_model=abstract,
+              n_params=models.count_params(abstract), tx=tx, state_shardings=shardings,
+              abstract_state={})
+    shapes = jax.eval_shape(run._init_fn)
+    run.abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return run
+
+
+def check_resumable(cfg: TrainConfig, workdir: epath.Path) -> None:
+    """A config may differ from the saved run's only in RESUMABLE_FIELDS."""
+    saved_path = workdir / "config.json"
+    if not saved_path.exists():
+        return
+    diff = differences(TrainConfig.load(saved_path), cfg)
+    bad = {k: v for k, v in diff.items() if k not in RESUMABLE_FIELDS}
+    if bad:
+        lines = "".join(f"\n  {k}: saved {a!r}, now {b!r}" for k, (a, b) in bad.items())
+        raise ConfigMismatchError(
+            f"{workdir} holds a run with a different config:{lines}\nResume with the saved "
+            f"config (only {', '.join(RESUMABLE_FIELDS[:4])}, ... may change) or use a new "
+            "--workdir")
+
+
+# ---- arrays in and out --------------------------------------------------------------------------
+
+
+def global_batch(local_BxT1: np.ndarray, run: Run) -> jax.Array:
+    """Host-local [B_local, T+1] -> global [A, B / A, T+1] sharded over the batch axes."""
+    a = run.cfg.optim.grad_accum
+    local = local_BxT1.reshape(a, local_BxT1.shape[0] // a, local_BxT1.shape[1])
+    return jax.make_array_from_process_local_data(run.batch_sharding, local)
+
+
+def perplexity(run: Run, state: dict, batches: list[np.ndarray], eval_fn) -> tuple[float, float]:
+    """(mean NLL in nats/token, perplexity) over held-out batches."""
+    total = np.zeros(2)
+    for b in batches:
+        tokens = jax.make_array_from_process_local_data(run.eval_sharding, b)
+        total += np.asarray(eval_fn(state["params"], state["rest"], tokens))
+    loss = float(total[0] / total[1])
+    return loss, math.exp(min(loss, 700.0))
+
+
+def make_eval_fn(run: Run):
+    return jax.jit(step_lib.make_eval_step(run.graphdef),
+                   in_shardings=(run.state_shardings["params"], run.state_shardings["rest"],
+                                 run.eval_sharding),
+                   out_shardings=sharding.replicated(run.mesh))
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """SIGTERM (TPU preemption, `kill`) asks the loop to checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            # Multi-process jobs leave SIGTERM to JAX's preemption notifier instead.
+            self._old = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _write_run_info(run: Run) -> None:
+    info = dict(model=run.cfg.model, preset=run.cfg.preset, params=run.n_params,
+                model_config=dataclasses.asdict(run.model_cfg), tokenizer=run.tokenizer.spec,
+                vocab_size=run.tokenizer.vocab_size, mesh=dict(run.mesh.shape),
+                devices=jax.device_count(), processes=jax.process_count(),
+                device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
+    (run.workdir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def _add_log_file(workdir: epath.Path) -> logging.Handler:
+    handler = logging.FileHandler(workdir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("nested_jax").addHandler(handler)
+    return handler
+
+
+def train(cfg: TrainConfig, workdir: epath.PathLike, *,
+          devices: Sequence[jax.Device] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir` up to `cfg.steps`; returns a summary dict."""
+    workdir = workdir_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    primary = jax.process_index() == 0
+    handler = _add_log_file(workdir) if primary and "://" not in str(workdir) else None
+    try:
+        return _train(cfg, workdir, devices, progress and primary, primary)
+    finally:
+        if handler is not None:
+            logging.getLogger("nested_jax").removeHandler(handler)
+            handler.close()
+
+
+def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
+    check_resumable(cfg, workdir)
+    run = prepare(cfg, workdir, devices)
+    if primary:
+        (workdir / "config.json").write_text(cfg.to_json())
+        _write_run_info(run)
+    log.info("%s/%s: %.2fM parameters, mesh %s, tokenizer %s (vocab %d)", cfg.model, cfg.preset,
+             run.n_params / 1e6, dict(run.mesh.shape), run.tokenizer.spec,
+             run.tokenizer.vocab_size)
+
+    shard = data_lib.Shard(jax.process_index(), jax.process_count())
+    local_batch = cfg.data.batch_size // jax.process_count()
+    data_it = data_lib.train_batches(
+        run.documents, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=local_batch,
+        seed=cfg.seed, eval_fraction=cfg.data.eval_fraction, shard=shard,
+        num_threads=cfg.data.num_threads)
+    heldout = []
+    if cfg.data.eval_fraction > 0:
+        heldout = data_lib.eval_batches(
+            run.documents, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=local_batch,
+            num_batches=cfg.eval_batches, eval_fraction=cfg.data.eval_fraction, shard=shard)
+
+    ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints,
+                       use_async=cfg.async_checkpoints)
+    restored = ckpt.restore(run.abstract_state, data_it)
+    if restored is not None:
+        start, state = restored
+        log.info("resumed from the checkpoint at step %d", start)
+    else:
+        start, state = 0, run.init_state()
+    metrics = MetricsLog(workdir, resume_step=start if restored else None, enabled=primary)
+
+    repl = sharding.replicated(run.mesh)
+    train_step = jax.jit(step_lib.make_train_step(run.graphdef, run.tx),
+                         in_shardings=(run.state_shardings, run.batch_sharding),
+                         out_shardings=(run.state_shardings, repl), donate_argnums=0)
+    eval_fn = make_eval_fn(run)
+    schedule = optimizers.schedule(cfg.optim, cfg.steps)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops = flops_per_token(run.abstract_model, run.n_params, cfg.data.seq_len) * tokens_per_step
+    peak = peak_flops(jax.devices()[0], cfg.peak_flops)
+
+    def evaluate(step: int, state: dict) -> float | None:
+        if not heldout:
+            return None
+        loss, ppl = perplexity(run, state, heldout, eval_fn)
+        metrics.write(step, {"eval/loss": loss, "eval/perplexity": ppl})
+        log.info("step %d: held-out perplexity %.3f (loss %.4f)", step, ppl, loss)
+        return ppl
+
+    ppl_before = evaluate(start, state)
+    summary = dict(start_step=start, final_step=start, params=run.n_params,
+                   ppl_before=ppl_before, ppl_after=ppl_before, preempted=False)
+    if start >= cfg.steps:
+        log.info("already at step %d of %d: nothing to train", start, cfg.steps)
+        ckpt.close()
+        metrics.close()
+        return summary
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
+                   mininterval=1.0, smoothing=0.1)
+    timer = {"t": None, "step": start, "ema": None}
+    pending: tuple[int, dict] | None = None
+    wall0 = time.time()
+
+    def handle(step: int, m: dict) -> None:
+        """Host side of a finished step: guard, logs, progress (one step behind dispatch)."""
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if m["bad_streak"] >= cfg.max_bad_steps:
+            raise NonFiniteError(
+                f"step {step}: the loss or gradients were NaN/Inf in {int(m['bad_streak'])} "
+                f"consecutive steps (max_bad_steps={cfg.max_bad_steps}); those updates were "
+                "skipped. Lower optim.learning_rate, enable optim.grad_clip, or check the data.")
+        if not m["finite"]:
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
+                        step, int(m["bad_streak"]))
+        now = time.time()
+        if timer["t"] is None:  # the first step includes compilation
+            timer["t"], timer["step"] = now, step
+        if math.isfinite(m["loss"]):
+            e = timer["ema"]
+            timer["ema"] = m["loss"] if e is None else 0.9 * e + 0.1 * m["loss"]
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt, ds = now - timer["t"], step - timer["step"]
+            tok_s = ds * tokens_per_step / dt if ds > 0 and dt > 0 else None
+            record = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"],
+                      "train/lr": float(schedule(step - 1)), "train/skipped": m["bad_total"],
+                      "perf/tokens_per_s": tok_s}
+            if tok_s:
+                achieved = flops * ds / dt
+                record["perf/tflops_per_s"] = achieved / 1e12
+                if peak:
+                    record["perf/mfu"] = achieved / (peak * jax.device_count())
+            metrics.write(step, record)
+            timer["t"], timer["step"] = now, step
+            summary["tokens_per_s"] = tok_s
+            if bar is not None:
+                bar.set_postfix(loss=f"{timer['ema']:.3f}" if timer["ema"] else "nan",
+                                tok_s=f"{tok_s:.0f}" if tok_s else "-", refresh=False)
+        if bar is not None:
+            bar.update(step - bar.n)
+
+    stop = _StopFlag()
+    try:
+        with stop:
+            for step in range(start + 1, cfg.steps + 1):
+                state, m = train_step(state, global_batch(next(data_it), run))
+                if pending is not None:
+                    handle(*pending)
+                pending = (step, m)
+                preempted = stop.event.is_set() or (jax.process_count() > 1
+                                                    and ckpt.reached_preemption(step))
+                if preempted or step == cfg.steps or (
+                        cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    ckpt.save(step, state, data_it, force=True)
+                summary["final_step"] = step
+                if preempted:
+                    handle(*pending)
+                    pending = None
+                    log.warning("SIGTERM: saved a checkpoint at step %d; exiting cleanly", step)
+                    summary["preempted"] = True
+                    break
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    handle(*pending)
+                    pending = None
+                    evaluate(step, state)
+                    timer["t"], timer["step"] = time.time(), step
+            if pending is not None:
+                handle(*pending)
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+
+    if not summary["preempted"]:
+        summary["ppl_after"] = evaluate(summary["final_step"], state)
+        if primary:
+            png = plot_loss_curve(metrics.path, workdir / "loss_curve.png")
+            log.info("loss curve: %s", png)
+    metrics.close()
+    summary["wall_s"] = time.time() - wall0
+    if ppl_before is not None and summary["ppl_after"] is not None and not summary["preempted"]:
+        log.info("held-out perplexity: %.3f at step %d -> %.3f at step %d", ppl_before, start,
+                 summary["ppl_after"], summary["final_step"])
+    return summary
+
+
+def load_run(workdir: epath.PathLike, *, devices: Sequence[jax.Device] | None = None,
+             data_path: str | None = None, for_training: bool = True
+             ) -> tuple[Run, dict, int]:
+    """(run, state, step) of the latest readable checkpoint in `workdir` (eval / generate).
+
+    Runs on `devices` (default: the first device) whatever mesh trained the checkpoint.
+    """
+    workdir = workdir_path(workdir)
+    cfg_path = workdir / "config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"--workdir {workdir}: no config.json; train a run there first")
+    cfg = TrainConfig.load(cfg_path)
+    overrides = {"mesh": dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1)}
+    if data_path is not None:
+        overrides["data"] = dataclasses.replace(cfg.data, path=data_path)
+    cfg = dataclasses.replace(cfg, **overrides)
+    run = prepare(cfg, workdir, devices or jax.devices()[:1], for_training=for_training)
+    ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints, use_async=False)
+    try:
+        restored = ckpt.restore(run.abstract_state)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise ValueError(f"--workdir {workdir}: no checkpoint yet")
+    step, state = restored
+    return run, state, step
+
+
+__all__ = ["ConfigMismatchError", "NonFiniteError", "Run", "load_run", "prepare", "train"]

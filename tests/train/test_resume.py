@@ -1,0 +1,125 @@
+"""Exact resume: SIGKILL mid-run, SIGTERM (preemption), and a corrupt latest checkpoint.
+
+Each run is a real `nested-jax train` subprocess on one CPU device. The learning-rate
+schedule is constant so a long run (to be killed) and a short reference run share
+every step; the resumed loss curve must equal the uninterrupted one bitwise.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import write_corpus
+
+REF_STEPS = 40
+
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def _args(data, workdir, steps):
+    return [sys.executable, "-m", "nested_jax.cli", "train", "--workdir", str(workdir),
+            "--data", str(data), "--steps", str(steps), "--preset", "tiny", "--seq-len", "32",
+            "--batch-size", "4", "--no-progress",
+            "--set", "log_every=1", "--set", "checkpoint_every=4", "--set", "eval_every=0",
+            "--set", "eval_batches=1", "--set", "optim.schedule=constant",
+            "--set", "optim.warmup_steps=0", "--set", "optim.learning_rate=3e-3"]
+
+
+def _train(data, workdir, steps):
+    out = subprocess.run(_args(data, workdir, steps), env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+
+def _losses(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    losses = {}
+    for rec in map(json.loads, lines):
+        if "train/loss" in rec:
+            assert rec["step"] not in losses, f"step {rec['step']} logged twice"
+            losses[rec["step"]] = rec["train/loss"]
+    return losses
+
+
+def _start_and_wait(data, workdir, min_step):
+    """Launch a long run; return the process once it has logged `min_step`."""
+    proc = subprocess.Popen(_args(data, workdir, 100_000), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (workdir / "metrics.jsonl").exists() and len(_losses_safe(workdir)) >= min_step:
+            return proc
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("the run did not start in time")
+
+
+def _losses_safe(workdir):
+    try:
+        return _losses(workdir)
+    except (json.JSONDecodeError, AssertionError):
+        return {}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data = write_corpus(root / "data")
+    _train(data, root / "ref", REF_STEPS)
+    losses = _losses(root / "ref")
+    assert sorted(losses) == list(range(1, REF_STEPS + 1))
+    return data, losses, root
+
+
+def test_sigkill_then_restart_gives_the_same_loss_curve(reference):
+    data, want, root = reference
+    workdir = root / "killed"
+    proc = _start_and_wait(data, workdir, min_step=9)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_at = max(_losses_safe(workdir))
+    assert killed_at < REF_STEPS
+    log = _train(data, workdir, REF_STEPS)
+    assert "resumed from the checkpoint at step" in log
+    assert _losses(workdir) == want
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference):
+    data, want, root = reference
+    workdir = root / "preempted"
+    proc = _start_and_wait(data, workdir, min_step=6)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM at step" in out
+    stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert (workdir / "checkpoints" / str(stopped)).is_dir()
+    assert stopped < REF_STEPS
+    log = _train(data, workdir, REF_STEPS)
+    assert f"resumed from the checkpoint at step {stopped}" in log
+    assert _losses(workdir) == want
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_stays_exact(reference):
+    data, want, root = reference
+    workdir = root / "corrupt"
+    _train(data, workdir, 12)  # checkpoints at 4, 8, 12
+    for f in (workdir / "checkpoints" / "12" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"not a checkpoint")
+    log = _train(data, workdir, REF_STEPS)
+    assert "step 12 could not be read" in log and "falling back" in log
+    assert "resumed from the checkpoint at step 8" in log
+    assert _losses(workdir) == want
