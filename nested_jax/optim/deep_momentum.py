@@ -32,6 +32,7 @@ would be quadratic and does not scale.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -49,14 +50,10 @@ class DeepMomentumState(NamedTuple):
 
     count: jax.Array  # shape=(), dtype=int32.
     bias: optax.Updates  # like params, dtype=accumulator_dtype or the params': b.
-    # One entry per parameter leaf, in jax.tree.leaves order (a tuple, not a
-    # params-shaped tree, so optax.tree.map_params does not mistake it for one):
-    w_in: tuple  # [F, H] each, dtype=float32 (float64 for f64 params).
-    w_out: tuple  # [H, F] each, same dtype as w_in.
-
-
-def _rows(x: jax.Array) -> jax.Array:
-    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    # Trees with the structure of the params but the MLP's shapes (like optax's
+    # factored moments): per tensor with last axis F,
+    w_in: optax.Updates  # [F, H], dtype=float32 (float64 for float64 params).
+    w_out: optax.Updates  # [H, F], same dtype as w_in.
 
 
 def _normalize_rows(g: jax.Array) -> jax.Array:
@@ -64,31 +61,36 @@ def _normalize_rows(g: jax.Array) -> jax.Array:
     return jnp.where(ms > 0, g * jax.lax.rsqrt(jnp.where(ms > 0, ms, 1)), 0)
 
 
-def deep_momentum_readout(phi: tuple, g_rows: jax.Array) -> jax.Array:
-    """``m_phi(g_r)`` for every row: ``b + tanh(normalize(g) W_in) W_out``."""
+def deep_momentum_readout(phi: tuple, g: jax.Array) -> jax.Array:
+    """``m_phi(g_r)`` for every row ``g_r`` along the last axis of ``g [..., F]``.
+
+    ``b + tanh(normalize(g) W_in) W_out``; no reshape, so a sharded leading axis
+    stays sharded.
+    """
     b, w_in, w_out = phi
-    return b + jnp.tanh(_normalize_rows(g_rows) @ w_in) @ w_out
+    return b + jnp.tanh(_normalize_rows(g) @ w_in) @ w_out
 
 
-def deep_momentum_loss(phi: tuple, g_rows: jax.Array, objective: str = "dot") -> jax.Array:
-    """The memory's inner objective ``L2(m_phi; g)`` summed over rows ``[R, F]``."""
-    out = deep_momentum_readout(phi, jax.lax.stop_gradient(g_rows))
+def deep_momentum_loss(phi: tuple, g: jax.Array, objective: str = "dot") -> jax.Array:
+    """The memory's inner objective ``L2(m_phi; g)``, summed over the rows of ``g``."""
+    out = deep_momentum_readout(phi, jax.lax.stop_gradient(g))
     if objective == "dot":
-        return -jnp.sum(out * g_rows)
-    return 0.5 * jnp.sum((out - g_rows) ** 2)
+        return -jnp.sum(out * g)
+    return 0.5 * jnp.sum((out - g) ** 2)
 
 
 def _leaf_step(g, b, w_in, w_out, alpha, eta, eta_mlp, objective):
     cdt = w_in.dtype
-    g_rows = _rows(g.astype(cdt))
-    phi = (_rows(b.astype(cdt)), w_in, w_out)
-    gb, gwi, gwo = jax.grad(deep_momentum_loss)(phi, g_rows, objective)
-    n_rows = g_rows.shape[0]
+    shape = g.shape
+    g = g.astype(cdt).reshape(shape or (1,))  # a scalar is one row of width 1
+    phi = (b.astype(cdt).reshape(g.shape), w_in, w_out)
+    gb, gwi, gwo = jax.grad(deep_momentum_loss)(phi, g, objective)
+    n_rows = g.size // g.shape[-1]
     b_new = alpha * phi[0] - eta * gb
     w_in_new = alpha * w_in - (eta_mlp / n_rows) * gwi
     w_out_new = alpha * w_out - (eta_mlp / n_rows) * gwo
-    out = deep_momentum_readout((b_new, w_in_new, w_out_new), g_rows)
-    return out.reshape(g.shape), b_new.reshape(g.shape), w_in_new, w_out_new
+    out = deep_momentum_readout((b_new, w_in_new, w_out_new), g)
+    return out.reshape(shape), b_new.reshape(shape), w_in_new, w_out_new
 
 
 def scale_by_deep_momentum(
@@ -131,7 +133,7 @@ def scale_by_deep_momentum(
       >>> tx = scale_by_deep_momentum(hidden=4)
       >>> state = tx.init({'w': jnp.zeros((3, 5))})
       >>> u, state = tx.update({'w': jnp.ones((3, 5))}, state)
-      >>> state.w_in[0].shape, state.w_out[0].shape, u['w'].shape  # W_in, W_out: [F, H], [H, F]
+      >>> state.w_in['w'].shape, state.w_out['w'].shape, u['w'].shape  # W_in, W_out: [F, H], [H, F]
       ((5, 4), (4, 5), (3, 5))
 
     References:
@@ -149,19 +151,19 @@ def scale_by_deep_momentum(
 
     def init_fn(params):
         key = jax.random.key(seed)
+        leaves, treedef = jax.tree.flatten(params)
         w_in, w_out = [], []
-        for i, p in enumerate(jax.tree.leaves(params)):
+        for i, p in enumerate(leaves):
             f = p.shape[-1] if jnp.ndim(p) else 1
             cdt = _common.compute_dtype(jnp.result_type(p))
-            w_in.append(
-                jax.random.normal(jax.random.fold_in(key, i), (f, width), cdt) / math.sqrt(f)
-            )
+            k = jax.random.fold_in(key, i)
+            w_in.append(jax.random.normal(k, (f, width), cdt) / math.sqrt(f))
             w_out.append(jnp.zeros((width, f), cdt))
         return DeepMomentumState(
             count=jnp.zeros([], jnp.int32),
             bias=_common.zeros_like(params, acc_dtype),
-            w_in=tuple(w_in),
-            w_out=tuple(w_out),
+            w_in=jax.tree.unflatten(treedef, w_in),
+            w_out=jax.tree.unflatten(treedef, w_out),
         )
 
     def update_fn(updates, state, params=None):
@@ -175,19 +177,25 @@ def scale_by_deep_momentum(
             "Initialize the optimizer with params of the same structure as the gradients.",
         )
         leaves, treedef = jax.tree.flatten(updates)
-        biases = jax.tree.leaves(state.bias)
         outs, new_b, new_wi, new_wo = [], [], [], []
-        for g, b, wi, wo in zip(leaves, biases, state.w_in, state.w_out, strict=True):
+        for g, b, wi, wo in zip(
+            leaves,
+            jax.tree.leaves(state.bias),
+            jax.tree.leaves(state.w_in),
+            jax.tree.leaves(state.w_out),
+            strict=True,
+        ):
             out, b1, wi1, wo1 = _leaf_step(g, b, wi, wo, alpha, eta, eta_mlp, objective)
             outs.append(out.astype(g.dtype))
-            new_b.append(b1.astype(acc_dtype or b.dtype))
+            new_b.append(b1.astype(b.dtype))
             new_wi.append(wi1.astype(wi.dtype))
             new_wo.append(wo1.astype(wo.dtype))
-        return jax.tree.unflatten(treedef, outs), DeepMomentumState(
+        unflatten = functools.partial(jax.tree.unflatten, treedef)
+        return unflatten(outs), DeepMomentumState(
             count=_common.safe_increment(state.count),
-            bias=jax.tree.unflatten(treedef, new_b),
-            w_in=tuple(new_wi),
-            w_out=tuple(new_wo),
+            bias=unflatten(new_b),
+            w_in=unflatten(new_wi),
+            w_out=unflatten(new_wo),
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
