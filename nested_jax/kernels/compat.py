@@ -70,5 +70,18 @@ def shard_map(f, mesh, in_specs, out_specs):
     return _sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
-__all__ = ["pl", "pltpu", "shard_map", "tpu_interpret", "tpu_params", "triton_params",
-           "vmem_scratch"]
+def reshard_explicit(tree, specs, mesh):
+    """Reshard inputs to ``specs`` on a mesh with Explicit axes (shard_map then demands that
+    the input types match its in_specs); a no-op on Auto meshes, where shard_map reshards."""
+    types = getattr(mesh, "axis_types", None)
+    reshard = getattr(jax.sharding, "reshard", None)
+    if reshard is None or not types or not any("Explicit" in str(t) for t in types):
+        return tree
+    if isinstance(mesh, jax.sharding.Mesh):
+        specs = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
+                             is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+    return jax.tree.map(reshard, tree, specs)
+
+
+__all__ = ["pl", "pltpu", "reshard_explicit", "shard_map", "tpu_interpret", "tpu_params",
+           "triton_params", "vmem_scratch"]

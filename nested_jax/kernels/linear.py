@@ -29,8 +29,18 @@ HEAD_AXIS = "tensor"
 
 def flags_for(level: Level) -> Flags:
     """The chunk-maths structure of a LinearMemory level (see chunk_math.Flags)."""
-    return Flags(has_ke=level.objective == "l2", has_ve=True, momentum=level.rule.momentum,
-                 dgd=level.rule.dgd)
+    return Flags(has_ke=level.objective == "l2" or level.self_target,
+                 has_ve=not level.self_target, momentum=level.rule.momentum, dgd=level.rule.dgd)
+
+
+def error_inputs(level: Level, k, v):
+    """(ke, ve) with the stale error u = ke W_b^T - ve, i.e. objectives.error at y = W_b k.
+
+    l2: u = W_b k - vhat;  dot: u = -vhat;  vhat = v, or W_b v under self_target (dk == dv).
+    """
+    if level.self_target:
+        return (k - v if level.objective == "l2" else -v), None
+    return (k if level.objective == "l2" else None), v
 
 
 def _dtypes(q, k, v, gates, state):
@@ -66,9 +76,11 @@ def _kernel_part(level: Level, pl_: plan.Plan, state: MemoryState, q, k, v, gate
     if not fl.momentum:
         beta = jnp.zeros_like(beta)
     seq = lambda x: jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:]).astype(acc)
-    qs, ks = (_pad(seq(x), 2, pl_.dk) for x in (q, k))
-    vs = _pad(seq(v), 2, pl_.dv)
-    ch = prep.prep(qs, ks, vs, seq(eta), seq(gates.alpha), seq(beta), fl, op, chunk_size)
+    ke, ve = error_inputs(level, k, v)
+    padk = lambda x: None if x is None else _pad(seq(x), 2, pl_.dk)
+    padv = lambda x: None if x is None else _pad(seq(x), 2, pl_.dv)
+    ch = prep.prep(padk(q), padk(k), padk(ke), padv(ve), seq(eta), seq(gates.alpha), seq(beta),
+                   fl, op, chunk_size)
     st = lambda x: _pad(_pad(x.reshape(B * H, dv, dk).astype(acc), 1, pl_.dv), 2, pl_.dk)
     core = vjp.make_core(pl_.kernel, fl, jnp.dtype(op), jnp.dtype(res), pl_.bv, pl_.interpret)
     y, wn, sn = core(ch, st(state.params["W"]), st(state.mom["W"]))
@@ -146,6 +158,7 @@ def linear_memory(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk
         return fn(state, q, k, v, gates)
     x, g, s = P(b, None, h, None), P(b, None, h), P(b, h, None, None)
     st_spec = jax.tree.map(lambda _: s, state)
-    sharded = compat.shard_map(fn, mesh, in_specs=(st_spec, x, x, x, Gates(g, g, g)),
-                               out_specs=(x, st_spec))
-    return sharded(state, q, k, v, gates)
+    in_specs = (st_spec, x, x, x, Gates(g, g, g))
+    sharded = compat.shard_map(fn, mesh, in_specs=in_specs, out_specs=(x, st_spec))
+    args = compat.reshard_explicit((state, q, k, v, gates), in_specs, mesh)
+    return sharded(*args)

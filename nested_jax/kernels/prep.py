@@ -27,11 +27,13 @@ def _shift_down(x):
     return jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]], axis=0)
 
 
-def chunk_prep(q, k, v, eta, alpha, beta, fl: Flags, op_dtype):
-    """One chunk: q, k f[C, dk]; v f[C, dv]; gates f[C] (compute precision) -> ``Chunk``.
+def chunk_prep(q, k, ke, ve, eta, alpha, beta, fl: Flags, op_dtype):
+    """One chunk: q, k, ke f[C, dk]; ve f[C, dv]; gates f[C] (compute precision) -> ``Chunk``.
 
-    Matrices are returned in ``op_dtype`` (the kernels' matmul operand type), the per-token
-    columns in the compute precision.  ``beta`` must already be zero when not fl.momentum.
+    ke, ve are the error inputs (u = ke W^T - ve, see ``linear.error_inputs``), None where the
+    flags drop them.  Matrices are returned in ``op_dtype`` (the kernels' matmul operand
+    type), the per-token columns in the compute precision.  ``beta`` must already be zero when
+    not fl.momentum.
     """
     hp = jax.lax.Precision.HIGHEST
     mm = lambda a, b: jnp.matmul(a, b, precision=hp)
@@ -65,15 +67,14 @@ def chunk_prep(q, k, v, eta, alpha, beta, fl: Flags, op_dtype):
         r2 = sol[:, C + dk:] if fl.momentum else None
         g = A * kr
     cast = lambda x: None if x is None else x.astype(op_dtype)
-    return Chunk(k=cast(k), q=cast(q), ke=cast(k) if fl.has_ke else None,
-                 ve=cast(v) if fl.has_ve else None, r=cast(r), r2=cast(r2), f=cast(D * kr),
-                 g=cast(g), te=cast(te), cols=cols)
+    return Chunk(k=cast(k), q=cast(q), ke=cast(ke), ve=cast(ve), r=cast(r), r2=cast(r2),
+                 f=cast(D * kr), g=cast(g), te=cast(te), cols=cols)
 
 
-def prep(q, k, v, eta, alpha, beta, fl: Flags, op_dtype, chunk_size: int):
+def prep(q, k, ke, ve, eta, alpha, beta, fl: Flags, op_dtype, chunk_size: int):
     """[BH, T, ...] with T = N * chunk_size -> ``Chunk`` of [BH, N, C, ...] arrays."""
     BH, T = eta.shape
     n = T // chunk_size
-    split = lambda x: x.reshape(BH, n, chunk_size, *x.shape[2:])
+    split = lambda x: None if x is None else x.reshape(BH, n, chunk_size, *x.shape[2:])
     fn = lambda *a: chunk_prep(*a, fl=fl, op_dtype=op_dtype)
-    return jax.vmap(jax.vmap(fn))(*map(split, (q, k, v, eta, alpha, beta)))
+    return jax.vmap(jax.vmap(fn))(*map(split, (q, k, ke, ve, eta, alpha, beta)))

@@ -1,0 +1,87 @@
+"""Which implementation runs, and clear errors for what the kernels do not cover."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from nested_jax import memory as nm
+from nested_jax.kernels import linear_memory, make_plan
+from tests.kernels.helpers import inputs
+
+LIN = nm.Level(nm.LinearMemory(8, 8), "l2", nm.DGD)
+
+
+def _same(a, b):
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return all(bool(jnp.all(x == y)) for x, y in pairs)
+
+
+def _args(level=LIN, T=16):
+    return inputs(level, 0, T=T)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(impl="fast"), "impl="),
+    (dict(impl="interpret", kernel="cuda"), "kernel="),
+    (dict(impl="interpret", kernel="triton", chunk_size=24), "chunk_size=24.*power of two"),
+    (dict(impl="interpret", kernel="triton", chunk_size=8), "chunk_size=8.*>= 16"),
+    (dict(impl="interpret", kernel="mosaic", chunk_size=12), "chunk_size=12.*multiple of 8"),
+    (dict(impl="interpret", kernel="triton", block_dv=24), "block_dv=24"),
+    (dict(impl="interpret", kernel="mosaic", block_dv=4), "block_dv=4"),
+    (dict(impl="pallas"), "GPU or TPU"),
+    (dict(chunk_size=0), "chunk_size=0"),
+])
+def test_bad_arguments_name_the_argument(kw, match):
+    kw = {"chunk_size": 16, **kw}
+    with pytest.raises(ValueError, match=match):
+        linear_memory(LIN, *_args(), **kw)
+
+
+def test_float64_kernels_are_interpret_only(x64):
+    with pytest.raises(ValueError, match="float64"):
+        make_plan(LIN, 8, 8, 16, jnp.float64, "pallas", "triton")
+
+
+@pytest.mark.parametrize("level,match", [
+    (nm.Level(nm.MLPMemory(8, 8, hidden=16), "l2", nm.DGD), "LinearMemory only"),
+    (nm.Level(nm.LinearMemory(8, 8), "l2", nm.GD, read="boundary"), "online reads only"),
+])
+def test_unsupported_levels(level, match):
+    """impl='pallas'/'interpret' refuse with the reason; impl='auto' falls back to XLA."""
+    args = _args(level)
+    with pytest.raises(ValueError, match=match):
+        linear_memory(level, *args, chunk_size=16, impl="interpret")
+    assert make_plan(level, 8, 8, 16, jnp.float32, "auto", "triton").kernel == "xla"
+    got = linear_memory(level, *args, chunk_size=16, impl="auto")
+    want = nm.apply(level, *args, chunk_size=16, path="dual")
+    assert _same(got, want)
+
+
+@pytest.mark.parametrize("impl", ["auto", "xla"])
+def test_xla_paths_are_the_dual_form(impl):
+    """impl='xla' always, and impl='auto' on CPU, call memory.apply(path='dual') itself."""
+    if impl == "auto" and jax.default_backend() != "cpu":
+        pytest.skip("auto picks a kernel on accelerators")
+    assert make_plan(LIN, 8, 8, 16, jnp.float32, impl).kernel == "xla"
+    args = _args()
+    got = linear_memory(LIN, *args, chunk_size=16, impl=impl)
+    want = nm.apply(LIN, *args, chunk_size=16, path="dual")
+    assert _same(got, want)
+
+
+def test_bad_shapes_are_caught_before_any_work():
+    st, q, k, v, g = _args()
+    with pytest.raises(ValueError, match="q must have shape"):
+        linear_memory(LIN, st, q[0], k, v, g, chunk_size=16, impl="interpret")
+
+
+@pytest.mark.parametrize("kernel,dk,dv,want", [
+    ("triton", 5, 3, (16, 16, 16)),  # padded to Triton's minimum dot size
+    ("triton", 64, 64, (64, 64, 32)),  # two 32-row tiles of W per (batch, head)
+    ("triton", 128, 100, (128, 128, 32)),
+    ("mosaic", 5, 3, (5, 3, 3)),  # full-dim blocks: no padding on TPU
+    ("mosaic", 128, 128, (128, 128, 128)),
+])
+def test_plan_tiles(kernel, dk, dv, want):
+    p = make_plan(LIN, dk, dv, 64, jnp.bfloat16, "pallas", kernel)
+    assert (p.dk, p.dv, p.bv) == want
