@@ -141,8 +141,13 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, bat
         it = fallback.PackedBatches(part, tokenizer, seq_len=seq_len, batch_size=batch_size,
                                     seed=None, shard=(shard.index, shard.count))
         return [next(it) for _ in range(num_batches)]
-    ds = _split(docs, eval_fraction, split)[shard.index::shard.count]
+    ds = _split(docs, eval_fraction, split)
+    if len(ds) >= shard.count:
+        ds = ds[shard.index::shard.count]
+    else:  # fewer documents than processes: all read the whole split (the mean is unchanged)
+        log.warning("the %s split has %d documents for %d processes; each reads all of them",
+                    split, len(ds), shard.count)
     if len(ds) == 0:
-        raise ValueError(f"data: the {split} split has no documents for process {shard.index}")
+        raise ValueError(f"data: the {split} split has no documents")
     it = iter(_packed_batches(ds.repeat(None), tokenizer, seq_len, batch_size, num_threads=1))
     return [next(it) for _ in range(num_batches)]

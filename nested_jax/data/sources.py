@@ -71,7 +71,12 @@ def _read_jsonl(path: epath.Path, text_field: str) -> list[str]:
     docs = []
     for i, line in enumerate(path.read_bytes().decode("utf-8").splitlines()):
         if line.strip():
-            docs.append(_text_from_json(json.loads(line), text_field, f"{path}:{i + 1}"))
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data.path: {path}:{i + 1} is not JSON lines ({e.msg}); "
+                                 "give one JSON object or string per line") from e
+            docs.append(_text_from_json(obj, text_field, f"{path}:{i + 1}"))
     return [d for d in docs if d.strip()]
 
 

@@ -156,8 +156,8 @@ class Transformer(nnx.Module):
         """An empty KV cache holding up to `max_seq_len` positions."""
         c = self.config
         shape = (c.n_layers, batch_size, c.max_seq_len, c.kv_heads, c.head_dim)
-        zeros = jnp.zeros(shape, c.compute_dtype)
-        return KVCache(k=zeros, v=zeros, pos=jnp.zeros((), jnp.int32))
+        return KVCache(k=jnp.zeros(shape, c.compute_dtype), v=jnp.zeros(shape, c.compute_dtype),
+                       pos=jnp.zeros((), jnp.int32))
 
     def decode_step(self, state: KVCache, tokens_B: jax.Array) -> tuple[jax.Array, KVCache]:
         """Feed one token per sequence: returns (logits_BxV float32, next state).
