@@ -58,15 +58,32 @@ def mesh_shape(cfg: Any, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def _auto_axes() -> dict:
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is None:
+        return {}
+    # jax >= 0.7 defaults to Explicit axes; the trainer relies on GSPMD propagation.
+    return {"axis_types": (axis_type.Auto,) * len(MESH_AXES)}
+
+
 def make_mesh(cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `jax.make_mesh` mesh over (data, fsdp, tensor) with auto (GSPMD) axis types."""
+    """A `jax.make_mesh` mesh over (data, fsdp, tensor) with auto (GSPMD) axis types.
+
+    On multislice TPU jobs the data axis spans the slices (slow data-center network)
+    and fsdp/tensor stay inside each slice (fast inter-chip interconnect).
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
-    kwargs = {}
-    axis_type = getattr(jax.sharding, "AxisType", None)
-    if axis_type is not None:  # jax >= 0.7 defaults to Explicit axes; the trainer uses GSPMD
-        kwargs["axis_types"] = (axis_type.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, devices=devices, **kwargs)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        if shape[0] % slices:
+            fail("mesh.data", shape[0], f"must be a multiple of the {slices} TPU slices")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (shape[0] // slices, shape[1], shape[2]), (slices, 1, 1), devices)
+        return Mesh(grid, MESH_AXES, **_auto_axes())
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, **_auto_axes())
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
