@@ -55,6 +55,25 @@ def make_dot(op_dtype, acc_dtype):
     return dot
 
 
+def unpack_cols(block, acc):
+    """[C, 8] -> tuple of [C, 1] columns, by masked lane sums: no unaligned lane slices,
+    which Mosaic may not lower, and the same code in Triton."""
+    lane = jax.lax.broadcasted_iota(jnp.int32, block.shape, 1)
+    block = block.astype(acc)
+    return tuple(jnp.sum(jnp.where(lane == j, block, 0), axis=1, keepdims=True)
+                 for j in range(len(COLS)))
+
+
+def pack_cols(cols, acc):
+    """Tuple of [C, 1] columns -> [C, 8] (zeros past the last), for one full-tile store."""
+    shape = (cols[0].shape[0], NCOL)
+    lane = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    out = jnp.zeros(shape, acc)
+    for j, col in enumerate(cols):
+        out = jnp.where(lane == j, jnp.broadcast_to(col.astype(acc), shape), out)
+    return out
+
+
 def _last(col):
     """[C, 1] -> [1, 1], its last entry (a masked sum: no scalar extraction needed)."""
     row = jax.lax.broadcasted_iota(jnp.int32, col.shape, 0)

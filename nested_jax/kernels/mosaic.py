@@ -55,10 +55,9 @@ def blocks_legal(C, dk, dv, bv) -> list[str]:
 
 def _load_chunk(refs: dict, fl: Flags, acc) -> Chunk:
     get = lambda n: refs[n][...] if n in refs else None
-    cols = refs["cols"]
     return Chunk(k=get("k"), q=get("q"), ke=get("ke"), ve=get("ve"), r=get("r"), r2=get("r2"),
                  f=get("f"), g=get("g"), te=get("te"),
-                 cols=tuple(cols[:, j:j + 1].astype(acc) for j in range(NCOL - 1)))
+                 cols=chunk_math.unpack_cols(refs["cols"][...], acc))
 
 
 def _call(kernel, io, grid_dims, C, dk, dv, bv, reverse, interpret, name):
@@ -95,7 +94,7 @@ def forward(ch: Chunk, w0, s0, fl: Flags, op_dtype, out_dtype, bv: int, interpre
         @pl.when(n == 0)
         def _():
             w_acc[...] = r["w0"][...].astype(acc)
-            s_acc[...] = r["s0"][...].astype(acc) if fl.momentum else jnp.zeros_like(s_acc)
+            s_acc[...] = r["s0"][...].astype(acc) if fl.momentum else jnp.zeros(s_acc.shape, acc)
 
         w, s = w_acc[...], s_acc[...]
         o["wb"][...] = w
@@ -147,9 +146,7 @@ def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype, bv: int, inte
                                             dw_acc[...], ds_acc[...], fl, dot, acc)
         for name in gnames:
             if name == "dcols":
-                cols = list(grads.dcols) + [jnp.zeros_like(grads.dcols[0])]
-                for j, col in enumerate(cols):
-                    o["dcols"][:, j:j + 1] = col.astype(acc)
+                o["dcols"][...] = chunk_math.pack_cols(grads.dcols, acc)
             else:
                 o[name][...] = getattr(grads, name).astype(acc)
         dw_acc[...] = dw

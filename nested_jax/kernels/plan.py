@@ -35,6 +35,7 @@ class Plan:
     dk: int = 0  # padded head dims the kernel sees
     dv: int = 0
     bv: int = 0  # rows of W per program (dv tile)
+    num_warps: int | None = None  # Triton only; None = triton.py's heuristic
     reason: str = ""  # why "xla" was chosen
 
 
@@ -69,7 +70,8 @@ def unsupported(level: Level, kernel: str, chunk_size: int, dtype) -> str:
 
 
 def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str = "auto",
-              kernel: str = "auto", block_dv: int | None = None) -> Plan:
+              kernel: str = "auto", block_dv: int | None = None,
+              num_warps: int | None = None) -> Plan:
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is unknown; use one of {IMPLS}.")
     if kernel not in KERNELS:
@@ -92,7 +94,9 @@ def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str 
         raise ValueError(why + ".")
     if kernel == "triton":
         dkp, dvp = _pow2_at_least(dk, 16), _pow2_at_least(dv, 16)
-        bv = block_dv or min(dvp, 32)
+        # One program per (sequence, head, bv rows of W): whole W at d <= 64 (no partial
+        # sums), 32-row tiles at d = 128 to keep the f32 tiles within registers.
+        bv = block_dv or min(dvp, 64 if dkp <= 64 else 32)
     else:
         dkp, dvp = dk, dv
         bv = block_dv or dv
@@ -101,4 +105,7 @@ def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str 
                          + (" and be a power of two >= 16." if kernel == "triton" else "."))
     if kernel == "mosaic" and bv != dvp and (bv % 128):
         raise ValueError(f"block_dv={bv} must be dv={dvp} or a multiple of 128 (Mosaic tiling).")
-    return Plan(kernel, interpret=impl == "interpret", dk=dkp, dv=dvp, bv=bv)
+    if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
+        raise ValueError(f"num_warps={num_warps} must be a power of two (Triton).")
+    return Plan(kernel, interpret=impl == "interpret", dk=dkp, dv=dvp, bv=bv,
+                num_warps=num_warps if kernel == "triton" else None)

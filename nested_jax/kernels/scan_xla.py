@@ -12,12 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from nested_jax.kernels import chunk_math
-from nested_jax.kernels.chunk_math import NCOL, Chunk, Flags
-
-
-def split_cols(cols):
-    """[..., C, 8] -> tuple of [..., C, 1], the per-token columns in COLS order."""
-    return tuple(cols[..., j:j + 1] for j in range(NCOL - 1))
+from nested_jax.kernels.chunk_math import Chunk, Flags
 
 
 def scan(ch: Chunk, w0, s0, fl: Flags, op_dtype):
@@ -32,7 +27,7 @@ def scan(ch: Chunk, w0, s0, fl: Flags, op_dtype):
     def one(ch1, w, s):
         def body(carry, c):
             w, s = carry
-            c = c._replace(cols=split_cols(c.cols))
+            c = c._replace(cols=chunk_math.unpack_cols(c.cols, acc))
             y, w1, s1 = chunk_math.forward(c, w, s, fl, dot, acc)
             return (w1, s1), (y, w, s)
 

@@ -40,17 +40,21 @@ def _spec(blocks, kind):
 
 def _load_chunk(refs: dict, n, fl: Flags, acc) -> Chunk:
     get = lambda name: refs[name][n] if name in refs else None
-    cols = refs["cols"]
     return Chunk(k=get("k"), q=get("q"), ke=get("ke"), ve=get("ve"), r=get("r"), r2=get("r2"),
                  f=get("f"), g=get("g"), te=get("te"),
-                 cols=tuple(cols[n, :, pl.ds(j, 1)].astype(acc) for j in range(NCOL - 1)))
+                 cols=chunk_math.unpack_cols(refs["cols"][n], acc))
 
 
-def _warps(bv, dk):
+def _warps(bv, dk, backward):
+    """4 warps hold a 64x64 f32 tile in 32 registers per thread; the backward keeps ~3x as
+    many tiles live as the forward, so it gets 8 warps once tiles reach 32x64."""
+    if backward:
+        return 8 if bv * dk >= 32 * 64 else 4
     return 4 if bv * dk <= 64 * 64 else 8
 
 
 def _call(kernel, io, BH, nt, N, C, dk, dv, bv, num_warps, interpret, name):
+    backward = name.endswith("bwd")
     blocks = _blocks(C, dk, bv, N)
     return pl.pallas_call(
         kernel,
@@ -59,7 +63,7 @@ def _call(kernel, io, BH, nt, N, C, dk, dv, bv, num_warps, interpret, name):
         out_specs=[_spec(blocks, kd) for kd in io.out_kinds],
         out_shape=[jax.ShapeDtypeStruct(array_shape(kd, BH, nt, N, C, dk, dv), dt)
                    for kd, dt in zip(io.out_kinds, io.out_dtypes, strict=True)],
-        compiler_params=triton_params(num_warps=num_warps or _warps(bv, dk)),
+        compiler_params=triton_params(num_warps=num_warps or _warps(bv, dk, backward)),
         interpret=interpret,
         name=name,
     )(*io.args)
@@ -120,9 +124,7 @@ def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype, bv: int, inte
                                                 dw1, ds1, fl, dot, acc)
             for name in gnames:
                 if name == "dcols":
-                    cols = list(grads.dcols) + [jnp.zeros_like(grads.dcols[0])]
-                    for j, col in enumerate(cols):
-                        o["dcols"][n, :, pl.ds(j, 1)] = col.astype(acc)
+                    o["dcols"][n] = chunk_math.pack_cols(grads.dcols, acc)
                 else:
                     o[name][n] = getattr(grads, name).astype(acc)
             return dw, ds

@@ -28,7 +28,8 @@ def _interpret_arg(kernel: str, interpret: bool):
 
 
 @functools.cache
-def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: bool):
+def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: bool,
+              num_warps: int | None = None):
     """(Chunk [BH,N,C,...], w0, s0 f[BH,dv,dk]) -> (y [BH,N,C,dv], wN, sN), differentiable once.
 
     kernel="xla-scan" runs ``scan_xla.scan`` through the same custom_vjp plumbing with
@@ -41,9 +42,10 @@ def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: b
         return run_fwd
     mod = _MODULES[kernel]
     interp = _interpret_arg(kernel, interpret)
+    extra = {"num_warps": num_warps} if kernel == "triton" else {}
 
     def forward(ch, w0, s0):
-        return mod.forward(ch, w0, s0, fl, op_dtype, out_dtype, bv, interpret=interp)
+        return mod.forward(ch, w0, s0, fl, op_dtype, out_dtype, bv, interpret=interp, **extra)
 
     @jax.custom_vjp
     def core(ch: Chunk, w0, s0):
@@ -59,7 +61,7 @@ def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: b
         dy, dwn, dsn = cts
         acc = wb.dtype
         grads, dw0, ds0 = mod.backward(ch, wb, sb, dy, dwn.astype(acc), dsn.astype(acc), fl,
-                                       op_dtype, bv, interpret=interp)
+                                       op_dtype, bv, interpret=interp, **extra)
         out = {}
         for name in Chunk._fields:
             primal = getattr(ch, name)

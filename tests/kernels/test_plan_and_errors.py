@@ -28,6 +28,7 @@ def _args(level=LIN, T=16):
     (dict(impl="interpret", kernel="mosaic", chunk_size=12), "chunk_size=12.*multiple of 8"),
     (dict(impl="interpret", kernel="triton", block_dv=24), "block_dv=24"),
     (dict(impl="interpret", kernel="mosaic", block_dv=4), "block_dv=4"),
+    (dict(impl="interpret", kernel="triton", num_warps=3), "num_warps=3"),
     (dict(impl="pallas"), "GPU or TPU"),
     (dict(chunk_size=0), "chunk_size=0"),
 ])
@@ -77,7 +78,8 @@ def test_bad_shapes_are_caught_before_any_work():
 
 @pytest.mark.parametrize("kernel,dk,dv,want", [
     ("triton", 5, 3, (16, 16, 16)),  # padded to Triton's minimum dot size
-    ("triton", 64, 64, (64, 64, 32)),  # two 32-row tiles of W per (batch, head)
+    ("triton", 64, 64, (64, 64, 64)),  # the whole W per (batch, head)
+    ("triton", 128, 128, (128, 128, 32)),  # four 32-row tiles of W per (batch, head)
     ("triton", 128, 100, (128, 128, 32)),
     ("mosaic", 5, 3, (5, 3, 3)),  # full-dim blocks: no padding on TPU
     ("mosaic", 128, 128, (128, 128, 128)),

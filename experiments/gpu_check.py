@@ -1,0 +1,345 @@
+"""One-shot GPU check of the Pallas Triton kernels (issue 6): correctness, then timings.
+
+Run from the repository root on a GPU machine (any jax >= 0.6 with CUDA; made for jax 0.11 on
+an H200; needs only jax, numpy and this repository):
+
+    PYTHONPATH=. OUT=/tmp/out python experiments/gpu_check.py
+
+(a) Correctness at a small shape, fp32 and bf16, two levels (Hope's l2 + momentum + DGD;
+    Titans' dot + momentum): the kernel (impl="pallas") against the XLA dual form
+    (nested_jax.memory.apply path="dual"): outputs, final W and S, and the gradients w.r.t.
+    every input.  fp32 kernels use IEEE fp32 dots, so they must agree to ~1e-5 (a TF32 slip
+    would show as ~1e-3); bf16 is held to 2e-2 against the fp32 dual form on the same
+    bf16-rounded inputs (tests/kernels/test_linear_memory.py::test_bfloat16 explains).
+(b) Timings (median after a compiling warm-up, block_until_ready, bf16 q/k/v, f32 state and
+    gates, C = 64): kernel vs XLA dual form, fwd and fwd+bwd, at (8, 4096, 16, 64) and
+    (2, 16384, 16, 128), jax.nn.dot_product_attention (cuDNN if available) for reference, a
+    breakdown (XLA prep vs the Pallas loop) and a small tile sweep.
+
+Every row is wrapped in try/except: a failure prints its error and the run goes on.  A global
+budget (GPU_CHECK_BUDGET_S, default 270 s) skips the remaining rows so the whole script stays
+under 5 minutes.  With $OUT set, the report is also written to $OUT/bench_kernels_gpu.md.
+
+``--smoke`` runs the same script on CPU with the kernels in interpret mode and tiny shapes
+(checks the script itself, not the GPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nested_jax import memory as nm  # noqa: E402
+from nested_jax.kernels import linear_memory, make_plan  # noqa: E402
+
+START = time.time()
+BUDGET = float(os.environ.get("GPU_CHECK_BUDGET_S", "270"))
+SMOKE = "--smoke" in sys.argv
+KERNEL_IMPL = "interpret" if SMOKE else "pallas"
+C = 16 if SMOKE else 64
+LEVELS = {
+    "hope (l2, momentum, DGD)": lambda d: nm.Level(nm.LinearMemory(d, d), "l2", nm.DGD),
+    "titans (dot, momentum)": lambda d: nm.Level(nm.LinearMemory(d, d), "dot", nm.TITANS),
+}
+LINES: list[str] = []
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def left() -> float:
+    return BUDGET - (time.time() - START)
+
+
+def header() -> None:
+    dev = jax.devices()[0]
+    say("# Pallas kernels on GPU: correctness and timings (experiments/gpu_check.py)")
+    say()
+    say(f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    say(f"- device: {getattr(dev, 'device_kind', dev.platform)} x{jax.device_count()}, "
+        f"backend {jax.default_backend()}")
+    vers = [f"python {platform.python_version()}", f"jax {jax.__version__}"]
+    try:
+        import jaxlib
+
+        vers.append(f"jaxlib {jaxlib.__version__}")
+    except Exception:  # noqa: BLE001
+        pass
+    say(f"- {', '.join(vers)}; host {platform.machine()}, {os.cpu_count()} cores")
+    say()
+
+
+def make_inputs(level, B, T, H, dtype, seed=0):
+    d = level.memory.dk
+    ks = jax.random.split(jax.random.key(seed), 8)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q = unit(jax.random.normal(ks[0], (B, T, H, d))).astype(dtype)
+    k = unit(jax.random.normal(ks[1], (B, T, H, d))).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, H, d)).astype(dtype)
+    g = nm.Gates(0.5 * jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H))),
+                 jax.nn.sigmoid(3.0 + jax.random.normal(ks[4], (B, T, H))),
+                 jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H))))
+    w = jax.random.normal(ks[6], (B, H, d, d)) / np.sqrt(d)
+    s = 0.1 * jax.random.normal(ks[7], (B, H, d, d))
+    return nm.MemoryState({"W": w}, {"W": s}), q, k, v, g
+
+
+def run_fn(level, impl, **kw):
+    return lambda st, q, k, v, g: linear_memory(level, st, q, k, v, g, chunk_size=C, impl=impl,
+                                                kernel="triton" if impl != "xla" else "auto",
+                                                **kw)
+
+
+def grads_fn(run, weighted=True):
+    def loss(st, q, k, v, g):
+        o, fin = run(st, q, k, v, g)
+        o = o.astype(jnp.float32)
+        main = jnp.sum(jnp.sin(o)) if weighted else jnp.sum(o)
+        return main + jnp.sum(fin.params["W"] ** 2) + jnp.sum(fin.mom["W"])
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+
+
+def rel(a, b) -> float:
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        worst = max(worst, float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30)))
+    return worst
+
+
+def correctness() -> bool:
+    B, T, H, d = (1, 40, 2, 16) if SMOKE else (2, 200, 4, 64)
+    say(f"## (a) correctness: kernel vs XLA dual form, B={B} T={T} H={H} d={d} C={C} "
+        "(ragged tail)")
+    say()
+    say("| level | dtype | outputs | final W, S | grads (q,k,v,gates,W0,S0) | tol | verdict |")
+    say("|---|---|---|---|---|---|---|")
+    ok_all = True
+    for name, make_level in LEVELS.items():
+        level = make_level(d)
+        for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)):
+            dname = jnp.dtype(dtype).name
+            try:
+                args = make_inputs(level, B, T, H, dtype, seed=1)
+                st, q, k, v, g = args
+                ref_args = (st, *(x.astype(jnp.float32) for x in (q, k, v)), g)
+                ker, ref = run_fn(level, KERNEL_IMPL), run_fn(level, "xla")
+                # XLA's f32 dots may use TF32 on GPU by default; the reference must not.
+                with jax.default_matmul_precision("highest"):
+                    o_k, f_k = jax.jit(ker)(*args)
+                    o_r, f_r = jax.jit(ref)(*ref_args)
+                    g_k = jax.jit(grads_fn(ker))(*args)
+                    g_r = jax.jit(grads_fn(ref))(*ref_args)
+                errs = (rel(o_k, o_r), rel(f_k, f_r), rel(g_k, g_r))
+                finite = all(bool(jnp.all(jnp.isfinite(x)))
+                             for x in jax.tree.leaves((o_k, f_k, g_k)))
+                ok = finite and max(errs) < tol
+                verdict = "PASS" if ok else ("FAIL (non-finite)" if not finite else "FAIL")
+                say(f"| {name} | {dname} | {errs[0]:.2e} | {errs[1]:.2e} | {errs[2]:.2e} | "
+                    f"{tol:g} | {verdict} |")
+            except Exception as e:  # noqa: BLE001
+                ok = False
+                say(f"| {name} | {dname} | error | | | | FAIL: {type(e).__name__}: "
+                    f"{str(e)[:300]!r} |")
+                traceback.print_exc()
+            ok_all = ok_all and ok
+    say()
+    return ok_all
+
+
+def timeit(fn, args, max_repeats=10, max_seconds=2.0):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = []
+    t_end = time.perf_counter() + max_seconds
+    while len(times) < max_repeats and (len(times) < 3 or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+ROWS: list[tuple] = []
+RESULTS: dict = {}
+
+
+def row(shape, what, mode, make, need_s=20.0):
+    """Time one variant; never raise. ``make()`` -> (jitted fn, args)."""
+    B, T = shape[0], shape[1]
+    if left() < need_s:
+        ROWS.append((shape, what, mode, "skipped (time budget)", "", ""))
+        say(f"  {shape} {what} {mode}: skipped (time budget)")
+        return None
+    try:
+        fn, args = make()
+        sec = timeit(fn, args)
+        RESULTS[(shape, what, mode)] = sec
+        ROWS.append((shape, what, mode, "ok", f"{sec * 1e3:.3f}", f"{B * T / sec / 1e6:.2f}"))
+        say(f"  {shape} {what} {mode}: {sec * 1e3:.3f} ms")
+        return sec
+    except Exception as e:  # noqa: BLE001
+        msg = f"error: {type(e).__name__}: {str(e)[:200]!r}"
+        ROWS.append((shape, what, mode, msg, "", ""))
+        say(f"  {shape} {what} {mode}: {msg}")
+        traceback.print_exc()
+        return None
+
+
+def memory_rows(shape, level, impl, label, **kw):
+    B, T, H, d = shape
+
+    def mk(mode):
+        def make():
+            args = make_inputs(level, B, T, H, jnp.bfloat16)
+            run = run_fn(level, impl, **kw)
+            if mode == "fwd":
+                return jax.jit(run), args
+            return jax.jit(grads_fn(run, weighted=False)), args
+        return make
+
+    row(shape, label, "fwd+bwd", mk("fwd+bwd"))
+    row(shape, label, "fwd", mk("fwd"))
+
+
+def attention_rows(shape):
+    B, T, H, d = shape
+
+    def make_args():
+        ks = jax.random.split(jax.random.key(0), 3)
+        return tuple(jax.random.normal(kk, (B, T, H, d), jnp.bfloat16) for kk in ks)
+
+    def attn(impl):
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                            implementation=impl)
+
+    impl = "cudnn"
+    try:
+        jax.block_until_ready(jax.jit(attn("cudnn"))(*make_args()))
+    except Exception as e:  # noqa: BLE001
+        say(f"  cudnn attention unavailable ({type(e).__name__}); using the XLA implementation")
+        impl = None
+    label = f"dot_product_attention ({impl or 'xla'}, causal)"
+    grad = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)),
+                              argnums=(0, 1, 2))
+    row(shape, label, "fwd+bwd", lambda: (jax.jit(grad(attn(impl))), make_args()))
+    row(shape, label, "fwd", lambda: (jax.jit(attn(impl)), make_args()))
+
+
+def breakdown_rows(shape, level):
+    """Where the kernel path's forward time goes: XLA prep vs the Pallas sequential loop."""
+    from nested_jax.kernels import linear, prep, vjp
+
+    B, T, H, d = shape
+    plan = make_plan(level, d, d, C, jnp.bfloat16, KERNEL_IMPL, "triton")
+    fl = linear.flags_for(level)
+
+    def prep_args():
+        st, q, k, v, g = make_inputs(level, B, T, H, jnp.bfloat16)
+        seq = lambda x: jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:]).astype(jnp.float32)
+        return tuple(map(seq, (q, k, k, v, g.eta, g.alpha, g.beta))), st
+
+    def make_prep():
+        args, _ = prep_args()
+        return jax.jit(lambda *a: prep.prep(*a, fl, jnp.bfloat16, C)), args
+
+    def make_core():
+        args, st = prep_args()
+        ch = jax.jit(lambda *a: prep.prep(*a, fl, jnp.bfloat16, C))(*args)
+        core = vjp.make_core("triton", fl, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32),
+                             plan.bv, plan.interpret, plan.num_warps)
+        w = st.params["W"].reshape(B * H, d, d)
+        s = st.mom["W"].reshape(B * H, d, d)
+        return jax.jit(core), (ch, w, s)
+
+    row(shape, "  breakdown: XLA prep only", "fwd", make_prep)
+    row(shape, "  breakdown: Pallas loop only", "fwd", make_core)
+
+
+def report_targets():
+    s1, s2 = ((1, 64, 2, 16), (1, 64, 1, 32)) if SMOKE else ((8, 4096, 16, 64), (2, 16384, 16, 128))
+    hope = "kernel (hope)"
+    say("## targets (issue 6)")
+    say()
+    k1 = RESULTS.get((s1, hope, "fwd+bwd"))
+    x1 = RESULTS.get((s1, "XLA dual (hope)", "fwd+bwd"))
+    k2 = RESULTS.get((s2, hope, "fwd+bwd"))
+    fmt = lambda x: "n/a" if x is None else f"{x * 1e3:.3f} ms"
+    say(f"- fwd+bwd at {s1} <= 2.3 ms: {fmt(k1)} -> "
+        f"{'n/a' if k1 is None else ('MET' if k1 <= 2.3e-3 else 'NOT MET')}")
+    if k1 and x1:
+        say(f"- >= 5x faster than the XLA dual form at {s1}: {x1 / k1:.2f}x -> "
+            f"{'MET' if x1 / k1 >= 5 else 'NOT MET'}")
+    attn = [v for (sh, w, m), v in RESULTS.items() if sh == s2 and m == "fwd+bwd"
+            and w.startswith("dot_product_attention")]
+    say(f"- fwd+bwd at {s2} < flash attention fwd+bwd (anchor 14.6 ms"
+        f"{'' if not attn else f', measured here {attn[0] * 1e3:.3f} ms'}): {fmt(k2)} -> "
+        f"{'n/a' if k2 is None else ('MET' if k2 < 14.6e-3 else 'NOT MET')}")
+    say()
+
+
+def main():
+    header()
+    if jax.default_backend() != "gpu" and not SMOKE:
+        say(f"WARNING: backend is {jax.default_backend()!r}, not 'gpu': kernel rows will fail.")
+    ok = correctness()
+    say(f"## (b) timings: bf16 q/k/v, f32 state and gates, C = {C} (median, ms; M tokens/s)")
+    say()
+    s1, s2, s3 = (8, 4096, 16, 64), (2, 16384, 16, 128), (1, 8192, 96, 128)
+    d1, d2 = 64, 128
+    if SMOKE:
+        (s1, s2, s3), d1, d2 = ((1, 64, 2, 16), (1, 64, 1, 32), (1, 32, 2, 32)), 16, 32
+    hope = LEVELS["hope (l2, momentum, DGD)"]
+    memory_rows(s1, hope(d1), KERNEL_IMPL, "kernel (hope)")
+    memory_rows(s1, hope(d1), "xla", "XLA dual (hope)")
+    attention_rows(s1)
+    memory_rows(s2, hope(d2), KERNEL_IMPL, "kernel (hope)")
+    attention_rows(s2)
+    memory_rows(s2, hope(d2), "xla", "XLA dual (hope)")
+    breakdown_rows(s1, hope(d1))
+    titans = LEVELS["titans (dot, momentum)"](d1)
+    row(s1, "kernel (titans)", "fwd+bwd", lambda: (
+        jax.jit(grads_fn(run_fn(titans, KERNEL_IMPL), weighted=False)),
+        make_inputs(titans, *s1[:3], jnp.bfloat16)))
+    for bv, warps in ((32, 4), (64, 8), (32, 8), (16, 4)):
+        if bv > d1:
+            continue
+        row(s1, f"kernel (hope) block_dv={bv} num_warps={warps}", "fwd+bwd",
+            lambda bv=bv, w=warps: (
+                jax.jit(grads_fn(run_fn(hope(d1), KERNEL_IMPL, block_dv=bv, num_warps=w),
+                                 weighted=False)),
+                make_inputs(hope(d1), *s1[:3], jnp.bfloat16)))
+    memory_rows(s3, hope(d2), KERNEL_IMPL, "kernel (hope)")
+    attention_rows(s3)
+    say()
+    say("| shape (B, T, H, d) | variant | pass | status | ms | M tokens/s |")
+    say("|---|---|---|---|---|---|")
+    for shape, what, mode, status, ms, tps in ROWS:
+        say(f"| {shape} | {what} | {mode} | {status} | {ms} | {tps} |")
+    say()
+    report_targets()
+    say(f"correctness: {'ALL PASS' if ok else 'FAILURES (see table (a))'}; "
+        f"total {time.time() - START:.0f} s")
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "bench_kernels_gpu.md")
+        with open(path, "w") as f:
+            f.write("\n".join(LINES) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
