@@ -74,7 +74,7 @@ def check_int(where: str, name: str, value: Any, *, low: int, fix: str = "") -> 
     if isinstance(value, bool):
         raise ValueError(f"{where}: `{name}` must be an int >= {low}, got bool {value!r}. {fix}")
     x = concrete_float(value)
-    if x is None or x != int(x) or int(x) < low:
+    if x is None or not math.isfinite(x) or x != int(x) or int(x) < low:
         raise ValueError(
             f"{where}: `{name}` must be a concrete int >= {low}, got {value!r}. It fixes array "
             f"shapes or loop lengths, so under optax.inject_hyperparams pass it in "
@@ -145,10 +145,13 @@ def leaves_aligned(
     try:
         vals = up_def.flatten_up_to(other)
     except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"{where}: `{name}` must be a tree with the structure of the params "
-            f"({up_def}), got {jax.tree.structure(other, is_leaf=is_other_leaf)}.\n{fix}"
-        ) from e
+        # Same keys in another container (e.g. a plain dict for an nnx.State).
+        vals = _align_by_path(updates, other, is_other_leaf)
+        if vals is None:
+            raise ValueError(
+                f"{where}: `{name}` must be a tree with the structure of the params "
+                f"({up_def}), got {jax.tree.structure(other, is_leaf=is_other_leaf)}.\n{fix}"
+            ) from e
     out = []
     for u, v in zip(up_leaves, vals, strict=True):
         if is_masked(u):
@@ -173,3 +176,25 @@ def all_arrays(tree: Any) -> bool:
     return all(
         hasattr(x, "shape") for x in jax.tree.leaves(tree, is_leaf=is_masked) if not is_masked(x)
     )
+
+
+def _align_by_path(updates: Any, other: Any, is_other_leaf: Callable[[Any], bool]):
+    """Values of ``other`` at the key paths of the leaves of ``updates``, or None."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(other, is_leaf=is_other_leaf)
+    by_path = {jax.tree_util.keystr(p): v for p, v in flat}
+    paths = leaf_paths(updates)
+    if set(paths) != set(by_path):
+        return None
+    return [by_path[p] for p in paths]
+
+
+def check_alias_args(where: str, learning_rate: Any, weight_decay: Any) -> None:
+    """The two arguments every alias adds: learning rate and weight decay."""
+    check_scalar(
+        where,
+        "learning_rate",
+        learning_rate,
+        low=0.0,
+        fix="Use a positive float or an optax schedule.",
+    )
+    check_scalar(where, "weight_decay", weight_decay, low=0.0, fix="Use 0.0 to disable it.")

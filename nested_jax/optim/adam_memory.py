@@ -188,6 +188,7 @@ def adam_memory(
     References:
       Paper Appendix B.
     """
+    _validate.check_alias_args("adam_memory", learning_rate, weight_decay)
     return optax.chain(
         scale_by_adam_memory(b1, b2, eps, accumulator_dtype=accumulator_dtype),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),

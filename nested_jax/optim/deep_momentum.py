@@ -251,6 +251,7 @@ def deep_momentum(
     References:
       Paper §2 row "DMGD".
     """
+    _validate.check_alias_args("deep_momentum", learning_rate, weight_decay)
     return optax.chain(
         scale_by_deep_momentum(
             alpha,

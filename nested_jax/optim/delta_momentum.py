@@ -241,6 +241,7 @@ def delta_momentum(
     References:
       Paper §2 row "delta momentum".
     """
+    _validate.check_alias_args("delta_momentum", learning_rate, weight_decay)
     return optax.chain(
         scale_by_delta_momentum(
             alpha,

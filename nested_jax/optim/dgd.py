@@ -136,18 +136,19 @@ def scale_by_dgd(
     def update_fn(updates, state, params=None, *, inputs=None, **extra_args):
         del extra_args
         count = _common.safe_increment(state.count)
+        if params is not None:
+            _validate.check_like(
+                where,
+                "updates",
+                updates,
+                "params",
+                params,
+                "Pass the params of the same model whose gradients these are.",
+            )
         if inputs is None:
             return updates, DGDState(count=count)
         if params is None:
             raise ValueError(f"{where}: `params` is required when `inputs` are given.")
-        _validate.check_like(
-            where,
-            "updates",
-            updates,
-            "params",
-            params,
-            "Pass the params of the same model whose gradients these are.",
-        )
         lr = _common.scale_value(learning_rate, state.count)
         xs = _validate.leaves_aligned(
             where,
@@ -210,6 +211,7 @@ def dgd(
     References:
       Paper §2 row "DGD".
     """
+    _validate.check_alias_args("dgd", learning_rate, weight_decay)
     return optax.chain(
         scale_by_dgd(learning_rate),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),

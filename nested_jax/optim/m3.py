@@ -253,6 +253,7 @@ def m3(
     References:
       Paper §2, Algorithm 1.
     """
+    _validate.check_alias_args("m3", learning_rate, weight_decay)
     return optax.chain(
         scale_by_m3(
             beta1,

@@ -186,6 +186,7 @@ def momentum_memory(
     References:
       Paper §2 row "momentum as memory".
     """
+    _validate.check_alias_args("momentum_memory", learning_rate, weight_decay)
     return optax.chain(
         scale_by_momentum_memory(alpha, nesterov=nesterov, accumulator_dtype=accumulator_dtype),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),

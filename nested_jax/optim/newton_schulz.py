@@ -394,6 +394,16 @@ def newton_schulz_momentum(
     References:
       Paper §2 row "nonlinear output" (sigma = Newton–Schulz, linear m => Muon).
     """
+    _validate.check_alias_args("newton_schulz_momentum", learning_rate, weight_decay)
+    _validate.check_scalar(
+        "newton_schulz_momentum",
+        "beta",
+        beta,
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        fix="It is the momentum's EMA decay; use e.g. 0.95.",
+    )
     from nested_jax.optim.momentum_memory import scale_by_momentum_memory
 
     return optax.chain(

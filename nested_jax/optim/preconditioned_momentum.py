@@ -221,6 +221,7 @@ def preconditioned_momentum(
     References:
       Paper §2 row "preconditioned momentum".
     """
+    _validate.check_alias_args("preconditioned_momentum", learning_rate, weight_decay)
     if preconditioner is None:
         preconditioner = scale_by_diagonal_second_moment(b2, eps)
     return optax.chain(
