@@ -1,0 +1,476 @@
+"""Self-modifying Titans: Hope's sequence mixer (paper §4, arXiv eqs. 76-93; §6; decisions #4-#11).
+
+Shapes: B batch, T tokens, D d_model, H heads, K = D / H head width, F memory hidden width,
+N coupled memories (k, v, eta, alpha [, q]), C a chunk, W the conv width.
+
+One layer, for every sequence b and head h (decisions #1: the fast state is per sequence):
+
+    x_t       = conv_W(x)_t split into heads            (causal depthwise conv, decision #11)
+    q_t       = l2(x_t W_q)                              (static q, decision #9)
+    k_t       = l2(M_k(x_t)),  v_t = M_v(x_t)            (eqs. 76-79: adaptive projections)
+    eta_t     = eta_max sigmoid(<w_eta, M_eta(x_t)> + b_eta)      (decision #7)
+    alpha_t   = sigmoid(<w_alpha, M_alpha(x_t)> + b_alpha)
+    beta_t    = sigmoid(<w_beta, M_alpha(x_t)> + b_beta)          (momentum decay)
+    vhat_□    = M_□(v_t)                                 (eq. 84, self-generated targets, #8)
+    S_□      <- beta_t S_□ - eta_t grad ||M_□(k_t) - vhat_□||^2 / 2
+    M_□      <- M_□ (alpha_t I - eta_t k_t k_t^T) + S_□  (eqs. 88-90: DGD + wd + momentum, #5 #6)
+    o_t       = M_memory(q_t)                            (read after the update of token t)
+    y_t       = W_o (RMSNorm(o_t) * silu(x_t W_g))       (norm + output gate, Titans §3)
+
+for □ in {k, v, eta, alpha, memory}; every M_□ is a 2-layer residual MLP M(z) = z + W1 s(W2 z)
+acting on one head slice (K -> F -> K, ``memory.MLPMemory``) whose initial state is an outer
+``nnx.Param`` (meta-learned: the outer gradient flows through every inner update, #4).
+
+Chunking (decisions #2, #10).  M_k, M_v, M_eta, M_alpha (the "coupled" memories) share the chunk
+size C_other: every k, v, eta, alpha, beta and vhat of a chunk is produced from the four memories'
+states at the chunk boundary, and their inner gradients are taken there too.  We therefore scan
+over C_other-chunks ourselves; per chunk the four memories are advanced together by one engine
+call (``memory.apply``, read="boundary", self_target=True), their states stacked along the head
+axis (N*H "heads": they share keys and gates, only their targets differ).  M_memory then runs over
+the whole sequence with chunk size C_memory (path "dual", online read).  The two levels interact
+only through (k, v, gates), so any pair (C_memory, C_other) is valid; C_memory need not be a
+multiple of C_other.  A ragged last chunk (T not a multiple of C) is run as a shorter chunk,
+exactly as the engine does, so T is unconstrained.  With C_other = C_memory = 1 the layer is the
+per-token recurrence above exactly (tests/models/test_self_modifying.py).
+
+Precision: projections, conv and output run in the compute dtype; the inner loop (all memory
+states, keys, values and gates) runs in ``memory_dtype`` (float32 by default), because a fast
+weight accumulates updates of relative size ~eta * 1e-2 that bfloat16 (8 mantissa bits) drops.
+
+Readings of points the paper leaves open (recorded in docs/paper_map/models.md):
+  * heads: the conv'd x is split into H slices of K = D / H; every memory acts on one slice
+    (K -> F -> K), so residual memories are well defined and the state is per head;
+  * beta (momentum decay) is a second read-out of M_alpha (both are decay factors) so that all
+    gates come from the chunk-boundary memories (decision #7);
+  * eta_max = 0.1 by default, eta initialised to eta_max * sigmoid(-2) ~ 0.012: self-generated
+    targets make the inner loop of an MLP memory unstable at large eta (the community reading
+    used softplus * 1e-3); inputs of the memories have norm ~sqrt(K) after RMSNorm, which is what
+    bounds the stable eta;
+  * the output gate is silu(x W_g) of the block's (normalised, pre-conv) input, as in GatedDeltaNet;
+  * the conv starts as the identity (current-token tap 1, others ~N(0, 0.02)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nested_jax import memory as nm
+from nested_jax.memory.memories import activation
+from nested_jax.models import layers
+from nested_jax.models.config import DTYPES, check_choice, check_positive, fail
+
+PATHS = ("dual", "chunked")
+GATES = ("eta", "alpha", "beta")
+# Gate biases at init: eta = eta_max * sigmoid(-2), alpha = sigmoid(4.6) ~ 0.99 (slow decay),
+# beta = sigmoid(0) = 0.5 (momentum).
+GATE_BIAS_INIT = {"eta": -2.0, "alpha": 4.6, "beta": 0.0}
+GATE_SOURCE = {"eta": "eta", "alpha": "alpha", "beta": "alpha"}  # memory each gate is read from
+L2_EPS = 1e-6
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / ||x|| over the last axis (q and k, decision #11)."""
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SelfModifyingConfig:
+    """Hyper-parameters of one self-modifying Titans layer (HopeConfig carries the same fields).
+
+    Attributes:
+      d_model, n_heads: D and H; every memory acts on a head slice of K = D / H.
+      memory_hidden: F, hidden width of every 2-layer residual memory; 0 means K.
+      chunk_memory: C_memory, chunk size of M_memory (decision #10, default 64).
+      chunk_other: C_other, chunk size shared by M_k, M_v, M_eta, M_alpha (default 8).
+      conv_width: W, causal depthwise conv width (decision #11, default 4).
+      eta_max: upper bound of the inner learning rate, eta = eta_max * sigmoid(.) (decision #7).
+      dgd: delta gradient descent (alpha I - eta k k^T) on the input-side matrix; False is the
+        "DGD -> GD" ablation (decision #5).
+      momentum: inner momentum S_t (decision #6); False is the "w/o momentum" ablation (beta = 0).
+      weight_decay: data-dependent retention alpha_t; False fixes alpha = 1 ("w/o wd" ablation).
+      stop_grad: stop outer gradients through the inner writes (decision #4 ablation).
+      static_k, static_v: k = l2(x W_k) / v = x W_v plain projections ("k/v static" ablations).
+      adaptive_q: q = l2(M_q(x)) from a fifth coupled memory (decision #9 option; default static).
+      memory_path: engine path of every memory: "dual" (matmul form) or "chunked" (generic).
+      remat_group: C_other-chunks per rematerialised segment of the coupled scan: the backward
+        pass stores the four memories' states once per segment and recomputes inside it.
+        0 = sqrt(number of chunks) (O(sqrt T) state memory), -1 = no segments (one stored state
+        per chunk: least compute, most memory).
+      norm_eps: RMSNorm epsilon of the output norm.
+      dtype, param_dtype: compute / parameter dtypes; memory_dtype: dtype of the inner loop and
+        of the output norm ("float64" is accepted for the exactness tests).
+    """
+
+    d_model: int = 512
+    n_heads: int = 8
+    memory_hidden: int = 0
+    chunk_memory: int = 64
+    chunk_other: int = 8
+    conv_width: int = 4
+    eta_max: float = 0.1
+    dgd: bool = True
+    momentum: bool = True
+    weight_decay: bool = True
+    stop_grad: bool = False
+    static_k: bool = False
+    static_v: bool = False
+    adaptive_q: bool = False
+    memory_path: str = "dual"
+    remat_group: int = 0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    memory_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.memory_hidden or self.head_dim
+
+    @property
+    def coupled(self) -> tuple[str, ...]:
+        """Names of the memories that share C_other, in their order along the stacked axis."""
+        return (("q",) if self.adaptive_q else ()) + (() if self.static_k else ("k",)) + (
+            () if self.static_v else ("v",)) + ("eta", "alpha")
+
+    @property
+    def rule(self) -> nm.Rule:
+        return nm.Rule(momentum=self.momentum, dgd=self.dgd)
+
+
+def validate_fields(cfg) -> None:
+    """Checks shared by SelfModifyingConfig and HopeConfig; errors name the field and the fix."""
+    check_positive(cfg, "d_model", "n_heads", "chunk_memory", "chunk_other", "conv_width")
+    if cfg.d_model % cfg.n_heads:
+        fail("d_model", cfg.d_model, f"must be divisible by n_heads={cfg.n_heads}: every memory "
+             f"acts on a head slice of d_model / n_heads; pick a multiple of {cfg.n_heads}")
+    if not isinstance(cfg.memory_hidden, int) or cfg.memory_hidden < 0:
+        fail("memory_hidden", cfg.memory_hidden, "must be an int >= 0 (0 means d_model / n_heads)")
+    if not (isinstance(cfg.eta_max, (int, float)) and 0 <= cfg.eta_max <= 1):
+        fail("eta_max", cfg.eta_max, "must lie in [0, 1]; self-generated targets make the inner "
+             "loop of an MLP memory diverge at large eta (0.1 is the default)")
+    for name in ("dgd", "momentum", "weight_decay", "stop_grad", "static_k", "static_v",
+                 "adaptive_q"):
+        if not isinstance(getattr(cfg, name), bool):
+            fail(name, getattr(cfg, name), "must be a bool")
+    check_choice(cfg, "memory_path", PATHS)
+    if not isinstance(cfg.remat_group, int) or cfg.remat_group < -1:
+        fail("remat_group", cfg.remat_group,
+             "must be an int: 0 (sqrt of the chunk count), -1 (off) or a segment length >= 1")
+    if not cfg.norm_eps > 0:
+        fail("norm_eps", cfg.norm_eps, "must be positive")
+    for name in ("dtype", "param_dtype", "memory_dtype"):
+        check_choice(cfg, name, DTYPES + ("float64",))  # float64: the exactness tests
+
+
+class LayerState(NamedTuple):
+    """Decode state of one layer (decision #17): constant size, whatever the position.
+
+    conv: [B, W-1, D] the last W-1 inputs (compute dtype).
+    coupled: StreamState of M_k, M_v, M_eta, M_alpha stacked as N*H heads, leaves [B, N*H, ...].
+    memory: StreamState of M_memory, leaves [B, H, ...].
+    """
+
+    conv: jax.Array
+    coupled: nm.StreamState
+    memory: nm.StreamState
+
+
+def segment_length(n_chunks: int, remat_group: int) -> int:
+    """Chunks per rematerialised segment of the coupled scan (``remat_group``, 0 = auto).
+
+    Auto minimises (padded chunks computed) + (states stored by the backward pass: one per
+    segment plus one per chunk of the segment being recomputed), i.e. a length near sqrt(n), so
+    the backward pass stores O(sqrt(n)) memory states instead of n.
+    """
+    if remat_group == -1 or n_chunks <= 1:
+        return max(n_chunks, 1)
+    if remat_group > 0:
+        return min(remat_group, n_chunks)
+    root = math.sqrt(n_chunks)
+    candidates = range(max(1, int(root / 2)), int(2 * root) + 2)
+    cost = lambda g: -(-n_chunks // g) * (g + 1) + g
+    return min(candidates, key=lambda g: (cost(g), abs(g - root)))
+
+
+def _conv_init(key, shape, dtype=jnp.float32):
+    """Depthwise conv taps [W, D]: identity at the current token (last tap) plus N(0, 0.02)."""
+    w = 0.02 * jax.random.normal(key, shape, dtype)
+    return w.at[-1].add(jnp.ones((), dtype))
+
+
+class SelfModifyingTitans(nnx.Module):
+    """The self-modifying Titans layer: ``layer(x_BxTxD) -> y_BxTxD`` for a pre-normed x.
+
+    Outer (nnx.Param) parameters: conv taps, W_q (+ W_k / W_v under the static ablations), the
+    meta-learned initial states of every memory, the gate read-outs, the output norm, W_g, W_o.
+    """
+
+    def __init__(self, cfg: SelfModifyingConfig, *, out_std: float, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, K, F, N = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.hidden, len(cfg.coupled)
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.conv = nnx.Param(_conv_init(rngs.params(), (cfg.conv_width, D), pdt),
+                              logical_axes=(None, "embed"))
+        self.q_proj = layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
+        proj = lambda: layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
+        self.k_proj = proj() if cfg.static_k else None  # "k static" ablation
+        self.v_proj = proj() if cfg.static_v else None  # "v static" ablation
+        mem = self.memory_module
+        init_one = lambda key: mem.init(key, pdt)
+        coupled = jax.vmap(init_one)(jax.random.split(rngs.params(), N * H))
+        memory = jax.vmap(init_one)(jax.random.split(rngs.params(), H))
+        axes = ("heads", None, None)
+        # Meta-learned initial states: W2 [.., F, K] input side, W1 [.., K, F] output side.
+        self.coupled_w1 = nnx.Param(coupled["W1"].reshape(N, H, K, F), logical_axes=(None, *axes))
+        self.coupled_w2 = nnx.Param(coupled["W2"].reshape(N, H, F, K), logical_axes=(None, *axes))
+        self.memory_w1 = nnx.Param(memory["W1"], logical_axes=axes)
+        self.memory_w2 = nnx.Param(memory["W2"], logical_axes=axes)
+        # Gate read-outs (decision #7): one scalar per head and token from a memory's output.
+        self.gate_w = nnx.Param(0.02 * jax.random.normal(rngs.params(), (3, H, K), pdt),
+                                logical_axes=(None, "heads", None))
+        bias = jnp.asarray([GATE_BIAS_INIT[g] for g in GATES], pdt)
+        self.gate_b = nnx.Param(jnp.broadcast_to(bias[:, None], (3, H)),
+                                logical_axes=(None, "heads"))
+        self.out_norm = nnx.RMSNorm(K, epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.memory_dtype),
+                                    param_dtype=pdt,
+                                    scale_init=layers.param_init(nnx.initializers.ones, None),
+                                    rngs=rngs)
+        self.gate_proj = layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
+        self.o_proj = layers.dense(D, D, ("heads", "embed"), std=out_std, **kw)
+
+    # ---- levels -------------------------------------------------------------------------------
+
+    @property
+    def memory_module(self) -> nm.MLPMemory:
+        return nm.MLPMemory(self.cfg.head_dim, self.cfg.head_dim, hidden=self.cfg.hidden)
+
+    def level(self, read: str) -> nm.Level:
+        """read="boundary": the coupled memories; read="online": M_memory (self-targets both)."""
+        return nm.Level(self.memory_module, "l2", self.cfg.rule, read, stop_grad=self.cfg.stop_grad,
+                        self_target=True)
+
+    def initial_states(self, batch_size: int) -> tuple[nm.MemoryState, nm.MemoryState]:
+        """(coupled [B, N*H, ...], memory [B, H, ...]) MemoryStates from the meta-learned inits."""
+        N, H, K, F = len(self.cfg.coupled), self.cfg.n_heads, self.cfg.head_dim, self.cfg.hidden
+        mdt = jnp.dtype(self.cfg.memory_dtype)
+        cast = lambda p: p[...].astype(mdt)
+
+        def state(params):
+            st_H = nm.MemoryState(params, jax.tree.map(jnp.zeros_like, params))
+            return nm.broadcast_state(st_H, batch_size)
+
+        coupled = {"W1": cast(self.coupled_w1).reshape(N * H, K, F),
+                   "W2": cast(self.coupled_w2).reshape(N * H, F, K)}
+        memory = {"W1": cast(self.memory_w1), "W2": cast(self.memory_w2)}
+        return state(coupled), state(memory)
+
+    # ---- pieces shared by the parallel and the decode paths --------------------------------------
+
+    def _conv(self, x_BxTxD: jax.Array, prev_BxPxD: jax.Array) -> jax.Array:
+        """Causal depthwise conv; prev holds the W-1 inputs before x (zeros at the start)."""
+        T = x_BxTxD.shape[1]
+        w_WxD = self.conv[...].astype(x_BxTxD.dtype)
+        xp = jnp.concatenate([prev_BxPxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
+        y = xp[:, 0:T] * w_WxD[0][None, None, :]
+        for j in range(1, self.cfg.conv_width):
+            y = y + xp[:, j:j + T] * w_WxD[j][None, None, :]
+        return y
+
+    def _heads(self, x_BxTxD: jax.Array) -> jax.Array:
+        B, T, _ = x_BxTxD.shape
+        return x_BxTxD.reshape(B, T, self.cfg.n_heads, self.cfg.head_dim)
+
+    def _read_coupled(self, params, x_BxCxHxK: jax.Array) -> jax.Array:
+        """M_□,boundary(x_t) for every coupled memory □: [B, C, N, H, K] (MLPMemory.apply)."""
+        B, C, H, K = x_BxCxHxK.shape
+        N = len(self.cfg.coupled)
+        act = activation(self.memory_module.activation)
+        w2 = params["W2"].reshape(B, N, H, -1, K)
+        w1 = params["W1"].reshape(B, N, H, K, -1)
+        z = jnp.einsum("bnhfk,bchk->bcnhf", w2, x_BxCxHxK)
+        y = jnp.einsum("bnhkf,bcnhf->bcnhk", w1, act(z))
+        return x_BxCxHxK[:, :, None] + y
+
+    def _generate(self, y_BxCxNxHxK, k_BxCxHxK, v_BxCxHxK):
+        """q (adaptive only), k, v and Gates from the boundary read-outs (eqs. 76-79, #7)."""
+        out = {name: y_BxCxNxHxK[:, :, i] for i, name in enumerate(self.cfg.coupled)}
+        mdt = y_BxCxNxHxK.dtype
+        k = l2_normalize(out["k"]) if "k" in out else k_BxCxHxK
+        v = out["v"] if "v" in out else v_BxCxHxK
+        w_3xHxK, b_3xH = self.gate_w[...].astype(mdt), self.gate_b[...].astype(mdt)
+        logit = {g: jnp.einsum("bchk,hk->bch", out[GATE_SOURCE[g]], w_3xHxK[i])
+                 + b_3xH[i][None, None] for i, g in enumerate(GATES)}
+        eta = self.cfg.eta_max * jax.nn.sigmoid(logit["eta"])
+        alpha = jax.nn.sigmoid(logit["alpha"]) if self.cfg.weight_decay else jnp.ones_like(eta)
+        beta = jax.nn.sigmoid(logit["beta"])
+        q = l2_normalize(out["q"]) if "q" in out else None
+        return q, k, v, nm.Gates(eta, alpha, beta)
+
+    def _tile(self, x_BxCxHx):
+        """Repeat for the N stacked coupled memories: [B, C, H, ...] -> [B, C, N*H, ...]."""
+        N = len(self.cfg.coupled)
+        return jnp.concatenate([x_BxCxHx] * N, axis=2)
+
+    def _static(self, xc_BxTxD: jax.Array, mdt) -> dict:
+        """Non-adaptive projections: q (unless adaptive) and the static-k/v ablations."""
+        out = {}
+        if not self.cfg.adaptive_q:
+            out["q"] = l2_normalize(self._heads(self.q_proj(xc_BxTxD)).astype(mdt))
+        if self.cfg.static_k:
+            out["k"] = l2_normalize(self._heads(self.k_proj(xc_BxTxD)).astype(mdt))
+        if self.cfg.static_v:
+            out["v"] = self._heads(self.v_proj(xc_BxTxD)).astype(mdt)
+        return out
+
+    def _output(self, o_BxTxHxK: jax.Array, x_BxTxD: jax.Array) -> jax.Array:
+        """W_o (RMSNorm(o) * silu(x W_g)): per-head norm, output gate, projection."""
+        B, T, D = x_BxTxD.shape
+        o = self.out_norm(o_BxTxHxK).astype(x_BxTxD.dtype).reshape(B, T, D)
+        return self.o_proj(o * jax.nn.silu(self.gate_proj(x_BxTxD)))
+
+    # ---- parallel (training) path ------------------------------------------------------------
+
+    def _coupled_chunk(self, state: nm.MemoryState, xs: dict):
+        """Advance the coupled memories by one C_other-chunk (or the ragged tail).
+
+        xs: {"x": [B, C, H, K]} (+ static "k" / "v"). Returns (state, (q, k, v, Gates)).
+        """
+        q, k, v, gates = self._generate(self._read_coupled(state.params, xs["x"]),
+                                        xs.get("k"), xs.get("v"))
+        tile = self._tile
+        _, state = nm.apply(self.level("boundary"), state, tile(xs["x"]), tile(k), tile(v),
+                            nm.Gates(*map(tile, gates)), chunk_size=self.cfg.chunk_other,
+                            path=self.cfg.memory_path)
+        return state, (q, k, v, gates)
+
+    def _scan_coupled(self, state: nm.MemoryState, xs: dict):
+        """The coupled scan over C_other-chunks, rematerialised in segments (``remat_group``).
+
+        xs leaves are [B, T', ...] with T' = n * C_other, n = (number of segments) * (segment
+        length) (see ``_padded_len``).  Returns the final state and (q, k, v, Gates) [B, T', ...].
+        """
+        C = self.cfg.chunk_other
+        n = xs["x"].shape[1] // C
+        group = segment_length(n, self.cfg.remat_group)
+
+        def split(x):  # [B, n*C, ...] -> [n/group, group, B, C, ...]
+            x = x.reshape(x.shape[0], n // group, group, C, *x.shape[2:])
+            return jnp.moveaxis(x, 0, 2)
+
+        def merge(y):  # [n/group, group, B, C, ...] -> [B, n*C, ...]
+            y = jnp.moveaxis(y, 2, 0)
+            return y.reshape(y.shape[0], n * C, *y.shape[4:])
+
+        def segment(st, ys):
+            return jax.lax.scan(self._coupled_chunk, st, ys)
+
+        if group < n:
+            segment = jax.checkpoint(segment)
+        state, outs = jax.lax.scan(segment, state, jax.tree.map(split, xs))
+        return state, jax.tree.map(merge, outs)
+
+    def _padded_len(self, T: int) -> int:
+        """T rounded up to whole C_other-chunks and whole remat segments of chunks."""
+        C = self.cfg.chunk_other
+        n = -(-T // C)
+        group = segment_length(n, self.cfg.remat_group)
+        return -(-n // group) * group * C
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        """The layer over a whole sequence; x is the block's pre-normed input.
+
+        A sequence that does not fill its last chunk is padded at the end: the layer is causal
+        (every output reads only the boundary state and earlier tokens of its chunk), so padded
+        positions change no real output; they are sliced off.  This keeps one traced chunk body
+        per level (no separate ragged-tail program).
+        """
+        B, T, D = x_BxTxD.shape
+        cfg = self.cfg
+        mdt = jnp.dtype(cfg.memory_dtype)
+        prev = jnp.zeros((B, cfg.conv_width - 1, D), x_BxTxD.dtype)
+        xc_BxTxD = self._conv(x_BxTxD, prev)
+        Tc = self._padded_len(T)
+        Tm = -(-T // cfg.chunk_memory) * cfg.chunk_memory
+        pad = lambda a, n: jnp.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+        xc_pad = pad(xc_BxTxD, Tc)
+        static = self._static(xc_pad, mdt)
+        coupled0, memory0 = self.initial_states(B)
+        xs = {"x": self._heads(xc_pad).astype(mdt), **{n: static[n] for n in ("k", "v")
+                                                         if n in static}}
+        _, (q, k, v, gates) = self._scan_coupled(coupled0, xs)
+        q = static.get("q", q)
+        # M_memory: the real tokens, then no-op updates (eta = 0, alpha = 1, beta = 0) to Tm.
+        fit = lambda a: pad(a[:, :T], Tm)
+        noop = lambda a, value: a[:, :T] if Tm == T else jnp.concatenate(
+            [a[:, :T], jnp.full((B, Tm - T, *a.shape[2:]), value, a.dtype)], axis=1)
+        gates = nm.Gates(noop(gates.eta, 0.0), noop(gates.alpha, 1.0), noop(gates.beta, 0.0))
+        o_BxTxHxK, _ = nm.apply(self.level("online"), memory0, fit(q), fit(k), fit(v), gates,
+                                chunk_size=cfg.chunk_memory, path=cfg.memory_path)
+        return self._output(o_BxTxHxK[:, :T], x_BxTxD)
+
+    # ---- streaming (decode) path --------------------------------------------------------------
+
+    def init_state(self, batch_size: int) -> LayerState:
+        cfg = self.cfg
+        coupled0, memory0 = self.initial_states(batch_size)
+        conv = jnp.zeros((batch_size, cfg.conv_width - 1, cfg.d_model), jnp.dtype(cfg.dtype))
+        return LayerState(conv, nm.stream_init(coupled0), nm.stream_init(memory0))
+
+    def decode_step(self, state: LayerState, x_BxD: jax.Array) -> tuple[jax.Array, LayerState]:
+        """One token per sequence (pre-normed x) -> (y_BxD, next state); O(1) in the position."""
+        cfg = self.cfg
+        mdt = jnp.dtype(cfg.memory_dtype)
+        x_Bx1xD = x_BxD[:, None]
+        xc_Bx1xD = self._conv(x_Bx1xD, state.conv)
+        conv = jnp.concatenate([state.conv, x_Bx1xD.astype(state.conv.dtype)], axis=1)[:, 1:]
+        static = self._static(xc_Bx1xD, mdt)
+        xh_Bx1xHxK = self._heads(xc_Bx1xD).astype(mdt)
+        y = self._read_coupled(state.coupled.boundary, xh_Bx1xHxK)
+        q, k, v, gates = self._generate(y, static.get("k"), static.get("v"))
+        q = static.get("q", q)
+        first = lambda a: a[:, 0]
+        tile = lambda a: first(self._tile(a))
+        _, coupled = nm.stream_step(self.level("boundary"), state.coupled, tile(xh_Bx1xHxK),
+                                    tile(k), tile(v), nm.Gates(*map(tile, gates)),
+                                    chunk_size=cfg.chunk_other)
+        o_BxHxK, memory = nm.stream_step(self.level("online"), state.memory, first(q), first(k),
+                                         first(v), nm.Gates(*map(first, gates)),
+                                         chunk_size=cfg.chunk_memory)
+        y_BxD = self._output(o_BxHxK[:, None], x_Bx1xD)[:, 0]
+        return y_BxD, LayerState(conv, coupled, memory)
+
+    # ---- cost -----------------------------------------------------------------------------------
+
+    def forward_flops_per_token(self) -> float:
+        """Forward FLOPs per token of the layer, projections and inner loop (an estimate).
+
+        Per memory, head and token (F hidden, K head dim, C chunk): a boundary read M(x) for the
+        coupled ones (4KF), the target M(v) and M(k) at the boundary (8KF), the hidden error
+        W1^T u (2KF), and per matrix the dual-form chunk (decision #6 note): ~6KF for the state
+        and read-outs plus ~4C(K+F) for the C x C parts.
+        """
+        cfg = self.cfg
+        D, H, K, F, N = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.hidden, len(cfg.coupled)
+        n_proj = 3 + cfg.static_k + cfg.static_v - cfg.adaptive_q  # q, gate, out (+ k, v)
+        dense = 2.0 * n_proj * D * D + 2.0 * cfg.conv_width * D
+
+        def engine(C):
+            return 10.0 * K * F + 2 * (6.0 * K * F + 4.0 * C * (K + F))
+
+        coupled = N * H * (4.0 * K * F + engine(cfg.chunk_other))
+        memory = H * engine(cfg.chunk_memory)
+        return dense + coupled + memory
