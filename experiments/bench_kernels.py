@@ -9,8 +9,9 @@ CPU shape), bf16 q/k/v on accelerators and f32 on CPU, f32 state and gates.  Thr
 tokens/s = B*T/seconds (median after a compiling warm-up).
 
 * kernel: ``nested_jax.kernels.linear_memory(impl="pallas")`` on GPU/TPU; on CPU there is no
-  Pallas backend, so that row runs the same kernels in interpret mode (a correctness
-  vehicle: its speed says nothing about a GPU).
+  Pallas backend, so that row runs the Triton kernel's code in interpret mode (the Pallas
+  interpreter lowers it to XLA loops: a correctness vehicle, its speed says nothing about a
+  GPU).
 * XLA dual: ``nested_jax.memory.apply(path="dual")``.
 * oracle: ``path="oracle"``, the per-token scan (C = 1 semantics: the definition, timed for
   scale).  Its fwd+bwd stores a state per token; where that would exceed --oracle-gb it runs
@@ -61,7 +62,8 @@ def make(level, B, T, H, dtype):
 
 def runner(level, impl, C, kernel_impl):
     if impl == "kernel":
-        return lambda *a: linear_memory(level, *a, chunk_size=C, impl=kernel_impl)
+        kernel = "triton" if kernel_impl == "interpret" else "auto"
+        return lambda *a: linear_memory(level, *a, chunk_size=C, impl=kernel_impl, kernel=kernel)
     path = "dual" if impl == "xla" else "oracle"
     return lambda *a: nm.apply(level, *a, chunk_size=C if path == "dual" else 1, path=path)
 
@@ -98,7 +100,8 @@ def main():
                     b //= 2
             inputs = make(level, b, T, H, dtype)
             fwd, fwdbwd = fns(runner(level, impl, C, kernel_impl))
-            label = {"kernel": f"kernel ({kernel_impl})", "xla": "XLA dual", "oracle": "oracle"}
+            label = {"kernel": f"kernel ({kernel_impl})", "xla": "XLA dual",
+                     "oracle": "oracle (per token)"}
             name = label[impl] + (f" at B={b}" if b != B else "")
             try:
                 t_f = timeit(fwd, *inputs, repeats=args.repeats)

@@ -41,6 +41,7 @@ class Flags(NamedTuple):
     has_ve: bool  # error has a target term (False for a self-generated target, ve = 0)
     momentum: bool  # S enters (False: beta = 0, S' = -(bl*X)^T k and S never feeds back)
     dgd: bool  # the DGD pseudo-values m (r, r2, te, g, al)
+    ke_is_k: bool = False  # error keys are the write keys (plain l2): no separate ke array
 
 
 def make_dot(op_dtype, acc_dtype):
@@ -112,7 +113,7 @@ def _errors(c: Chunk, w, fl: Flags, dot, acc):
     """u = ke W^T - ve (the stale l2 / dot / self-target error, one place to change)."""
     u = 0.0
     if fl.has_ke:
-        u = dot(c.ke, w, "nt")
+        u = dot(c.k if fl.ke_is_k else c.ke, w, "nt")
     if fl.has_ve:
         u = u - c.ve.astype(acc)
     return u
@@ -222,7 +223,9 @@ def backward(c: Chunk, w, s, dy, dw1, ds1, fl: Flags, dot, acc):
     dke = dve = None
     if fl.has_ke:
         dke = dot(du, w, "nn")
-        dw = dw + dot(du, c.ke, "tn")
+        dw = dw + dot(du, c.k if fl.ke_is_k else c.ke, "tn")
+        if fl.ke_is_k:
+            dk, dke = dk + dke, None
     if fl.has_ve:
         dve = -du
     grads = ChunkGrads(dk, dq, dke, dve, dr, dr2, df, dg, dte,

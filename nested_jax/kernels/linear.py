@@ -30,7 +30,8 @@ HEAD_AXIS = "tensor"
 def flags_for(level: Level) -> Flags:
     """The chunk-maths structure of a LinearMemory level (see chunk_math.Flags)."""
     return Flags(has_ke=level.objective == "l2" or level.self_target,
-                 has_ve=not level.self_target, momentum=level.rule.momentum, dgd=level.rule.dgd)
+                 has_ve=not level.self_target, momentum=level.rule.momentum, dgd=level.rule.dgd,
+                 ke_is_k=level.objective == "l2" and not level.self_target)
 
 
 def error_inputs(level: Level, k, v):
@@ -77,6 +78,7 @@ def _kernel_part(level: Level, pl_: plan.Plan, state: MemoryState, q, k, v, gate
         beta = jnp.zeros_like(beta)
     seq = lambda x: jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:]).astype(acc)
     ke, ve = error_inputs(level, k, v)
+    ke = None if fl.ke_is_k else ke  # the kernels read k itself: one load, one cotangent
     padk = lambda x: None if x is None else _pad(seq(x), 2, pl_.dk)
     padv = lambda x: None if x is None else _pad(seq(x), 2, pl_.dv)
     ch = prep.prep(padk(q), padk(k), padk(ke), padv(ve), seq(eta), seq(gates.alpha), seq(beta),

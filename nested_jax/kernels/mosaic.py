@@ -124,7 +124,7 @@ def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype, bv: int, inte
     """
     BH, N, C, dk = ch.k.shape
     dv, acc = dwN.shape[1], dwN.dtype
-    io = backward_io(ch, wb, sb, dy, dwN, dsN, fl)
+    io = backward_io(ch, wb, sb, dy, dwN, dsN, fl, dv // bv)
     gnames = io.out_names[:-2]
     dot = chunk_math.make_dot(op_dtype, acc)
 
@@ -146,9 +146,9 @@ def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype, bv: int, inte
                                             dw_acc[...], ds_acc[...], fl, dot, acc)
         for name in gnames:
             if name == "dcols":
-                o["dcols"][...] = chunk_math.pack_cols(grads.dcols, acc)
+                o["dcols"][...] = chunk_math.pack_cols(grads.dcols, acc).astype(o["dcols"].dtype)
             else:
-                o[name][...] = getattr(grads, name).astype(acc)
+                o[name][...] = getattr(grads, name).astype(o[name].dtype)
         dw_acc[...] = dw
         ds_acc[...] = ds
 

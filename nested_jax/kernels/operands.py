@@ -24,8 +24,9 @@ CHUNK_KINDS = {"k": "key", "q": "key", "ke": "key", "ve": "val", "r": "key", "r2
 
 def chunk_names(fl: Flags) -> list[str]:
     """Fields of ``Chunk`` that are present under these flags, in ``Chunk`` order."""
-    present = {"k": True, "q": True, "ke": fl.has_ke, "ve": fl.has_ve, "r": fl.dgd,
-               "r2": fl.dgd and fl.momentum, "f": True, "g": fl.dgd, "te": fl.dgd, "cols": True}
+    present = {"k": True, "q": True, "ke": fl.has_ke and not fl.ke_is_k, "ve": fl.has_ve,
+               "r": fl.dgd, "r2": fl.dgd and fl.momentum, "f": True, "g": fl.dgd, "te": fl.dgd,
+               "cols": True}
     return [n for n in Chunk._fields if present[n]]
 
 
@@ -68,13 +69,18 @@ def forward_io(ch: Chunk, w0, s0, fl: Flags, out_dtype) -> Io:
               outs, [kinds[o] for o in outs], [out_dtype if o == "y" else w0.dtype for o in outs])
 
 
-def backward_io(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags) -> Io:
+def backward_io(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, nt: int) -> Io:
+    """Cotangents are written in their primal's dtype (what custom_vjp returns anyway) unless
+    they are partial sums over nt > 1 dv tiles, which stay in the carried precision."""
     names = chunk_names(fl)
     extra = ["wb"] + (["sb"] if fl.momentum else []) + ["dy", "dwN", "dsN"]
     kind = {"wb": "bstate", "sb": "bstate", "dy": "val", "dwN": "state", "dsN": "state"}
     val = {"wb": wb, "sb": sb, "dy": dy, "dwN": dwN, "dsN": dsN}
-    outs = grad_names(fl) + ["dw0", "ds0"]
+    gnames = grad_names(fl)
+    acc = dwN.dtype
+    exact = lambda g: nt == 1 or grad_kind(g) == "val"
+    dtypes = [getattr(ch, g[1:]).dtype if exact(g) else acc for g in gnames]
     return Io(names + extra, [getattr(ch, n) for n in names] + [val[e] for e in extra],
               [CHUNK_KINDS[n] for n in names] + [kind[e] for e in extra],
-              outs, [grad_kind(g) for g in grad_names(fl)] + ["state", "state"],
-              [dwN.dtype] * len(outs))
+              gnames + ["dw0", "ds0"], [grad_kind(g) for g in gnames] + ["state", "state"],
+              dtypes + [acc, acc])

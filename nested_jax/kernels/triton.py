@@ -107,7 +107,7 @@ def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype, bv: int, inte
     """Reverse chunk loop; same contract as ``mosaic.backward``."""
     BH, N, C, dk = ch.k.shape
     dv, acc = dwN.shape[1], dwN.dtype
-    io = backward_io(ch, wb, sb, dy, dwN, dsN, fl)
+    io = backward_io(ch, wb, sb, dy, dwN, dsN, fl, dv // bv)
     gnames = io.out_names[:-2]
     dot = chunk_math.make_dot(op_dtype, acc)
 
@@ -124,9 +124,9 @@ def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype, bv: int, inte
                                                 dw1, ds1, fl, dot, acc)
             for name in gnames:
                 if name == "dcols":
-                    o["dcols"][n] = chunk_math.pack_cols(grads.dcols, acc)
+                    o["dcols"][n] = chunk_math.pack_cols(grads.dcols, acc).astype(o["dcols"].dtype)
                 else:
-                    o[name][n] = getattr(grads, name).astype(acc)
+                    o[name][n] = getattr(grads, name).astype(o[name].dtype)
             return dw, ds
 
         dw = r["dwN"][...].astype(acc)

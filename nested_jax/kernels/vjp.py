@@ -69,8 +69,8 @@ def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: b
                 out[name] = None
                 continue
             g = grads["d" + name]
-            if name != "ve":  # partial sums over dv tiles
-                g = g.sum(axis=1)
+            if name != "ve":  # partial sums over dv tiles (already in primal dtype if one tile)
+                g = g[:, 0] if g.shape[1] == 1 else g.sum(axis=1)
             out[name] = g.astype(primal.dtype)
         return Chunk(**out), dw0.astype(wb.dtype), ds0.astype(s0.dtype)
 

@@ -17,7 +17,7 @@ from tests.kernels.helpers import rel_err
 TOL = 1e-11  # float64; the kernels and scan_xla do the same operations in the same order
 KERNELS = {"mosaic": (mosaic, tpu_interpret), "triton": (triton, lambda: True)}
 FLAGS = {
-    "hope": chunk_math.Flags(True, True, True, True),  # l2, momentum, DGD
+    "hope": chunk_math.Flags(True, True, True, True, True),  # l2, momentum, DGD
     "titans_dot": chunk_math.Flags(False, True, True, False),
     "gd_self": chunk_math.Flags(True, False, False, False),  # self-target, no momentum
     "dgd_nomom": chunk_math.Flags(True, True, False, True),
@@ -32,7 +32,8 @@ def _chunks(seed, fl, BH=2, N=3, C=16, dk=16, dv=32):
     u = lambda lo, hi: jax.random.uniform(next(keys), (BH, T), jnp.float64, lo, hi)
     k = unit(rn(BH, T, dk))
     beta = u(0, 1) if fl.momentum else jnp.zeros((BH, T))
-    ch = prep.prep(unit(rn(BH, T, dk)), k, k if fl.has_ke else None,
+    ke = k + 0.5 * unit(rn(BH, T, dk)) if fl.has_ke and not fl.ke_is_k else None
+    ch = prep.prep(unit(rn(BH, T, dk)), k, ke,
                    rn(BH, T, dv) if fl.has_ve else None, u(0, 0.5), u(0.8, 1), beta, fl,
                    jnp.float64, C)
     return ch, rn(BH, dv, dk) / 4, rn(BH, dv, dk) / 10
