@@ -259,7 +259,7 @@ def breakdown_rows(shape, level):
         args, st = prep_args()
         ch = jax.jit(lambda *a: prep.prep(*a, fl, jnp.bfloat16, C))(*args)
         core = vjp.make_core("triton", fl, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32),
-                             plan.bv, plan.interpret, plan.num_warps)
+                             plan.bv, plan.interpret, plan.num_warps, plan.num_stages)
         w = st.params["W"].reshape(B * H, d, d)
         s = st.mom["W"].reshape(B * H, d, d)
         return jax.jit(core), (ch, w, s)
@@ -313,13 +313,14 @@ def main():
     row(s1, "kernel (titans)", "fwd+bwd", lambda: (
         jax.jit(grads_fn(run_fn(titans, KERNEL_IMPL), weighted=False)),
         make_inputs(titans, *s1[:3], jnp.bfloat16)))
-    for bv, warps in ((32, 4), (64, 8), (32, 8), (16, 4)):
+    # Defaults at d = 64: block_dv=64, fwd 4 warps / 2 stages, bwd 8 warps / 1 stage.
+    for bv, warps, stages in ((64, 4, 1), (64, 8, 2), (32, 4, 2), (32, 8, 1)):
         if bv > d1:
             continue
-        row(s1, f"kernel (hope) block_dv={bv} num_warps={warps}", "fwd+bwd",
-            lambda bv=bv, w=warps: (
-                jax.jit(grads_fn(run_fn(hope(d1), KERNEL_IMPL, block_dv=bv, num_warps=w),
-                                 weighted=False)),
+        row(s1, f"kernel (hope) block_dv={bv} num_warps={warps} num_stages={stages}",
+            "fwd+bwd", lambda bv=bv, w=warps, st=stages: (
+                jax.jit(grads_fn(run_fn(hope(d1), KERNEL_IMPL, block_dv=bv, num_warps=w,
+                                        num_stages=st), weighted=False)),
                 make_inputs(hope(d1), *s1[:3], jnp.bfloat16)))
     memory_rows(s3, hope(d2), KERNEL_IMPL, "kernel (hope)")
     attention_rows(s3)

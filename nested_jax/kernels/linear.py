@@ -85,7 +85,7 @@ def _kernel_part(level: Level, pl_: plan.Plan, state: MemoryState, q, k, v, gate
                    fl, op, chunk_size)
     st = lambda x: _pad(_pad(x.reshape(B * H, dv, dk).astype(acc), 1, pl_.dv), 2, pl_.dk)
     core = vjp.make_core(pl_.kernel, fl, jnp.dtype(op), jnp.dtype(res), pl_.bv, pl_.interpret,
-                         pl_.num_warps)
+                         pl_.num_warps, pl_.num_stages)
     y, wn, sn = core(ch, st(state.params["W"]), st(state.mom["W"]))
     o = jnp.moveaxis(y.reshape(B, H, T, pl_.dv)[..., :dv], 1, 2)
     fin = lambda x: x[:, :dv, :dk].reshape(B, H, dv, dk).astype(res)
@@ -133,7 +133,7 @@ def _mesh_axes(mesh, batch: int, heads: int, batch_axes, head_axis):
 def linear_memory(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int,
                   impl: str = "auto", *, kernel: str = "auto", mesh=None,
                   batch_axes=BATCH_AXES, head_axis=HEAD_AXIS, block_dv: int | None = None,
-                  num_warps: int | None = None):
+                  num_warps: int | None = None, num_stages: int | None = None):
     """Run a LinearMemory level with the Pallas kernels. Returns (o f[B, T, H, dv], state).
 
     Same contract and results as ``nested_jax.memory.apply(..., path="dual")``: q, k
@@ -146,11 +146,13 @@ def linear_memory(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk
         split over ``batch_axes`` and heads over ``head_axis`` where present and dividing;
         the kernels then run per shard inside ``shard_map`` (Pallas calls cannot be
         auto-partitioned).
-      block_dv, num_warps: kernel tiling overrides (defaults in ``plan.make_plan``).
+      block_dv, num_warps, num_stages: kernel tuning overrides (defaults: ``plan.make_plan``
+        and ``triton._launch``).
     """
     memory.validate(level, state, q, k, v, gates, chunk_size, "dual")
     pl_ = plan.make_plan(level, q.shape[-1], v.shape[-1], chunk_size,
-                         jnp.result_type(q, k, v), impl, kernel, block_dv, num_warps)
+                         jnp.result_type(q, k, v), impl, kernel, block_dv, num_warps,
+                         num_stages)
     if pl_.kernel == "xla":
         return memory.apply(level, state, q, k, v, gates, chunk_size=chunk_size, path="dual")
     fn = lambda st, q, k, v, g: _local(level, pl_, chunk_size, st, q, k, v, g)

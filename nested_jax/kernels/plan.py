@@ -36,6 +36,7 @@ class Plan:
     dv: int = 0
     bv: int = 0  # rows of W per program (dv tile)
     num_warps: int | None = None  # Triton only; None = triton.py's heuristic
+    num_stages: int | None = None  # Triton only; None = triton.py's heuristic
     reason: str = ""  # why "xla" was chosen
 
 
@@ -71,7 +72,7 @@ def unsupported(level: Level, kernel: str, chunk_size: int, dtype) -> str:
 
 def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str = "auto",
               kernel: str = "auto", block_dv: int | None = None,
-              num_warps: int | None = None) -> Plan:
+              num_warps: int | None = None, num_stages: int | None = None) -> Plan:
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is unknown; use one of {IMPLS}.")
     if kernel not in KERNELS:
@@ -107,5 +108,9 @@ def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str 
         raise ValueError(f"block_dv={bv} must be dv={dvp} or a multiple of 128 (Mosaic tiling).")
     if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
         raise ValueError(f"num_warps={num_warps} must be a power of two (Triton).")
+    if num_stages is not None and num_stages < 1:
+        raise ValueError(f"num_stages={num_stages} must be >= 1 (Triton).")
+    triton = kernel == "triton"
     return Plan(kernel, interpret=impl == "interpret", dk=dkp, dv=dvp, bv=bv,
-                num_warps=num_warps if kernel == "triton" else None)
+                num_warps=num_warps if triton else None,
+                num_stages=num_stages if triton else None)

@@ -45,16 +45,26 @@ def _load_chunk(refs: dict, n, fl: Flags, acc) -> Chunk:
                  cols=chunk_math.unpack_cols(refs["cols"][n], acc))
 
 
-def _warps(bv, dk, backward):
-    """4 warps hold a 64x64 f32 tile in 32 registers per thread; the backward keeps ~3x as
-    many tiles live as the forward, so it gets 8 warps once tiles reach 32x64."""
-    if backward:
-        return 8 if bv * dk >= 32 * 64 else 4
-    return 4 if bv * dk <= 64 * 64 else 8
+def _launch(bv, dk, backward, num_warps=None, num_stages=None):
+    """Triton launch parameters (overridable: experiments/gpu_check.py sweeps them).
+
+    Warps: 4 warps hold a 64x64 f32 tile in 32 registers per thread; the backward keeps ~3x
+    as many tiles live as the forward, so it gets 8 warps once tiles reach 32x64.
+    Stages: software pipelining double-buffers every per-chunk load in shared memory; the
+    forward at dk <= 64 loads ~50 KB per chunk and can afford it, the backward and dk = 128
+    could overflow the 228 KB of an H100/H200, so they load single-buffered.
+    """
+    if num_warps is None:
+        if backward:
+            num_warps = 8 if bv * dk >= 32 * 64 else 4
+        else:
+            num_warps = 4 if bv * dk <= 64 * 64 else 8
+    if num_stages is None:
+        num_stages = 2 if (not backward and dk <= 64) else 1
+    return triton_params(num_warps=num_warps, num_stages=num_stages)
 
 
-def _call(kernel, io, BH, nt, N, C, dk, dv, bv, num_warps, interpret, name):
-    backward = name.endswith("bwd")
+def _call(kernel, io, BH, nt, N, C, dk, dv, bv, launch, interpret, name):
     blocks = _blocks(C, dk, bv, N)
     return pl.pallas_call(
         kernel,
@@ -63,14 +73,14 @@ def _call(kernel, io, BH, nt, N, C, dk, dv, bv, num_warps, interpret, name):
         out_specs=[_spec(blocks, kd) for kd in io.out_kinds],
         out_shape=[jax.ShapeDtypeStruct(array_shape(kd, BH, nt, N, C, dk, dv), dt)
                    for kd, dt in zip(io.out_kinds, io.out_dtypes, strict=True)],
-        compiler_params=triton_params(num_warps=num_warps or _warps(bv, dk, backward)),
+        compiler_params=_launch(bv, dk, name.endswith("bwd"), *launch),
         interpret=interpret,
         name=name,
     )(*io.args)
 
 
 def forward(ch: Chunk, w0, s0, fl: Flags, op_dtype, out_dtype, bv: int, interpret=False,
-            num_warps: int | None = None):
+            num_warps: int | None = None, num_stages: int | None = None):
     """Same contract as ``scan_xla.scan``: returns (y, wN, sN, wb, sb); sb is None w/o momentum."""
     BH, N, C, dk = ch.k.shape
     dv, acc = w0.shape[1], w0.dtype
@@ -96,14 +106,15 @@ def forward(ch: Chunk, w0, s0, fl: Flags, op_dtype, out_dtype, bv: int, interpre
         o["wN"][...] = w
         o["sN"][...] = s
 
-    outs = _call(kernel, io, BH, dv // bv, N, C, dk, dv, bv, num_warps, interpret,
+    launch = (num_warps, num_stages)
+    outs = _call(kernel, io, BH, dv // bv, N, C, dk, dv, bv, launch, interpret,
                  "nested_memory_fwd")
     outs = dict(zip(io.out_names, outs, strict=True))
     return outs["y"], outs["wN"], outs["sN"], outs["wb"], outs.get("sb")
 
 
 def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype, bv: int, interpret=False,
-             num_warps: int | None = None):
+             num_warps: int | None = None, num_stages: int | None = None):
     """Reverse chunk loop; same contract as ``mosaic.backward``."""
     BH, N, C, dk = ch.k.shape
     dv, acc = dwN.shape[1], dwN.dtype
@@ -135,7 +146,8 @@ def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype, bv: int, inte
         o["dw0"][...] = dw
         o["ds0"][...] = ds
 
-    outs = _call(kernel, io, BH, dv // bv, N, C, dk, dv, bv, num_warps, interpret,
+    launch = (num_warps, num_stages)
+    outs = _call(kernel, io, BH, dv // bv, N, C, dk, dv, bv, launch, interpret,
                  "nested_memory_bwd")
     outs = dict(zip(io.out_names, outs, strict=True))
     return {g: outs[g] for g in gnames}, outs["dw0"], outs["ds0"]

@@ -29,7 +29,7 @@ def _interpret_arg(kernel: str, interpret: bool):
 
 @functools.cache
 def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: bool,
-              num_warps: int | None = None):
+              num_warps: int | None = None, num_stages: int | None = None):
     """(Chunk [BH,N,C,...], w0, s0 f[BH,dv,dk]) -> (y [BH,N,C,dv], wN, sN), differentiable once.
 
     kernel="xla-scan" runs ``scan_xla.scan`` through the same custom_vjp plumbing with
@@ -42,7 +42,7 @@ def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: b
         return run_fwd
     mod = _MODULES[kernel]
     interp = _interpret_arg(kernel, interpret)
-    extra = {"num_warps": num_warps} if kernel == "triton" else {}
+    extra = {"num_warps": num_warps, "num_stages": num_stages} if kernel == "triton" else {}
 
     def forward(ch, w0, s0):
         return mod.forward(ch, w0, s0, fl, op_dtype, out_dtype, bv, interpret=interp, **extra)

@@ -29,6 +29,7 @@ def _args(level=LIN, T=16):
     (dict(impl="interpret", kernel="triton", block_dv=24), "block_dv=24"),
     (dict(impl="interpret", kernel="mosaic", block_dv=4), "block_dv=4"),
     (dict(impl="interpret", kernel="triton", num_warps=3), "num_warps=3"),
+    (dict(impl="interpret", kernel="triton", num_stages=0), "num_stages=0"),
     (dict(impl="pallas"), "GPU or TPU"),
     (dict(chunk_size=0), "chunk_size=0"),
 ])
