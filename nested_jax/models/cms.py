@@ -103,9 +103,10 @@ def teach_delta(head: TeachHead, h_D: jax.Array, next_D: jax.Array) -> jax.Array
     """delta = d/dh CE(E RMSNorm_f(h), x_{t+1}) for one token; next_D = E[x_{t+1}]."""
     hn_D, pull = jax.vjp(lambda z: rms_norm(z, head.norm_scale_D, head.eps), h_D)
     table = head.embedding_VxD
-    logits_V = jnp.matmul(table.astype(hn_D.dtype), hn_D, preferred_element_type=jnp.float32)
+    acc = jnp.promote_types(hn_D.dtype, jnp.float32)  # softmax in >= float32, as the LM head
+    logits_V = jnp.matmul(table.astype(hn_D.dtype), hn_D, preferred_element_type=acc)
     p_V = jax.nn.softmax(logits_V)
-    err_D = jnp.matmul(p_V, table.astype(jnp.float32)) - next_D.astype(jnp.float32)
+    err_D = jnp.matmul(p_V, table.astype(acc)) - next_D.astype(acc)
     (delta_D,) = pull(err_D.astype(hn_D.dtype))
     return delta_D
 
@@ -192,8 +193,8 @@ class CMSSpec:
     Attributes:
       d_model: D, the residual width.
       periods: C^(l) per level, in tokens of the context flow (decisions.md #12), chain order.
-      d_ff: SwiGLU width per level.
-      lr: inner learning-rate scale lr_l per level (0 = static level).
+      d_ff: SwiGLU width per level (a single int is used for every level).
+      lr: inner learning-rate scale lr_l per level (0 = static level; a float for all).
       variant: "sequential" | "independent" | "nested".
       signal: "teach" | "reconstruction" (inner objective, decisions.md #13).
       momentum: constant inner momentum beta (0 = plain GD, the fast path).
@@ -204,8 +205,8 @@ class CMSSpec:
 
     d_model: int
     periods: tuple[int, ...] = (16, 64, 256)
-    d_ff: tuple[int, ...] = (512, 512, 512)
-    lr: tuple[float, ...] = (1e-2, 1e-2, 1e-2)
+    d_ff: int | tuple[int, ...] = 512  # one value for every level, or one per level
+    lr: float | tuple[float, ...] = 1e-2
     variant: str = "sequential"
     signal: str = "teach"
     momentum: float = 0.0
@@ -214,10 +215,14 @@ class CMSSpec:
     stop_grad: bool = False
 
     def __post_init__(self):
-        n = len(self.periods) if isinstance(self.periods, (tuple, list)) else 0
-        object.__setattr__(self, "d_ff", _per_level(self.d_ff, max(n, 1)))
-        object.__setattr__(self, "lr", _per_level(self.lr, max(n, 1)))
         validate_spec(self, prefix="")
+        if not isinstance(self.d_model, int) or self.d_model <= 0:
+            fail("d_model", self.d_model, "must be a positive int")
+        n = len(self.periods)
+        object.__setattr__(self, "d_ff", _per_level(self.d_ff, n))
+        object.__setattr__(self, "lr", tuple(float(x) for x in _per_level(self.lr, n)))
+        if min(self.d_ff) <= 0:
+            fail("d_ff", self.d_ff, "level widths must be positive ints")
 
     @property
     def n_levels(self) -> int:
@@ -365,10 +370,15 @@ class CMS(nnx.Module):
 
     # -- building blocks --
 
+    @property
+    def gate_dtype(self):
+        """Gates are >= float32 (float64 in exactness tests with float64 parameters)."""
+        return jnp.promote_types(self.lr_gate[...].dtype, jnp.float32)
+
     def etas(self) -> jax.Array:
-        """eta_l = lr_l * 2 sigmoid(g_l): f32[K]."""
-        lr = jnp.asarray(self.spec.lr, jnp.float32)
-        return lr * 2.0 * jax.nn.sigmoid(self.lr_gate[...].astype(jnp.float32))
+        """eta_l = lr_l * 2 sigmoid(g_l): f[K]."""
+        lr = jnp.asarray(self.spec.lr, self.gate_dtype)
+        return lr * 2.0 * jax.nn.sigmoid(self.lr_gate[...].astype(self.gate_dtype))
 
     def _memory(self, i: int) -> SwiGLUMemory:
         p = self.levels[0 if self.spec.variant == "nested" else i]
@@ -392,8 +402,8 @@ class CMS(nnx.Module):
 
     def _gates(self, i: int, mask_BxT: jax.Array) -> nm.Gates:
         """Per-token gates f[B, T, 1]: eta_l masked, constant alpha and beta."""
-        eta = self.etas()[i] * mask_BxT.astype(jnp.float32)
-        full = lambda c: jnp.full(mask_BxT.shape, c, jnp.float32)
+        eta = self.etas()[i] * mask_BxT.astype(self.gate_dtype)
+        full = lambda c: jnp.full(mask_BxT.shape, c, self.gate_dtype)
         return nm.Gates(eta[..., None], full(self.spec.retention)[..., None],
                         full(self.spec.momentum)[..., None])
 
@@ -410,7 +420,7 @@ class CMS(nnx.Module):
                  next_BxTxD: jax.Array | None = None) -> jax.Array:
         """Residual stream in -> out over a whole sequence. next_BxTxD: E[x_{t+1}] (teach)."""
         B, T, D = x_BxTxD.shape
-        mask_BxT = jnp.ones((B, T), jnp.float32)
+        mask_BxT = jnp.ones((B, T), self.gate_dtype)
         if self.spec.signal == "teach":
             if next_BxTxD is None:
                 raise ValueError("the teach signal needs next_BxTxD = next_embeddings(emb).")
@@ -475,7 +485,7 @@ class CMS(nnx.Module):
         """Apply the lagged write of token t-1 to stream st (skipped at t = 0)."""
         etas = self.etas()
         B = pending_BxD.shape[0]
-        g = lambda c: jnp.full((B, 1), c, jnp.float32)
+        g = lambda c: jnp.full((B, 1), c, self.gate_dtype)
         gates = nm.Gates(g(1.0) * etas[i], g(self.spec.retention), g(self.spec.momentum))
         k = pending_BxD[:, None]
         v = (emb_BxD if self.spec.signal == "teach" else pending_BxD)[:, None].astype(k.dtype)

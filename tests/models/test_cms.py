@@ -1,0 +1,298 @@
+"""CMS (paper §5, eq. 71; decisions #12-#15) against per-token references, in float64.
+
+The references below are written from the equations, independently of the engine: a Python loop
+over tokens that reads the chunk-boundary weights and, once a chunk has ended, applies its
+accumulated inner gradient (the teach signal from jax.grad of the next-token cross-entropy).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nested_jax import memory as nm
+from nested_jax.models import cms as C
+
+D, V, F, B, T = 8, 11, 12, 2, 13
+TOL = 1e-12
+LR = (0.05, 0.03, 0.08)
+
+
+def _setup(variant="sequential", signal="teach", periods=(3, 5, 2), lr=None, momentum=0.0,
+           retention=1.0, dtype=jnp.float64, seed=0):
+    lr = LR[:len(periods)] if lr is None else lr
+    spec = C.CMSSpec(d_model=D, periods=periods, d_ff=F, lr=lr, variant=variant, signal=signal,
+                     momentum=momentum, retention=retention)
+    model = C.CMS(spec, n_layers=2, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
+    ks = jax.random.split(jax.random.key(seed + 1), 8)
+    normal = lambda k, shape, std: std * jax.random.normal(k, shape, dtype)
+    for i, p in enumerate(model.levels):  # non-trivial outer parameters everywhere
+        p.gate[...] = normal(jax.random.fold_in(ks[0], i), (D, F), 0.3)
+        p.up[...] = normal(jax.random.fold_in(ks[1], i), (D, F), 0.3)
+        p.down[...] = normal(jax.random.fold_in(ks[2], i), (F, D), 0.2)
+        p.norm.scale[...] = 1.0 + normal(jax.random.fold_in(ks[3], i), (D,), 0.2)
+    model.lr_gate[...] = normal(ks[4], (spec.n_levels,), 0.3)
+    if variant == "independent":
+        model.mix[...] = 1.0 + normal(ks[5], (spec.n_levels,), 0.3)
+    head = C.TeachHead(normal(ks[6], (V, D), 0.5), 1.0 + normal(ks[7], (D,), 0.2), 1e-6)
+    tokens = jax.random.randint(jax.random.key(seed + 2), (B, T), 0, V)
+    x = jax.random.normal(jax.random.key(seed + 3), (B, T, D), dtype)
+    return model, head, tokens, x
+
+
+# ---- independent references ------------------------------------------------------------------
+
+
+def _rms(x, scale, eps=1e-6):
+    return x / jnp.sqrt(jnp.mean(x * x) + eps) * scale
+
+
+def _branch(w, scale, mix, r):
+    n = _rms(r, scale)
+    return mix * ((jax.nn.silu(n @ w["gate"]) * (n @ w["up"])) @ w["down"])
+
+
+@functools.partial(jax.jit, static_argnames="signal")
+def _token_grad(w, scale, mix, r, table, f_scale, next_tok, signal):
+    """grad_W of one token's inner loss at weights w (the chunk boundary), from the definitions."""
+    if signal == "teach":
+        ce = lambda h: -jax.nn.log_softmax(table @ _rms(h, f_scale))[next_tok]
+        delta = jax.grad(ce)(r + _branch(w, scale, mix, r))  # d CE / d (stream after the level)
+        return jax.grad(lambda w: jnp.dot(_branch(w, scale, mix, r), delta))(w)
+    n = _rms(r, scale)
+    return jax.grad(lambda w: 0.5 * jnp.sum((_branch(w, scale, mix, r) - n) ** 2))(w)
+
+
+_branch_jit = jax.jit(_branch)
+
+
+def _level_args(model, i):
+    s = model.spec
+    p = model.levels[0 if s.variant == "nested" else i]
+    mix = model.mix[...][i] if s.variant == "independent" else jnp.ones((), p.gate[...].dtype)
+    return p.weights(), p.norm.scale[...], mix
+
+
+def _reference_level(model, i, r_TxD, tokens_T, head):
+    """Eq. 71 for one level and one sequence, token by token. Returns the branch outputs."""
+    s = model.spec
+    w, scale, mix = _level_args(model, i)
+    eta = float(model.etas()[i])
+    mom = jax.tree.map(jnp.zeros_like, w)
+    boundary = w
+    out = []
+    for t in range(T):
+        if t % s.periods[i] == 0:
+            boundary = w  # the accumulated update of the last chunk becomes visible
+        out.append(_branch_jit(boundary, scale, mix, r_TxD[t]))
+        eta_t = 0.0 if (s.signal == "teach" and t == T - 1) else eta  # no next token: masked
+        g = _token_grad(boundary, scale, mix, r_TxD[t], head.embedding_VxD, head.norm_scale_D,
+                        tokens_T[min(t + 1, T - 1)], s.signal)
+        mom = jax.tree.map(lambda m, g: s.momentum * m - eta_t * g, mom, g)
+        w = jax.tree.map(lambda a, m: s.retention * a + m, w, mom)
+    return jnp.stack(out)
+
+
+def _reference(model, head, tokens, x):
+    s = model.spec
+    outs = []
+    for b in range(B):
+        r, total = x[b], x[b]
+        for i in range(s.n_levels):
+            y = _reference_level(model, i, r, tokens[b], head)
+            if s.variant == "sequential":
+                r = r + y
+            else:
+                total = total + y
+        outs.append(r if s.variant == "sequential" else total)
+    return jnp.stack(outs)
+
+
+def _reference_nested(model, head, tokens, x):
+    """Nested variant token by token: Reptile absorption fast -> slow, then re-init slow -> fast."""
+    s = model.spec
+    K, P = s.n_levels, s.periods
+    lam = [min(1.0, float(e)) for e in model.etas()]
+    eta = float(model.etas()[K - 1])
+    w0, scale, mix = _level_args(model, 0)
+    outs = []
+    for b in range(B):
+        thetas = [w0] * K  # thetas[K-1] is the fast level, the one read
+        boundary = w0
+        ys = []
+        for t in range(T):
+            if t > 0:
+                for si in reversed(range(K - 1)):
+                    if t % P[si] == 0:
+                        thetas[si] = jax.tree.map(lambda a, c, lm=lam[si]: a + lm * (c - a),
+                                                  thetas[si], thetas[si + 1])
+                for si in range(K - 1):
+                    if t % P[si] == 0:
+                        thetas[si + 1] = thetas[si]
+            if t % P[-1] == 0:
+                boundary = thetas[-1]
+            ys.append(x[b, t] + _branch_jit(boundary, scale, mix, x[b, t]))
+            eta_t = 0.0 if (s.signal == "teach" and t == T - 1) else eta
+            g = _token_grad(boundary, scale, mix, x[b, t], head.embedding_VxD, head.norm_scale_D,
+                            tokens[b, min(t + 1, T - 1)], s.signal)
+            thetas[-1] = jax.tree.map(lambda a, g: a - eta_t * g, thetas[-1], g)
+        outs.append(jnp.stack(ys))
+    return jnp.stack(outs)
+
+
+def _forward(model, head, tokens, x):
+    nxt = C.next_embeddings(head.embedding_VxD[tokens])
+    return nnx.jit(lambda m, x, nxt: m(x, head, nxt))(model, x, nxt)
+
+
+def _decode(model, head, tokens, x):
+    emb = head.embedding_VxD[tokens]
+    step = nnx.jit(lambda m, x, st, e: m.decode(x, st, head, e))
+    state = model.init_state(x.shape[0])
+    outs = []
+    for t in range(T):
+        y, state = step(model, x[:, t:t + 1], state, emb[:, t:t + 1])
+        outs.append(y)
+    return jnp.concatenate(outs, axis=1)
+
+
+def _static(model, x):
+    """Every lr 0: a stack of residual SwiGLU MLPs with the initial weights."""
+    s = model.spec
+    r, total = x, x
+    for i in range(s.n_levels):
+        w, scale, mix = _level_args(model, i)
+        y = jax.vmap(jax.vmap(lambda z, w=w, scale=scale, mix=mix: _branch(w, scale, mix, z)))(r)
+        if s.variant == "nested":
+            return x + y
+        if s.variant == "sequential":
+            r = r + y
+        else:
+            total = total + y
+    return r if s.variant == "sequential" else total
+
+
+# ---- tests ----------------------------------------------------------------------------------
+
+
+def test_teach_delta_is_the_logit_lens_gradient(x64):
+    """delta = d/dh CE(E RMSNorm_f(h), x_{t+1}): the next-token error through norm + tied head."""
+    _, head, tokens, x = _setup()
+    for t in range(3):
+        h, nxt = x[0, t], tokens[0, t + 1]
+        want = jax.grad(lambda h: -jax.nn.log_softmax(
+            head.embedding_VxD @ _rms(h, head.norm_scale_D))[nxt])(h)
+        got = C.teach_delta(head, h, head.embedding_VxD[nxt])
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("signal", ["teach", "reconstruction"])
+def test_level_chunked_equals_engine_oracle(x64, signal):
+    """A CMS level on the engine: the chunked path at C = 1 == the per-token oracle."""
+    model, head, tokens, x = _setup(signal=signal)
+    level = model._level(0, head)
+    st = model._init_state(0, B)
+    q = x[:, :, None]
+    v = C.next_embeddings(head.embedding_VxD[tokens])[:, :, None]
+    g = model._gates(0, jnp.ones((B, T), jnp.float64))
+    run = jax.jit(lambda path: nm.apply(level, st, q, q, v, g, chunk_size=1, path=path),
+                  static_argnums=0)
+    for a, b in zip(jax.tree.leaves(run("oracle")), jax.tree.leaves(run("chunked")), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
+
+
+CASES = [
+    dict(variant="sequential", signal="teach"),
+    dict(variant="sequential", signal="reconstruction", periods=(3, 5)),
+    dict(variant="independent", signal="teach", periods=(3, 5)),
+    dict(variant="sequential", signal="teach", periods=(3,), momentum=0.6, retention=0.9),
+    dict(variant="nested", signal="teach", periods=(6, 3, 1), lr=(0.5, 0.7, 0.05)),
+    dict(variant="nested", signal="reconstruction", periods=(4, 2), lr=(0.5, 0.05)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_forward_equals_reference_and_decode(x64, case):
+    """Eq. 71: boundary reads, the chunk's accumulated inner gradient visible from the next chunk,
+    ragged last chunks (T = 13), the last token masked for the teach signal (nested: the Reptile
+    reading of the module docstring).  Streaming, where the write of token t lands at step t + 1,
+    gives the same outputs."""
+    model, head, tokens, x = _setup(**case)
+    got = _forward(model, head, tokens, x)
+    ref = _reference_nested if case["variant"] == "nested" else _reference
+    np.testing.assert_allclose(got, ref(model, head, tokens, x), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(_decode(model, head, tokens, x), got, rtol=0, atol=TOL)
+    assert float(jnp.max(jnp.abs(got - _static(model, x)))) > 1e-2  # the levels did learn
+
+
+@pytest.mark.parametrize("variant", ["sequential", "independent", "nested"])
+def test_zero_learning_rates_give_the_static_network(x64, variant):
+    periods = (4, 2) if variant == "nested" else (3, 5)
+    model, head, tokens, x = _setup(variant, periods=periods, lr=0.0)
+    np.testing.assert_allclose(_forward(model, head, tokens, x), _static(model, x), rtol=0,
+                               atol=TOL)
+
+
+@pytest.mark.parametrize("variant", ["sequential", "independent", "nested"])
+def test_outer_gradients_reach_every_initial_state(variant):
+    """Levels' initial weights are meta-learned: outer gradients reach all of them, finite."""
+    periods = (4, 2) if variant == "nested" else (3, 5)
+    model, head, tokens, x = _setup(variant, periods=periods, dtype=jnp.float32)
+    nxt = C.next_embeddings(head.embedding_VxD[tokens])
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, head, nxt) ** 2)))(model)
+    for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
+        assert np.all(np.isfinite(g)), path
+        assert float(jnp.max(jnp.abs(g))) > 0, path
+
+
+def test_initial_weights_reach_later_chunks_through_the_updates(x64):
+    """d out[t >= C] / d W_init differs from the static network's: gradients flow through the
+    inner updates (decision #4), not only through the read."""
+    model, head, tokens, x = _setup(periods=(4,), lr=0.1)
+    nxt = C.next_embeddings(head.embedding_VxD[tokens])
+    loss = lambda m: jnp.sum(m(x, head, nxt)[:, 4:])
+    grad = nnx.jit(nnx.grad(loss))
+    learned = grad(model).levels[0].gate[...]
+    model.lr_gate[...] = jnp.full((1,), -jnp.inf)  # eta = 0 exactly
+    static = grad(model).levels[0].gate[...]
+    assert float(jnp.max(jnp.abs(learned - static))) > 1e-6
+
+
+def test_batch_rows_have_their_own_fast_state(x64):
+    model, head, tokens, x = _setup(periods=(3,))
+    full = _forward(model, head, tokens, x)
+    one = _forward(model, head, tokens[1:], x[1:])
+    np.testing.assert_allclose(one[0], full[1], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(periods=()), "periods"),
+        (dict(periods=(4, 0)), "periods"),
+        (dict(periods=(4, 2.5)), "periods"),
+        (dict(periods=(4, 8), d_ff=(8, 8, 8)), "d_ff"),
+        (dict(periods=(4,), d_ff=0), "d_ff"),
+        (dict(periods=(4,), lr=-1.0), "lr"),
+        (dict(periods=(4,), variant="stacked"), "variant"),
+        (dict(periods=(4,), signal="l1"), "signal"),
+        (dict(periods=(4,), momentum=1.0), "momentum"),
+        (dict(periods=(4,), retention=0.0), "retention"),
+        (dict(periods=(4, 8), variant="nested"), "periods"),
+        (dict(periods=(8, 3), variant="nested"), "periods"),
+        (dict(periods=(8, 4), variant="nested", d_ff=(8, 16)), "d_ff"),
+        (dict(periods=(8, 4), variant="nested", lr=(1.5, 0.1)), "lr"),
+    ],
+)
+def test_spec_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        C.CMSSpec(d_model=D, **kw)
+
+
+def test_teach_signal_needs_the_head():
+    model, _, _, x = _setup(dtype=jnp.float32)
+    with pytest.raises(ValueError, match="TeachHead"):
+        model(x, None, x)
