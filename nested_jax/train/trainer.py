@@ -81,10 +81,14 @@ class Run:
 
     def init_state(self) -> dict:
         """Fresh parameters and optimizer state, created directly in their shardings."""
-        return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+        # The seed is an argument, not a constant: with no inputs XLA would try to
+        # constant-fold every random initializer at compile time (minutes on GPU).
+        seed = jax.numpy.asarray(self.cfg.seed, jax.numpy.uint32)
+        return jax.jit(self._init_fn, out_shardings=self.state_shardings)(seed)
 
-    def _init_fn(self) -> dict:
-        model = models.create(self.cfg.model, self.model_cfg, rngs=nnx.Rngs(self.cfg.seed))
+    def _init_fn(self, seed: jax.Array) -> dict:
+        rngs = nnx.Rngs(jax.random.key(seed))
+        model = models.create(self.cfg.model, self.model_cfg, rngs=rngs)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return dict(params=params, rest=rest, opt_state=self.tx.init(params),
                     **step_lib.init_guard_counters())
@@ -190,7 +194,7 @@ def prepare(cfg: TrainConfig, workdir: epath.PathLike,
               documents=documents, mesh=mesh, graphdef=graphdef, abstract_model=abstract,
               n_params=models.count_params(abstract), tx=tx, state_shardings=shardings,
               abstract_state={})
-    shapes = jax.eval_shape(run._init_fn)
+    shapes = jax.eval_shape(run._init_fn, jax.ShapeDtypeStruct((), jax.numpy.uint32))
     run.abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return run

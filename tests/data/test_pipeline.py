@@ -15,6 +15,8 @@ DOCS = [f"<doc{i:03d}> " + "abcdefghij"[: 1 + i % 10] * (1 + i % 4) for i in ran
 
 @pytest.fixture(params=["grain", "numpy"])
 def backend(request, monkeypatch):
+    if request.param == "grain" and not pipeline.grain_available():
+        pytest.skip("grain is not installed")
     if request.param == "numpy":
         monkeypatch.setattr(pipeline, "grain_available", lambda: False)
     return request.param

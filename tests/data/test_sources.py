@@ -30,7 +30,9 @@ def test_jsonl_with_text_field(tmp_path):
 
 
 def test_array_record(tmp_path):
-    from array_record.python.array_record_module import ArrayRecordWriter
+    pytest.importorskip("grain")
+    module = pytest.importorskip("array_record.python.array_record_module")
+    ArrayRecordWriter = module.ArrayRecordWriter
 
     path = tmp_path / "docs.array_record"
     writer = ArrayRecordWriter(str(path), "group_size:1")

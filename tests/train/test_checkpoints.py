@@ -31,6 +31,8 @@ def _abstract():
 
 @pytest.fixture(params=["grain", "numpy"])
 def backend(request, monkeypatch):
+    if request.param == "grain" and not pipeline.grain_available():
+        pytest.skip("grain is not installed")
     if request.param == "numpy":
         monkeypatch.setattr(pipeline, "grain_available", lambda: False)
     return request.param

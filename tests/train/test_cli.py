@@ -1,6 +1,7 @@
 """`nested-jax` end to end (train -> resume -> eval -> generate) and its config errors."""
 
 import dataclasses
+import importlib.util
 import json
 import re
 
@@ -30,7 +31,8 @@ def test_train_resume_eval_generate(corpus, tmp_path, capsys):
     assert (s0, s1) == (0, 8) and after < before
     for name in ("config.json", "run.json", "metrics.jsonl", "loss_curve.png", "train.log"):
         assert (workdir / name).exists(), name
-    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    if importlib.util.find_spec("tensorboardX"):
+        assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((workdir / "run.json").read_text())["tokenizer"] == "byte"
 
     # a larger --steps resumes the saved run
