@@ -33,7 +33,7 @@ def test_causality(use_jit):
     grad = jax.grad(out_at)
     if use_jit:
         grad = jax.jit(grad, static_argnums=1)
-    for t in (0, 5, T - 2):
+    for t in (0, T - 2) if not use_jit else (0, 5, T - 2):
         g_BxTxD = np.asarray(grad(x_BxTxD, t))
         assert np.all(g_BxTxD[:, t + 1:] == 0.0), f"position {t} sees the future"
         assert np.any(g_BxTxD[:, : t + 1] != 0.0)
@@ -42,14 +42,16 @@ def test_causality(use_jit):
 def test_batch_independence():
     model = _model()
     tokens = _tokens(B=3)
-    full = model(tokens)
+    forward = nnx.jit(lambda m, t: m(t))
+    full = forward(model, tokens)
     for b in range(3):
-        np.testing.assert_allclose(model(tokens[b:b + 1])[0], full[b], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(forward(model, tokens[b:b + 1])[0], full[b], rtol=1e-5,
+                                   atol=1e-5)
 
     def row0_loss(x):
         return model.forward_embedded(x)[0].sum()
 
-    g = jax.grad(row0_loss)(model.embed(tokens))
+    g = jax.jit(jax.grad(row0_loss))(model.embed(tokens))
     assert np.all(np.asarray(g[1:]) == 0.0)
 
 
@@ -83,9 +85,10 @@ def test_remat_is_numerically_the_same():
         return model(tokens).mean()
 
     a, b = _model(), _model(remat=True)
-    np.testing.assert_allclose(loss(a), loss(b), rtol=1e-6)
-    ga = jax.tree.leaves(nnx.grad(loss)(a))
-    gb = jax.tree.leaves(nnx.grad(loss)(b))
+    value_and_grad = nnx.jit(nnx.value_and_grad(loss))
+    (la, ga), (lb, gb) = value_and_grad(a), value_and_grad(b)
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    ga, gb = jax.tree.leaves(ga), jax.tree.leaves(gb)
     for x, y in zip(ga, gb, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
