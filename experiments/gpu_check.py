@@ -302,6 +302,12 @@ def main():
     if SMOKE:
         (s1, s2, s3), d1, d2 = ((1, 64, 2, 16), (1, 64, 1, 32), (1, 32, 2, 32)), 16, 32
     hope = LEVELS["hope (l2, momentum, DGD)"]
+    for shape, d in ((s1, d1), (s2, d2), (s3, d2)):
+        p = make_plan(hope(d), d, d, C, jnp.bfloat16, KERNEL_IMPL, "triton")
+        say(f"- plan at {shape}: padded dk={p.dk} dv={p.dv}, block_dv={p.bv}, programs "
+            f"{shape[0] * shape[2] * (p.dv // p.bv)} x {shape[1] // C} chunks; warps/stages "
+            "default (fwd 4/2 at d=64, bwd 8/1)")
+    say()
     memory_rows(s1, hope(d1), KERNEL_IMPL, "kernel (hope)")
     memory_rows(s1, hope(d1), "xla", "XLA dual (hope)")
     attention_rows(s1)

@@ -10,6 +10,9 @@ and dv to powers of two >= 16 (zero padding is exact here) and requires C to be 
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -64,7 +67,20 @@ def _launch(bv, dk, backward, num_warps=None, num_stages=None):
     return triton_params(num_warps=num_warps, num_stages=num_stages)
 
 
+# jax 0.11 deprecates Pallas' Triton backend in favour of Mosaic GPU and warns at every
+# lowering.  The warning is known (see docs/paper_map/kernels.md); it is silenced by its exact
+# text, once, when these kernels are first used, so a project-wide "DeprecationWarning is an
+# error" filter does not turn every Triton compile into a failure.
+TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"
+
+
+@functools.cache
+def _quiet_triton_deprecation():
+    warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+
+
 def _call(kernel, io, BH, nt, N, C, dk, dv, bv, launch, interpret, name):
+    _quiet_triton_deprecation()
     blocks = _blocks(C, dk, bv, N)
     return pl.pallas_call(
         kernel,
