@@ -50,7 +50,9 @@ def generate(workdir: str | pathlib.Path, prompt: str, *, max_new_tokens: int = 
         logits_BxV, cache = model.decode_step(cache, token_B)
         return sample(logits_BxV, key, temperature, top_k), cache
 
-    cache = run.model(state).init_state(1)
+    # Copy once: a model may return one buffer twice (e.g. equal zero caches), which
+    # cannot be donated twice; every later state comes out of jit in fresh buffers.
+    cache = jax.tree.map(lambda x: jnp.array(x, copy=True), run.model(state).init_state(1))
     key = jax.random.key(seed)
     for t in ids:
         key, sub = jax.random.split(key)

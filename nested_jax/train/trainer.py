@@ -14,6 +14,7 @@ vocabulary, sequence length, mesh, batch split) before anything is compiled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -275,8 +276,20 @@ def _write_run_info(run: Run) -> None:
 def _add_log_file(workdir: epath.Path) -> logging.Handler:
     handler = logging.FileHandler(workdir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("nested_jax").addHandler(handler)
+    logger = logging.getLogger("nested_jax")
+    if logger.level == logging.NOTSET:  # library use without logging config: still log INFO
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
     return handler
+
+
+def _console_through(bar):
+    """Route console log lines through tqdm so they do not break the progress bar."""
+    if bar is None:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logging.getLogger()])
 
 
 def train(cfg: TrainConfig, workdir: epath.PathLike, *,
@@ -402,7 +415,7 @@ def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
 
     stop = _StopFlag()
     try:
-        with stop:
+        with stop, _console_through(bar):
             for step in range(start + 1, cfg.steps + 1):
                 state, m = train_step(state, global_batch(next(data_it), run))
                 if pending is not None:
@@ -427,6 +440,9 @@ def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
                     timer["t"], timer["step"] = time.time(), step
             if pending is not None:
                 handle(*pending)
+    except BaseException:
+        metrics.close()
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -435,6 +451,7 @@ def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
     if not summary["preempted"]:
         summary["ppl_after"] = evaluate(summary["final_step"], state)
         if primary:
+            metrics.flush()
             png = plot_loss_curve(metrics.path, workdir / "loss_curve.png")
             log.info("loss curve: %s", png)
     metrics.close()
