@@ -93,7 +93,11 @@ def build(cfg: Any, total_steps: int) -> optax.GradientTransformation:
                    adam_weight_decay=cfg.weight_decay,
                    muon_weight_dimension_numbers=_muon_dimensions)
     elif name in NESTED_OPTIMIZERS:
-        tx = _call(_nested_optimizer(name), lr, cfg, weight_decay=cfg.weight_decay)
+        factory = _nested_optimizer(name)
+        module = importlib.import_module("nested_jax.optim")
+        # Newton-Schulz variants (M3) orthogonalize matrices and pass vectors through.
+        tx = _call(factory, lr, cfg, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
+                   weight_dimension_numbers=getattr(module, "matrix_dimension_numbers", None))
     elif ":" in name:
         module, _, attr = name.partition(":")
         try:

@@ -1,0 +1,65 @@
+"""Optimizers by name, the schedule, and the clipping in front of every optimizer."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from nested_jax.train import optimizers
+from nested_jax.train.config import OptimConfig
+
+PARAMS = {"embed": {"embedding": jnp.ones((16, 8))}, "mlp": {"kernel": jnp.ones((8, 8))},
+          "norm": {"scale": jnp.ones((8,))}}
+
+
+def _one_update(cfg):
+    tx = optimizers.build(cfg, total_steps=10)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), PARAMS)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(PARAMS), PARAMS)
+    return updates
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "lion", "sgd", "muon", "adafactor",
+                                  "optax:adamw"])
+def test_named_optimizers_build_and_update(name):
+    updates = _one_update(OptimConfig(name=name, warmup_steps=0))
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("name", optimizers.NESTED_OPTIMIZERS)
+def test_deep_optimizers_from_nested_jax_optim(name):
+    pytest.importorskip("nested_jax.optim")
+    updates = _one_update(OptimConfig(name=name, warmup_steps=0))
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_unknown_names_are_reported():
+    with pytest.raises(ValueError, match="optim.name='nadamax_x'"):
+        optimizers.build(OptimConfig(name="nadamax_x"), 10)
+    with pytest.raises(ValueError, match="cannot import"):
+        optimizers.build(OptimConfig(name="no_such_module:f"), 10)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_then_decays(kind):
+    cfg = OptimConfig(learning_rate=1.0, warmup_steps=10, schedule=kind, min_lr_ratio=0.1)
+    lr = optimizers.schedule(cfg, total_steps=100)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    end = 1.0 if kind == "constant" else 0.1
+    assert float(lr(100)) == pytest.approx(end, abs=1e-6)
+
+
+def test_gradients_are_clipped_first():
+    cfg = OptimConfig(name="sgd", learning_rate=1.0, warmup_steps=0, schedule="constant",
+                      grad_clip=1.0, b1=0.0)
+    tx = optimizers.build(cfg, 10)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 100.0), PARAMS)
+    updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+    np.testing.assert_allclose(float(optax.tree.norm(updates)), 1.0, rtol=1e-5)
+    unclipped = optimizers.build(dataclasses.replace(cfg, grad_clip=0.0), 10)
+    updates, _ = unclipped.update(grads, unclipped.init(PARAMS), PARAMS)
+    assert float(optax.tree.norm(updates)) > 100
