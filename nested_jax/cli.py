@@ -185,11 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nested_jax.data.fetch import FetchError
+
     args = build_parser().parse_args(argv)
     _setup_logging(not args.quiet)
     try:
         return args.func(args)
-    except ValueError as e:  # config errors: one line naming the field and the fix
+    except (ValueError, FetchError) as e:  # config/data errors: the field and the fix
         log.error("%s", e)
         log.debug("traceback", exc_info=True)
         return 2
