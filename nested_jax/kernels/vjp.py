@@ -21,6 +21,26 @@ from nested_jax.kernels.compat import tpu_interpret
 _MODULES = {"mosaic": mosaic, "triton": triton}
 
 
+SECOND_ORDER = ("the Pallas kernels are differentiable once (custom_vjp, backward kernel); "
+                "for grad-of-grad or forward mode use linear_memory(..., impl='xla').")
+
+
+def _first_order_only(fn):
+    """Wrap a kernel so differentiating it (grad-of-grad: the outer derivative goes through
+    the saved residuals and the backward kernel) fails with a clear message instead of JAX's
+    'Linearization failed' about pallas_call."""
+
+    @jax.custom_jvp
+    def wrapped(*args):
+        return fn(*args)
+
+    @wrapped.defjvp
+    def _(primals, tangents):
+        raise ValueError(SECOND_ORDER)
+
+    return wrapped
+
+
 def _interpret_arg(kernel: str, interpret: bool):
     if not interpret:
         return False
@@ -44,8 +64,13 @@ def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: b
     interp = _interpret_arg(kernel, interpret)
     extra = {"num_warps": num_warps, "num_stages": num_stages} if kernel == "triton" else {}
 
-    def forward(ch, w0, s0):
-        return mod.forward(ch, w0, s0, fl, op_dtype, out_dtype, bv, interpret=interp, **extra)
+    forward = _first_order_only(
+        lambda ch, w0, s0: mod.forward(ch, w0, s0, fl, op_dtype, out_dtype, bv,
+                                       interpret=interp, **extra))
+
+    backward = _first_order_only(
+        lambda ch, wb, sb, dy, dwn, dsn: mod.backward(ch, wb, sb, dy, dwn, dsn, fl, op_dtype, bv,
+                                                      interpret=interp, **extra))
 
     @jax.custom_vjp
     def core(ch: Chunk, w0, s0):
@@ -60,8 +85,7 @@ def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: b
         ch, wb, sb, s0 = res
         dy, dwn, dsn = cts
         acc = wb.dtype
-        grads, dw0, ds0 = mod.backward(ch, wb, sb, dy, dwn.astype(acc), dsn.astype(acc), fl,
-                                       op_dtype, bv, interpret=interp, **extra)
+        grads, dw0, ds0 = backward(ch, wb, sb, dy, dwn.astype(acc), dsn.astype(acc))
         out = {}
         for name in Chunk._fields:
             primal = getattr(ch, name)

@@ -89,3 +89,13 @@ def test_bad_shapes_are_caught_before_any_work():
 def test_plan_tiles(kernel, dk, dv, want):
     p = make_plan(LIN, dk, dv, 64, jnp.bfloat16, "pallas", kernel)
     assert (p.dk, p.dv, p.bv) == want
+
+
+def test_second_order_names_the_xla_path():
+    """The kernels are differentiable once; grad-of-grad says to use impl='xla'."""
+    level = nm.Level(nm.LinearMemory(16, 16), "l2", nm.DGD)
+    st, q, k, v, g = inputs(level, 0, T=32)
+    f = lambda q: jnp.sum(linear_memory(level, st, q, k, v, g, chunk_size=16, impl="interpret",
+                                        kernel="triton")[0] ** 2)
+    with pytest.raises(ValueError, match="impl='xla'"):
+        jax.grad(lambda q: jnp.sum(jax.grad(f)(q) ** 2))(q)
