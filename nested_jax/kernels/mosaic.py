@@ -77,11 +77,13 @@ def _call(kernel, io, grid_dims, C, dk, dv, bv, reverse, interpret, name):
     )(*io.args)
 
 
-def forward(ch: Chunk, w0, s0, fl: Flags, op_dtype, out_dtype, bv: int, interpret=False):
-    """Same contract as ``scan_xla.scan``: returns (y, wN, sN, wb, sb); sb is None w/o momentum."""
+def forward(ch: Chunk, w0, s0, fl: Flags, op_dtype, out_dtype, bv: int, interpret=False,
+            save: bool = True):
+    """Same contract as ``scan_xla.scan``: returns (y, wN, sN, wb, sb); sb is None w/o momentum,
+    wb and sb are None with save=False."""
     BH, N, C, dk = ch.k.shape
     dv, acc = w0.shape[1], w0.dtype
-    io = forward_io(ch, w0, s0, fl, out_dtype)
+    io = forward_io(ch, w0, s0, fl, out_dtype, save)
     dot = chunk_math.make_dot(op_dtype, acc)
 
     def kernel(*refs):
@@ -97,8 +99,9 @@ def forward(ch: Chunk, w0, s0, fl: Flags, op_dtype, out_dtype, bv: int, interpre
             s_acc[...] = r["s0"][...].astype(acc) if fl.momentum else jnp.zeros(s_acc.shape, acc)
 
         w, s = w_acc[...], s_acc[...]
-        o["wb"][...] = w
-        if fl.momentum:
+        if save:
+            o["wb"][...] = w
+        if save and fl.momentum:
             o["sb"][...] = s
         y, w1, s1 = chunk_math.forward(_load_chunk(r, fl, acc), w, s, fl, dot, acc)
         o["y"][...] = y.astype(out_dtype)
@@ -113,7 +116,7 @@ def forward(ch: Chunk, w0, s0, fl: Flags, op_dtype, out_dtype, bv: int, interpre
     outs = _call(kernel, io, (BH, dv // bv, N), C, dk, dv, bv, False, interpret,
                  "nested_memory_fwd")
     outs = dict(zip(io.out_names, outs, strict=True))
-    return outs["y"], outs["wN"], outs["sN"], outs["wb"], outs.get("sb")
+    return outs["y"], outs["wN"], outs["sN"], outs.get("wb"), outs.get("sb")
 
 
 def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype, bv: int, interpret=False):

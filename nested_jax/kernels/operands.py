@@ -59,11 +59,12 @@ class Io(NamedTuple):
     out_dtypes: list
 
 
-def forward_io(ch: Chunk, w0, s0, fl: Flags, out_dtype) -> Io:
+def forward_io(ch: Chunk, w0, s0, fl: Flags, out_dtype, save: bool = True) -> Io:
+    """save=False (no backward will run): no boundary-state outputs, ~1/3 less HBM traffic."""
     names = chunk_names(fl)
     state = ["w0"] + (["s0"] if fl.momentum else [])
     args = [getattr(ch, n) for n in names] + [w0] + ([s0] if fl.momentum else [])
-    outs = ["y", "wN", "sN", "wb"] + (["sb"] if fl.momentum else [])
+    outs = ["y", "wN", "sN"] + (["wb"] + (["sb"] if fl.momentum else []) if save else [])
     kinds = {"y": "val", "wN": "state", "sN": "state", "wb": "bstate", "sb": "bstate"}
     return Io(names + state, args, [CHUNK_KINDS[n] for n in names] + ["state"] * len(state),
               outs, [kinds[o] for o in outs], [out_dtype if o == "y" else w0.dtype for o in outs])

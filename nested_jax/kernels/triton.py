@@ -96,11 +96,13 @@ def _call(kernel, io, BH, nt, N, C, dk, dv, bv, launch, interpret, name):
 
 
 def forward(ch: Chunk, w0, s0, fl: Flags, op_dtype, out_dtype, bv: int, interpret=False,
+            save: bool = True,
             num_warps: int | None = None, num_stages: int | None = None):
-    """Same contract as ``scan_xla.scan``: returns (y, wN, sN, wb, sb); sb is None w/o momentum."""
+    """Same contract as ``scan_xla.scan``: returns (y, wN, sN, wb, sb); sb is None w/o momentum,
+    wb and sb are None with save=False."""
     BH, N, C, dk = ch.k.shape
     dv, acc = w0.shape[1], w0.dtype
-    io = forward_io(ch, w0, s0, fl, out_dtype)
+    io = forward_io(ch, w0, s0, fl, out_dtype, save)
     dot = chunk_math.make_dot(op_dtype, acc)
 
     def kernel(*refs):
@@ -109,8 +111,9 @@ def forward(ch: Chunk, w0, s0, fl: Flags, op_dtype, out_dtype, bv: int, interpre
 
         def body(n, carry):
             w, s = carry
-            o["wb"][n] = w
-            if fl.momentum:
+            if save:
+                o["wb"][n] = w
+            if save and fl.momentum:
                 o["sb"][n] = s
             y, w1, s1 = chunk_math.forward(_load_chunk(r, n, fl, acc), w, s, fl, dot, acc)
             o["y"][n] = y.astype(out_dtype)
@@ -126,7 +129,7 @@ def forward(ch: Chunk, w0, s0, fl: Flags, op_dtype, out_dtype, bv: int, interpre
     outs = _call(kernel, io, BH, dv // bv, N, C, dk, dv, bv, launch, interpret,
                  "nested_memory_fwd")
     outs = dict(zip(io.out_names, outs, strict=True))
-    return outs["y"], outs["wN"], outs["sN"], outs["wb"], outs.get("sb")
+    return outs["y"], outs["wN"], outs["sN"], outs.get("wb"), outs.get("sb")
 
 
 def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype, bv: int, interpret=False,

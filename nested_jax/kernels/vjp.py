@@ -64,9 +64,12 @@ def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: b
     interp = _interpret_arg(kernel, interpret)
     extra = {"num_warps": num_warps, "num_stages": num_stages} if kernel == "triton" else {}
 
-    forward = _first_order_only(
-        lambda ch, w0, s0: mod.forward(ch, w0, s0, fl, op_dtype, out_dtype, bv,
-                                       interpret=interp, **extra))
+    def kernel_fwd(save):
+        return _first_order_only(
+            lambda ch, w0, s0: mod.forward(ch, w0, s0, fl, op_dtype, out_dtype, bv,
+                                           interpret=interp, save=save, **extra))
+
+    forward, forward_saving = kernel_fwd(False), kernel_fwd(True)
 
     backward = _first_order_only(
         lambda ch, wb, sb, dy, dwn, dsn: mod.backward(ch, wb, sb, dy, dwn, dsn, fl, op_dtype, bv,
@@ -78,7 +81,7 @@ def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: b
         return y, wn, sn
 
     def fwd(ch, w0, s0):
-        y, wn, sn, wb, sb = forward(ch, w0, s0)
+        y, wn, sn, wb, sb = forward_saving(ch, w0, s0)
         return (y, wn, sn), (ch, wb, sb, s0)
 
     def bwd(res, cts):
