@@ -328,6 +328,16 @@ def main():
                 jax.jit(grads_fn(run_fn(hope(d1), KERNEL_IMPL, block_dv=bv, num_warps=w,
                                         num_stages=st), weighted=False)),
                 make_inputs(hope(d1), *s1[:3], jnp.bfloat16)))
+    # d = 128: default block_dv=32 (4 programs per head) pays partial sums over tiles in the
+    # backward; wider tiles trade that for register pressure.
+    for bv, warps, stages in ((64, 8, 1), (128, 16, 1)):
+        if bv > d2:
+            continue
+        row(s2, f"kernel (hope) block_dv={bv} num_warps={warps} num_stages={stages}",
+            "fwd+bwd", lambda bv=bv, w=warps, st=stages: (
+                jax.jit(grads_fn(run_fn(hope(d2), KERNEL_IMPL, block_dv=bv, num_warps=w,
+                                        num_stages=st), weighted=False)),
+                make_inputs(hope(d2), *s2[:3], jnp.bfloat16)))
     memory_rows(s3, hope(d2), KERNEL_IMPL, "kernel (hope)")
     attention_rows(s3)
     say()
