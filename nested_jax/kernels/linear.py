@@ -110,9 +110,13 @@ def _local(level: Level, pl_: plan.Plan, chunk_size: int, state, q, k, v, gates)
 
 
 def _context_mesh():
+    """The mesh set by ``jax.set_mesh``, unless trivial or we already run inside a shard_map
+    (Manual axes: the arrays are per-shard already, so the kernel runs on them as they are)."""
     get = getattr(jax.sharding, "get_abstract_mesh", None)
     mesh = get() if get is not None else None
     if mesh is None or not getattr(mesh, "axis_names", ()) or mesh.size <= 1:
+        return None
+    if any("Manual" in str(t) for t in getattr(mesh, "axis_types", ())):
         return None
     return mesh
 

@@ -94,6 +94,23 @@ def test_context_mesh_is_used(seed):
     assert rel_err(got, want) < TOL, named_errs(got, want)
 
 
+def test_inside_a_user_shard_map(seed):
+    """Called from code that is already per-shard (a trainer's own shard_map), it runs as is."""
+    mesh = _mesh()
+    if not hasattr(jax, "set_mesh") or not hasattr(jax, "shard_map"):
+        pytest.skip("needs jax.set_mesh and jax.shard_map")
+    level = nm.Level(nm.LinearMemory(16, 16), "l2", nm.TITANS)
+    args = inputs(level, seed, B=2, T=16, H=4)
+    run = lambda *a: linear_memory(level, *a, chunk_size=16, impl="interpret", kernel="triton")
+    x, gs, s = P("data", None, "tensor", None), P("data", None, "tensor"), P("data", "tensor")
+    specs = (jax.tree.map(lambda _: s, args[0]), x, x, x, nm.Gates(gs, gs, gs))
+    with jax.set_mesh(mesh):
+        outer = jax.shard_map(run, in_specs=specs, out_specs=(x, specs[0]), check_vma=False)
+        got = jax.jit(outer)(*_place(mesh, args))
+    want = nm.apply(level, *args, chunk_size=16, path="dual")
+    assert rel_err(got, want) < TOL, named_errs(got, want)
+
+
 def test_mesh_axes_that_do_not_divide_are_dropped():
     mesh = _mesh()
     assert _mesh_axes(mesh, 2, 4, ("data", "fsdp"), "tensor") == (("data",), "tensor")
