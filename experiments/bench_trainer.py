@@ -58,23 +58,26 @@ def _config(data: pathlib.Path, preset: str, batch: int, seq_len: int, extra: di
                           grad_accum=extra.get("accum", 1)))
 
 
-def bench_step(cfg: TrainConfig, workdir: pathlib.Path, repeats: int) -> tuple[float, trainer.Run]:
-    """Median seconds of one jitted train step on a fixed batch (compile excluded)."""
-    run = trainer.prepare(cfg, workdir, devices=jax.devices()[:1])
-    step = jax.jit(step_lib.make_train_step(run.graphdef, run.tx), donate_argnums=0)
-    state = run.init_state()
-    batch = np.random.default_rng(0).integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1),
-                                              dtype=np.int32)
-    batch = trainer.global_batch(batch, run)
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(repeats):
+class StepBench:
+    """One case's compiled train step on a fixed batch (compile happens in __init__)."""
+
+    def __init__(self, cfg: TrainConfig, workdir: pathlib.Path):
+        self.run = trainer.prepare(cfg, workdir, devices=jax.devices()[:1])
+        self.step = jax.jit(step_lib.make_train_step(self.run.graphdef, self.run.tx),
+                            donate_argnums=0)
+        self.state = self.run.init_state()
+        batch = np.random.default_rng(0).integers(
+            0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
+        self.batch = trainer.global_batch(batch, self.run)
+        self.times: list[float] = []
+        self.time_one()
+        self.times.clear()
+
+    def time_one(self) -> None:
         t = time.perf_counter()
-        state, m = step(state, batch)
+        self.state, m = self.step(self.state, self.batch)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), run
+        self.times.append(time.perf_counter() - t)
 
 
 def bench_data(cfg: TrainConfig, run, n: int) -> float:
@@ -107,9 +110,15 @@ def main() -> None:
         tmp = pathlib.Path(tmp)
         (tmp / "data").mkdir()
         data = _corpus(tmp / "data")
-        for name, preset, batch, seq_len, extra in cases:
-            cfg = _config(data, preset, batch, seq_len, extra, loop_steps)
-            step_s, run = bench_step(cfg, tmp / f"{name}-step", repeats)
+        cfgs = [_config(data, preset, batch, seq_len, extra, loop_steps)
+                for _, preset, batch, seq_len, extra in cases]
+        benches = [StepBench(cfg, tmp / f"step{i}") for i, cfg in enumerate(cfgs)]
+        # Interleave the cases so a shared machine's changing load hits them alike.
+        for _ in range(repeats):
+            for b in benches:
+                b.time_one()
+        for (name, _, batch, seq_len, _), cfg, b in zip(cases, cfgs, benches, strict=True):
+            step_s, run = statistics.median(b.times), b.run
             tokens = batch * seq_len
             flops = trainer.flops_per_token(run.abstract_model, run.n_params, seq_len) * tokens
             batches_s = bench_data(cfg, run, 50)
@@ -143,7 +152,8 @@ Written by `python experiments/bench_trainer.py` on {datetime.date.today().isofo
 - versions: {", ".join(f"{k} {v}" for k, v in versions.items())}; Python {platform.python_version()}
 
 Byte-level vocabulary (256), AdamW unless noted, float32 unless noted. *step*: one jitted
-train step on a fixed batch (compile excluded, median). *GFLOP/s*: the model's
+train step on a fixed batch (compile excluded; median of rounds that interleave the
+cases, so load changes hit every case alike). *GFLOP/s*: the model's
 `flops_per_token` x tokens / step time. *data*: tokens/s the grain pipeline alone
 delivers. *trainer*: the median tokens/s the full loop logs (data, host loop,
 metrics; no checkpoints in between).
