@@ -18,3 +18,8 @@ def run_updates(tx, grads, params=None, **update_kwargs):
 
 def assert_close(a, b, rtol, atol=0.0):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def randn(shape, seed=0):
+    """Standard normal test data from numpy (jax.random would compile per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape))

@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optim_helpers import assert_close, run_updates
+from optim_helpers import assert_close, randn, run_updates
 
 import nested_jax.optim as no
 
 
 def _history(t, shape=(4, 3), seed=0):
     scale = jnp.linspace(0.1, 3.0, shape[-1]).reshape((1,) * len(shape) + (-1,))
-    return jax.random.normal(jax.random.key(seed), (t,) + shape) * scale
+    return randn((t,) + shape, seed) * scale
 
 
 @pytest.mark.parametrize(("b1", "b2"), [(0.9, 0.999), (0.8, 0.8)])
@@ -51,7 +51,7 @@ def test_update_is_the_minimizer_of_the_memory_objective(x64, b1, b2):
 def test_equal_decays_give_the_papers_objective_exactly(x64):
     # b1 = b2: L(m) = sum_i w_i ||m * g_i - P||^2 + lambda ||m||^2, P = sqrt(sum_i w_i g_i^2).
     b, eps, hist = 0.8, 1e-2, _history(4, seed=2)
-    m = jax.random.normal(jax.random.key(3), hist.shape[1:])
+    m = randn(hist.shape[1:], 3)
     t = hist.shape[0]
     w = (1 - b) * b ** jnp.arange(t - 1, -1, -1.0) / (1 - b**t)
     p = jnp.sqrt(jnp.einsum("i,i...->...", w, hist**2))

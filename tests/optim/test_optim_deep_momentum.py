@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optim_helpers import assert_close, run_updates
+from optim_helpers import assert_close, randn, run_updates
 
 import nested_jax.optim as no
 
@@ -13,13 +13,9 @@ SHAPES = {"w": (6, 5), "stack": (2, 3, 5), "b": (5,), "s": ()}
 
 
 def _grads(n, seed=0):
-    keys = jax.random.split(jax.random.key(seed), n)
     return [
-        {
-            k: jax.random.normal(jax.random.fold_in(key, i), s)
-            for i, (k, s) in enumerate(SHAPES.items())
-        }
-        for key in keys
+        {k: randn(s, 10 * seed + 4 * j + i) for i, (k, s) in enumerate(SHAPES.items())}
+        for j in range(n)
     ]
 
 
@@ -39,7 +35,7 @@ def _reference_memory(b, w_in, w_out, g):
 def test_inner_step_is_gd_on_the_memory_objective(x64, objective):
     alpha, eta, eta_mlp = 0.8, 0.7, 0.3
     tx = no.scale_by_deep_momentum(alpha, eta, eta_mlp, hidden=4, objective=objective)
-    g0, g1 = jax.random.normal(jax.random.key(1), (2, 6, 5))
+    g0, g1 = randn((2, 6, 5), 1)
     state = tx.init(g0)
     _, state = tx.update(g0, state)  # W_out != 0 from here on
     phi = (state.bias, state.w_in, state.w_out)
@@ -59,7 +55,7 @@ def test_inner_step_is_gd_on_the_memory_objective(x64, objective):
 
 
 def test_l2_inner_step_decreases_the_objective(x64):
-    g = jax.random.normal(jax.random.key(2), (8, 5))
+    g = randn((8, 5), 2)
     tx = no.scale_by_deep_momentum(1.0, 0.1, 0.1, hidden=8, objective="l2")
     state = tx.init(g)
     for k in range(3):
@@ -73,8 +69,8 @@ def test_l2_inner_step_decreases_the_objective(x64):
 def test_mlp_part_learns_to_recall_the_gradient_direction(x64):
     # With the bias frozen (eta=0) only the shared MLP can remember: after a
     # stream of gradients with a fixed row pattern it outputs that pattern.
-    pattern = jax.random.normal(jax.random.key(3), (1, 5))
-    scales = 1.0 + jax.random.uniform(jax.random.key(4), (16, 1))
+    pattern = randn((1, 5), 3)
+    scales = 1.0 + jnp.asarray(np.random.default_rng(4).uniform(size=(16, 1)))
     tx = no.scale_by_deep_momentum(0.9, 0.0, 0.5, hidden=8)
     state = tx.init(scales * pattern)
     for k in range(20):
@@ -84,8 +80,8 @@ def test_mlp_part_learns_to_recall_the_gradient_direction(x64):
 
 
 def test_shared_mlp_is_equivariant_to_row_permutations(x64):
-    g = jax.random.normal(jax.random.key(5), (3, 7, 5))
-    perm = jax.random.permutation(jax.random.key(6), 7)
+    g = randn((3, 7, 5), 5)
+    perm = np.random.default_rng(6).permutation(7)
     tx = no.scale_by_deep_momentum(hidden=4)
     out = run_updates(tx, [g, 2 * g])
     out_p = run_updates(tx, [g[:, perm], 2 * g[:, perm]])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optim_helpers import assert_close, run_updates
+from optim_helpers import assert_close, randn, run_updates
 
 import nested_jax.optim as no
 from nested_jax.optim.delta_momentum import FORMS
@@ -28,9 +28,7 @@ def _one_step(tx, mu0, g):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_step_is_gd_on_the_stated_objective(x64, form, axis):
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    mu0, g = jax.random.normal(k1, (4, 6)), jax.random.normal(k2, (4, 6))
-    d = jnp.exp(jax.random.normal(k3, (4, 6)))
+    mu0, g, d = randn((4, 6), 0), randn((4, 6), 1), jnp.exp(randn((4, 6), 2))
     alpha, beta = 0.8, 0.6
     tx = no.scale_by_delta_momentum(
         alpha, beta, form=form, axis=axis, preconditioner=_fixed_diagonal(d)
@@ -54,9 +52,9 @@ def test_step_is_gd_on_the_stated_objective(x64, form, axis):
 @pytest.mark.parametrize("form", FORMS)
 def test_component_along_the_gradient_is_forgotten_faster(x64, form):
     alpha, beta = 0.9, 0.5
-    g = jax.random.normal(jax.random.key(1), (3, 8))
+    g = randn((3, 8), 1)
     g_hat = g / jnp.linalg.norm(g, axis=-1, keepdims=True)
-    ortho = jax.random.normal(jax.random.key(2), (3, 8))
+    ortho = randn((3, 8), 2)
     ortho = ortho - jnp.sum(ortho * g_hat, -1, keepdims=True) * g_hat
     mu0 = 2.0 * g_hat + ortho
     new = _one_step(no.scale_by_delta_momentum(alpha, beta, form=form), mu0, g)
@@ -67,8 +65,8 @@ def test_component_along_the_gradient_is_forgotten_faster(x64, form):
 
 
 def test_forgetting_does_not_depend_on_the_gradient_scale(x64):
-    mu0 = jax.random.normal(jax.random.key(3), (2, 5))
-    g = jax.random.normal(jax.random.key(4), (2, 5))
+    mu0 = randn((2, 5), 3)
+    g = randn((2, 5), 4)
     tx = no.scale_by_delta_momentum(0.9, 0.7)
     for c in (1e-6, 1.0, 1e6):
         np.testing.assert_allclose(
@@ -77,8 +75,8 @@ def test_forgetting_does_not_depend_on_the_gradient_scale(x64):
 
 
 def test_rows_are_independent_and_zero_rows_just_decay(x64):
-    mu0 = jax.random.normal(jax.random.key(5), (3, 4))
-    g = jax.random.normal(jax.random.key(6), (3, 4)).at[2].set(0.0)
+    mu0 = randn((3, 4), 5)
+    g = randn((3, 4), 6).at[2].set(0.0)
     tx = no.scale_by_delta_momentum(0.9, 0.5)
     new = _one_step(tx, mu0, g)
     np.testing.assert_allclose(new[2], 0.9 * mu0[2], rtol=1e-15)
@@ -87,7 +85,7 @@ def test_rows_are_independent_and_zero_rows_just_decay(x64):
 
 
 def test_beta_zero_is_plain_momentum(x64):
-    grads = [jax.random.normal(k, (3, 4)) for k in jax.random.split(jax.random.key(7), 5)]
+    grads = [randn((3, 4), 70 + i) for i in range(5)]
     assert_close(
         run_updates(no.scale_by_delta_momentum(0.9, 0.0), grads),
         run_updates(optax.trace(0.9), grads),
@@ -97,12 +95,12 @@ def test_beta_zero_is_plain_momentum(x64):
 
 
 def test_arxiv_is_scaled_neurips_without_preconditioner_and_differs_with_one(x64):
-    grads = [jax.random.normal(k, (3, 4)) for k in jax.random.split(jax.random.key(8), 5)]
+    grads = [randn((3, 4), 80 + i) for i in range(5)]
     arxiv = run_updates(no.scale_by_delta_momentum(0.9, 0.4, form="arxiv"), grads)
     neurips = run_updates(no.scale_by_delta_momentum(0.9, 0.4), grads)
     assert_close(arxiv, [0.4 * u for u in neurips], rtol=1e-13)
     # With a preconditioner the forms forget along different keys (g vs P g).
-    d = jnp.exp(jax.random.normal(jax.random.key(9), (3, 4)))
+    d = jnp.exp(randn((3, 4), 9))
     arxiv = run_updates(
         no.scale_by_delta_momentum(0.9, 0.4, form="arxiv", preconditioner=_fixed_diagonal(d)), grads
     )

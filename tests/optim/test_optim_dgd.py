@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from optim_helpers import assert_close
+from optim_helpers import assert_close, randn
 
 import nested_jax.optim as no
 
@@ -20,16 +20,20 @@ def _layer_grads(w, x, target):
 
 
 def _step(tx, g, w, x):
-    u, _ = tx.update(g, tx.init(w), w, inputs=x)
-    return optax.apply_updates(w, u)
+    @jax.jit
+    def step(g, w, x):
+        u, _ = tx.update(g, tx.init(w), w, inputs=x)
+        return optax.apply_updates(w, u)
+
+    return step(g, w, x)
 
 
 def test_one_input_is_the_papers_formula(x64):
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    k1, k2, k3 = 3 * 0, 3 * 0 + 1, 3 * 0 + 2
     w, x, target = (
-        jax.random.normal(k1, (5, 3)),
-        jax.random.normal(k2, (1, 5)),
-        jax.random.normal(k3, (1, 3)),
+        randn((5, 3), k1),
+        randn((1, 5), k2),
+        randn((1, 3), k3),
     )
     g, u = _layer_grads(w, x, target)
     eta = 0.3
@@ -41,12 +45,12 @@ def test_one_input_is_the_papers_formula(x64):
 
 @pytest.mark.parametrize("n", [3, 11])  # Woodbury (N <= D_in) and direct (N > D_in) paths
 def test_batch_step_is_the_exact_proximal_step(x64, n):
-    k1, k2, k3 = jax.random.split(jax.random.key(n), 3)
+    k1, k2, k3 = 3 * n, 3 * n + 1, 3 * n + 2
     d_in, d_out, eta = 6, 4, 0.2
     w, x, target = (
-        jax.random.normal(k1, (d_in, d_out)),
-        jax.random.normal(k2, (n, d_in)),
-        jax.random.normal(k3, (n, d_out)),
+        randn((d_in, d_out), k1),
+        randn((n, d_in), k2),
+        randn((n, d_out), k3),
     )
     g, _ = _layer_grads(w, x, target)
 
@@ -58,13 +62,13 @@ def test_batch_step_is_the_exact_proximal_step(x64, n):
             + jnp.sum((v - w) ** 2) / (2 * eta)
         )
 
-    hess = jax.hessian(prox)(jnp.zeros(w.size))
-    argmin = jnp.linalg.solve(hess, -jax.grad(prox)(jnp.zeros(w.size))).reshape(w.shape)
+    hess = jax.jit(jax.hessian(prox))(jnp.zeros(w.size))
+    argmin = jnp.linalg.solve(hess, -jax.jit(jax.grad(prox))(jnp.zeros(w.size))).reshape(w.shape)
     np.testing.assert_allclose(_step(no.dgd(eta), g, w, x), argmin, rtol=1e-12)
 
 
 def test_zero_surprise_forgets_only_along_the_input(x64):
-    w = jax.random.normal(jax.random.key(1), (4, 3))
+    w = randn((4, 3), 1)
     x = jnp.array([[1.0, 2.0, 0.0, -1.0]])
     ortho = jnp.array([[2.0, -1.0, 5.0, 0.0]])  # x . ortho = 0
     eta = 0.5
@@ -74,9 +78,9 @@ def test_zero_surprise_forgets_only_along_the_input(x64):
 
 
 def test_leaves_without_inputs_take_a_plain_gradient_step(x64):
-    params = {"kernel": jax.random.normal(jax.random.key(2), (4, 3)), "bias": jnp.ones(3)}
+    params = {"kernel": randn((4, 3), 2), "bias": jnp.ones(3)}
     grads = jax.tree.map(lambda p: 0.1 * p + 1.0, params)
-    x = jax.random.normal(jax.random.key(3), (2, 4))
+    x = randn((2, 4), 3)
     u, _ = no.dgd(0.1).update(
         grads, no.dgd(0.1).init(params), params, inputs={"kernel": x, "bias": None}
     )
@@ -88,9 +92,9 @@ def test_leaves_without_inputs_take_a_plain_gradient_step(x64):
 
 
 def test_stacked_weights_and_example_axes(x64):
-    w = jax.random.normal(jax.random.key(4), (3, 5, 2))  # [L, D_in, D_out]
-    x = jax.random.normal(jax.random.key(5), (3, 2, 4, 5))  # [L, B, T, D_in]
-    g = jax.random.normal(jax.random.key(6), w.shape)
+    w = randn((3, 5, 2), 4)  # [L, D_in, D_out]
+    x = randn((3, 2, 4, 5), 5)  # [L, B, T, D_in]
+    g = randn(w.shape, 6)
     got = _step(no.dgd(0.1), g, w, x)
     for i in range(3):
         np.testing.assert_allclose(
@@ -100,10 +104,8 @@ def test_stacked_weights_and_example_axes(x64):
 
 def test_sharded_kernel_stays_sharded():
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-    w = jax.device_put(
-        jax.random.normal(jax.random.key(7), (16, 8)), NamedSharding(mesh, P("fsdp", None))
-    )
-    x = jax.random.normal(jax.random.key(8), (4, 16))
+    w = jax.device_put(randn((16, 8), 7), NamedSharding(mesh, P("fsdp", None)))
+    x = randn((4, 16), 8)
     g = jnp.ones((16, 8))
     tx = no.dgd(0.1)
 
@@ -119,7 +121,7 @@ def test_sharded_kernel_stays_sharded():
 
 def test_inputs_through_flax_nnx_optimizer(x64):
     model = nnx.Linear(4, 3, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
-    x = jax.random.normal(jax.random.key(9), (5, 4))
+    x = randn((5, 4), 9)
     loss = lambda m: jnp.mean(m(x) ** 2)
     before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     grads = nnx.grad(loss)(model)

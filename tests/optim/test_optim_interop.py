@@ -1,10 +1,10 @@
 """One interoperability battery run for every optimizer of nested_jax.optim.
 
-Modelled on optax's ``contrib/_common_test.py``: extra arguments,
-``inject_hyperparams`` (incl. changing a hyperparameter mid-training), dtype
-preservation, ``MultiSteps``, state stability under jit (structure, dtype,
-sharding on 8 FSDP devices), schedules; plus ``optax.chain``,
-``optax.partition`` and ``flax.nnx.Optimizer``.
+Modelled on optax's ``contrib/_common_test.py``: extra arguments (without
+recompiling), dtype preservation (bf16 stays bf16), ``inject_hyperparams``
+with a hyperparameter changed mid-training, schedules, ``MultiSteps``, state
+structure/dtype/sharding stable under jit for 10 steps on 8 FSDP devices;
+plus ``optax.chain``, ``optax.partition`` and ``flax.nnx.Optimizer``.
 """
 
 import jax
@@ -24,12 +24,9 @@ STEPS = 10
 
 def make_params(dtype=jnp.float32):
     """A matrix, a stacked [L, D, F] weight and a vector: every kind of leaf."""
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    return {
-        "w": jax.random.normal(k1, (32, 8), dtype),
-        "stack": jax.random.normal(k2, (2, 32, 8), dtype),
-        "b": jax.random.normal(k3, (32,), dtype),
-    }
+    rng = np.random.default_rng(0)  # numpy: no per-shape compilations in the tests
+    shapes = {"w": (32, 8), "stack": (2, 32, 8), "b": (32,)}
+    return {k: jnp.asarray(rng.standard_normal(s), dtype) for k, s in shapes.items()}
 
 
 def loss_fn(params):
@@ -63,45 +60,20 @@ def assert_trees_close(a, b, rtol, atol=0.0):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_accepts_extra_args_and_does_not_recompile(case):
-    opt = case.build()
-    traces = []
-
-    @jax.jit
-    def step(params, state):
-        traces.append(1)
-        updates, state = opt.update(
-            jax.grad(loss_fn)(params), state, params, unexpected_extra_arg_nobody_expects=1
-        )
-        return optax.apply_updates(params, updates), state
-
-    params = make_params()
-    state = opt.init(params)
-    for _ in range(3):
-        params, state = step(params, state)
-    assert len(traces) == 1
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_inject_hyperparams_equal_and_changeable(case, x64):
+def test_inject_hyperparams_and_schedules(case, x64):
+    # Injected, with the learning rate cut after 3 steps by assignment, equals the
+    # plain optimizer given the piecewise-constant schedule that does the same.
     params = make_params(jnp.float64)
-    injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)
-    opt, opt_inj = case.build(), injected(**case.kwargs)
-    _, _, ref = run(opt, params, 3)
-    _, state, got = run(opt_inj, params, 3)
-    assert_trees_close(got, ref, rtol=1e-12, atol=1e-15)
-
-    # Change the learning rate after 3 steps: same as a piecewise-constant schedule.
     lr0 = case.kwargs["learning_rate"]
     sched = optax.piecewise_constant_schedule(lr0, {3: 0.25})
     _, _, ref = run(case.build(learning_rate=sched), params, 5)
-    state = opt_inj.init(params)
-    p, got = params, []
+    opt_inj = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**case.kwargs)
+    update = jax.jit(opt_inj.update)
+    state, p, got = opt_inj.init(params), params, []
     for k in range(5):
         if k == 3:
             state.hyperparams["learning_rate"] = jnp.asarray(0.25 * lr0, jnp.float64)
-        u, state = jax.jit(opt_inj.update)(grads_at(p, jnp.asarray(float(k))), state, p)
+        u, state = update(grads_at(p, jnp.asarray(float(k))), state, p)
         p = optax.apply_updates(p, u)
         got.append(u)
     assert_trees_close(got, ref, rtol=1e-12, atol=1e-15)
@@ -109,15 +81,27 @@ def test_inject_hyperparams_equal_and_changeable(case, x64):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_preserves_dtype(case, dtype):
+def test_extra_args_dtype_and_no_recompilation(case, dtype):
     opt = case.build()
+    traces = []
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)
+        grads = jax.grad(loss_fn)(params)
+        updates, state = opt.update(grads, state, params, unexpected_extra_arg_nobody_expects=1)
+        return optax.apply_updates(params, updates), state, updates
+
     params = make_params(dtype)
-    state = jax.jit(opt.init)(params)
-    dtypes0 = [x.dtype for x in jax.tree.leaves(state)]
-    updates, state = jax.jit(opt.update)(jax.grad(loss_fn)(params), state, params)
+    state = opt.init(params)
+    state_dtypes = [x.dtype for x in jax.tree.leaves(state)]
+    for _ in range(3):
+        params, state, updates = step(params, state)
+    assert len(traces) == 1  # extra args accepted, state types stable: no retrace
     for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
-        assert u.dtype == p.dtype
-    assert [x.dtype for x in jax.tree.leaves(state)] == dtypes0
+        assert u.dtype == p.dtype == dtype
+    assert [x.dtype for x in jax.tree.leaves(state)] == state_dtypes
+    assert all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -188,18 +172,10 @@ def test_state_structure_dtype_sharding_stable_under_jit(case):
     assert_trees_close(params, single, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_accepts_schedules(case, x64):
-    params = make_params(jnp.float64)
-    lr = case.kwargs["learning_rate"]
-    p_const, _, _ = run(case.build(learning_rate=lr), params, STEPS)
-    p_sched, _, _ = run(case.build(learning_rate=optax.constant_schedule(lr)), params, STEPS)
-    assert_trees_close(p_sched, p_const, rtol=1e-14, atol=0)
-
-
 def _clip(g, max_norm=1.0):
-    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
-    return jax.tree.map(lambda x: x * jnp.minimum(1.0, max_norm / norm), g)
+    """Global-norm clipping written out (same operation order as optax's)."""
+    norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))
+    return jax.tree.map(lambda x: jnp.where(norm < max_norm, x, (x / norm) * max_norm), g)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -225,9 +201,10 @@ def test_in_partition(case, x64):
 
 
 class _Tiny(nnx.Module):
-    def __init__(self, rngs):
-        self.linear = nnx.Linear(8, 16, rngs=rngs)
-        self.stack = nnx.Param(jax.random.normal(rngs.params(), (2, 16, 16)))
+    def __init__(self):
+        rng = np.random.default_rng(1)
+        self.linear = nnx.Linear(8, 16, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+        self.stack = nnx.Param(jnp.asarray(rng.standard_normal((2, 16, 16)) / 4))
 
     def __call__(self, x):
         h = self.linear(x)
@@ -238,8 +215,8 @@ class _Tiny(nnx.Module):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_in_flax_nnx_optimizer(case, x64):
-    x = jax.random.normal(jax.random.key(1), (4, 8), jnp.float64)
-    model = jax.tree.map(lambda a: a.astype(jnp.float64), _Tiny(nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 8)))
+    model = _Tiny()
     loss = lambda m: jnp.mean(m(x) ** 2)
     opt = case.build()
     pure_p = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # copies, before any update

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optim_helpers import run_updates
+from optim_helpers import randn, run_updates
 
 import nested_jax.optim as no
 
@@ -12,7 +12,7 @@ F = 3  # slow chunk length in these tests
 
 
 def _grads(n, shape=(4, 6), seed=0):
-    return list(jax.random.normal(jax.random.key(seed), (n,) + shape))
+    return list(randn((n,) + shape, seed))
 
 
 def algorithm_1(grads, *, lr, beta1, beta2, beta3, alpha, eps, f, moments, ns=no.orthogonalize):
@@ -81,7 +81,7 @@ def test_alpha_zero_ignores_the_slow_memory(x64):
 
 
 def test_stacked_weights_are_orthogonalized_per_layer(x64):
-    stack = jax.random.normal(jax.random.key(1), (2 * F, 2, 4, 6))  # steps x [L, D, F]
+    stack = randn((2 * F, 2, 4, 6), 1)  # steps x [L, D, F]
     tx = no.scale_by_m3(**HP, every=F, weight_dimension_numbers=no.matrix_dimension_numbers)
     together = run_updates(tx, list(stack))
     per_layer = [run_updates(no.scale_by_m3(**HP, every=F), list(stack[:, i])) for i in range(2)]

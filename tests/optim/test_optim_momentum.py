@@ -5,14 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optim_helpers import assert_close, run_updates
+from optim_helpers import assert_close, randn, run_updates
 
 import nested_jax.optim as no
 
 
 def _grads(n, shape=(3, 4), seed=0):
-    keys = jax.random.split(jax.random.key(seed), n)
-    return [{"w": jax.random.normal(k, shape), "b": jax.random.normal(k, shape[-1:])} for k in keys]
+    return [
+        {"w": randn(shape, seed + 2 * i), "b": randn(shape[-1:], seed + 2 * i + 1)}
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -73,9 +75,7 @@ def test_diagonal_second_moment_matches_its_formula(x64):
 def test_preconditioned_momentum_is_invariant_to_coordinate_scaling(x64):
     # The point of a diagonal P: per-coordinate scales of the gradient cancel.
     grads = _grads(5)
-    scale = jax.tree.map(
-        lambda g: jnp.exp(jax.random.normal(jax.random.key(9), g.shape) * 3), grads[0]
-    )
+    scale = jax.tree.map(lambda g: jnp.exp(randn(g.shape, 9) * 3), grads[0])
     scaled = [jax.tree.map(jnp.multiply, g, scale) for g in grads]
     tx = no.preconditioned_momentum(0.1, eps=0.0)
     assert_close(run_updates(tx, scaled), run_updates(tx, grads), rtol=1e-12)
