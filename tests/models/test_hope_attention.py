@@ -30,17 +30,19 @@ _forward = nnx.jit(lambda m, t: m(t))
 
 
 def test_causality():
-    """d logits[:, t] / d x[:, s] is exactly zero for every s > t (one jacobian, all t)."""
-    model = _model()
+    """d logits[:, t] / d x[:, s] is exactly zero for every s > t (nanodo's test_causality; t is a
+    traced argument, so one compilation serves every position)."""
+    model = _model(n_layers=1)
     x_BxTxD = model.embed(_tokens())
 
-    def per_position(x):
-        return model.forward_embedded(x).sum(axis=(0, 2))  # [T]
+    def logits_at(x, t):
+        return jnp.take(model.forward_embedded(x).sum(axis=(0, 2)), t)
 
-    jac_TxBxTxD = np.asarray(nnx.jit(jax.jacrev(per_position))(x_BxTxD))
+    grad = nnx.jit(jax.grad(logits_at))
     for t in range(T):
-        assert np.all(jac_TxBxTxD[t, :, t + 1:] == 0.0), f"position {t} sees the future"
-        assert np.any(jac_TxBxTxD[t, :, : t + 1] != 0.0)
+        g_BxTxD = np.asarray(grad(x_BxTxD, t))
+        assert np.all(g_BxTxD[:, t + 1:] == 0.0), f"position {t} sees the future"
+        assert np.any(g_BxTxD[:, : t + 1] != 0.0)
 
 
 def test_future_tokens_do_not_change_past_logits():
@@ -67,8 +69,8 @@ def test_batch_independence():
 @pytest.mark.parametrize("overrides", [
     {},
     {"cms_variant": "nested", "cms_periods": (4, 2), "cms_lr": (0.5, 0.2)},
-    {"cms_variant": "independent", "cms_signal": "reconstruction", "cms_lr": 0.05,
-     "n_kv_heads": 2},
+    pytest.param({"cms_variant": "independent", "cms_signal": "reconstruction", "cms_lr": 0.05,
+                  "n_kv_heads": 2}, marks=pytest.mark.slow),
 ], ids=["sequential-teach", "nested-teach", "independent-reconstruction-gqa"])
 def test_decode_matches_forward(overrides):
     """Token-by-token decoding (KV cache + every level's fast state) == the parallel forward."""
@@ -106,7 +108,7 @@ def test_zero_learning_rates_give_the_static_network():
 @pytest.mark.parametrize("variant", ["sequential", "nested"])
 def test_ad_hoc_stacking_reproduces_the_transformer(variant):
     """Decision #15: CMS levels initialised from a Transformer++'s MLPs; with every inner learning
-    rate 0 the logits are the Transformer++'s.  With learning on, the levels move in context."""
+    rate 0 the logits are the Transformer++'s."""
     transformer = models.create("transformer", "tiny", rngs=nnx.Rngs(1))
     tokens = _tokens()
     want = _forward(transformer, tokens)
@@ -116,9 +118,6 @@ def test_ad_hoc_stacking_reproduces_the_transformer(variant):
     np.testing.assert_allclose(_forward(stacked, tokens), want, rtol=1e-6, atol=1e-6)
     stacked.blocks[0].cms.lr_gate[...] = jnp.full((2,), 3.0)  # eta = 0 * 2 sigmoid(3) still 0
     np.testing.assert_allclose(_forward(stacked, tokens), want, rtol=1e-6, atol=1e-6)
-    if variant == "sequential":
-        learning = stack_from_transformer(transformer, rngs=nnx.Rngs(2), cms_lr=0.2, **kw)
-        assert float(jnp.max(jnp.abs(_forward(learning, tokens) - want))) > 1e-4
 
 
 def test_outer_gradients_reach_every_initial_state():

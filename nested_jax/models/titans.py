@@ -1,0 +1,384 @@
+"""TitansLM, the LMM variant: a neural memory with momentum and weight decay per block (paper §3).
+
+Block (decisions.md #7, #11; Titans §3-§4):
+
+    h = RMSNorm(x)
+    q, k, v = causal depthwise conv_4(h W_q | h W_k | h W_v), SiLU, per head; q, k l2-normalised
+    eta = eta_max sigmoid(h w_eta), alpha = sigmoid(h w_alpha), beta = sigmoid(h w_beta)  (per head)
+    o = M(q) with M updated in context by the engine (rule TITANS: momentum + retention):
+        S_t = beta_t S_{t-1} - eta_t grad ||M(k_t) - v_t||^2 / 2,   M_t = alpha_t M_{t-1} + S_t
+    x = x + W_o (RMSNorm_head(o) * SiLU(h W_g));   x = x + SwiGLU(RMSNorm(x))
+
+M is the engine's 2-layer residual ``MLPMemory`` (config: linear memory, other rules, depth) with a
+meta-learned per-head initial state (``nnx.Param`` [H, ...]; outer gradients flow through every
+inner update, decision #4).  Chunks of ``chunk_size`` tokens run the engine's "dual" path (gradients
+at the chunk boundary, decision #2).  A linear memory uses ``nested_jax.kernels.linear_memory``
+unless ``memory_impl="xla"``.  No self-modification, no persistent tokens: the paper's LMM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nested_jax import memory as nm
+from nested_jax.models import layers
+from nested_jax.models.config import (
+    ModelConfig,
+    Preset,
+    check_choice,
+    check_positive,
+    fail,
+)
+from nested_jax.models.registry import count_params, register
+
+RULES = {"titans": nm.TITANS, "gd": nm.GD, "dgd": nm.DGD,
+         "dgd_all": nm.Rule(momentum=True, dgd=True, dgd_all_layers=True)}
+MEMORY_IMPLS = ("auto", "pallas", "interpret", "xla")
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(-(-x // multiple) * multiple)
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TitansConfig(ModelConfig):
+    """TitansLM hyper-parameters (fields of ``ModelConfig`` plus these).
+
+    Attributes:
+      d_ff: SwiGLU width; 0 means 8/3 * d_model rounded up to a multiple of 256.
+      memory: "mlp" (Titans' deep memory) or "linear" (matrix memory, the ablation row).
+      memory_hidden: hidden width of the MLP memory per head; 0 means 2 * head_dim.
+      memory_depth: layers of the MLP memory (>= 2; 2 is residual z + W1 s(W2 z)).
+      rule: inner update rule: "titans" (momentum + weight decay), "gd", "dgd", "dgd_all".
+      objective: inner objective, "l2" (||M(k) - v||^2) or "dot".
+      chunk_size: tokens per chunk of the memory (gradients at the chunk boundary).
+      memory_path: engine path, "dual" (matmul form) or "chunked" (generic, any memory).
+      memory_impl: linear memory only: ``kernels.linear_memory`` impl ("auto", "pallas",
+        "interpret"), or "xla" to force the engine's XLA path.
+      conv_width: causal depthwise convolution width on q, k, v.
+      eta_max: bound of the inner learning rate, eta = eta_max * sigmoid(.) (decision #7); 0
+        switches the memory's writes off (with alpha = 1 the network is then static).  Stale
+        chunk gradients with momentum amplify the step: at chunk 64, beta 0.9, the tiny MLP
+        memory diverged from eta = 0.05 on, hence the bound 0.1 and the init 0.01.
+      eta_init, alpha_init, beta_init: gate values at initialisation (set through the biases).
+      stop_grad: engine ablation: outer gradients skip the inner updates (decision #4).
+      norm_eps: RMSNorm epsilon.
+      remat: rematerialize each block in the backward pass.
+    """
+
+    d_ff: int = 0
+    memory: str = "mlp"
+    memory_hidden: int = 0
+    memory_depth: int = 2
+    rule: str = "titans"
+    objective: str = "l2"
+    chunk_size: int = 64
+    memory_path: str = "dual"
+    memory_impl: str = "auto"
+    conv_width: int = 4
+    eta_max: float = 0.1
+    eta_init: float = 0.1
+    alpha_init: float = 0.99
+    beta_init: float = 0.9
+    stop_grad: bool = False
+    norm_eps: float = 1e-6
+    remat: bool = False
+
+    PRESETS = {
+        # d_ff is smaller than Transformer++'s: the block has 5 D^2 projections (q, k, v, gate,
+        # out) instead of 4, plus the memory's initial state, at about the same total size.
+        "tiny": Preset(0.12e6, dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128,
+                                    max_seq_len=256, chunk_size=8)),
+        "small": Preset(23e6, dict(d_model=384, n_layers=6, n_heads=6, d_ff=768,
+                                   max_seq_len=1024)),
+        "125M": Preset(125e6, dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048,
+                                   max_seq_len=4096)),
+        "340M": Preset(340e6, dict(d_model=1024, n_layers=24, n_heads=16, d_ff=2304,
+                                   max_seq_len=4096)),
+        "760M": Preset(760e6, dict(d_model=1536, n_layers=24, n_heads=12, d_ff=3584,
+                                   max_seq_len=4096)),
+        "1.3B": Preset(1.3e9, dict(d_model=2048, n_layers=24, n_heads=16, d_ff=4864,
+                                   max_seq_len=4096)),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive(self, "chunk_size", "conv_width", "memory_depth")
+        check_choice(self, "memory", ("mlp", "linear"))
+        check_choice(self, "rule", tuple(RULES))
+        check_choice(self, "objective", ("l2", "dot"))
+        check_choice(self, "memory_path", ("dual", "chunked"))
+        check_choice(self, "memory_impl", MEMORY_IMPLS)
+        if self.d_ff < 0:
+            fail("d_ff", self.d_ff, "must be >= 0 (0 picks 8/3 * d_model rounded to 256)")
+        if self.memory_hidden < 0:
+            fail("memory_hidden", self.memory_hidden, "must be >= 0 (0 picks 2 * head_dim)")
+        if self.memory_depth < 2 and self.memory == "mlp":
+            fail("memory_depth", self.memory_depth, "an MLP memory needs >= 2 layers; "
+                 "use memory='linear' for one")
+        if self.memory_path == "dual" and self.memory == "mlp" and self.memory_depth != 2:
+            fail("memory_path", self.memory_path, "the dual path supports 2-layer MLP memories; "
+                 "use memory_path='chunked' for deeper ones")
+        if self.chunk_size > self.max_seq_len:
+            fail("chunk_size", self.chunk_size, f"exceeds max_seq_len={self.max_seq_len}; "
+                 "lower chunk_size or raise max_seq_len")
+        if not self.eta_max >= 0:
+            fail("eta_max", self.eta_max, "must be >= 0 (0 switches the memory's writes off)")
+        for name in ("eta_init", "alpha_init", "beta_init"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                fail(name, getattr(self, name), "must lie strictly between 0 and 1 "
+                     "(a sigmoid gate's value at initialisation)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or _round_up(8 * self.d_model / 3, 256)
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.memory_hidden or 2 * self.head_dim
+
+    def memory_module(self):
+        if self.memory == "linear":
+            return nm.LinearMemory(self.head_dim, self.head_dim)
+        return nm.MLPMemory(self.head_dim, self.head_dim, hidden=self.hidden_dim,
+                            depth=self.memory_depth, residual=True)
+
+    def level(self) -> nm.Level:
+        return nm.Level(self.memory_module(), self.objective, RULES[self.rule], "online",
+                        self.stop_grad)
+
+
+class BlockState(NamedTuple):
+    """Decode state of one block: the conv window and the memory's engine stream state.
+
+    conv: f[B, W-1, 3D] the last W-1 pre-convolution q|k|v projections.
+    memory: engine StreamState, leaves [B, H, ...].
+    """
+
+    conv: jax.Array
+    memory: nm.StreamState
+
+
+class TitansState(NamedTuple):
+    blocks: tuple[BlockState, ...]
+    pos: jax.Array  # int32 scalar, tokens consumed
+
+
+def causal_conv(x_BxTxC: jax.Array, w_WxC: jax.Array, prev_BxW1xC: jax.Array | None = None):
+    """Depthwise causal convolution: y_t = sum_j w_j x_{t-W+1+j} (zeros, or ``prev``, before 0)."""
+    W = w_WxC.shape[0]
+    B, T, C = x_BxTxC.shape
+    if prev_BxW1xC is None:
+        prev_BxW1xC = jnp.zeros((B, W - 1, C), x_BxTxC.dtype)
+    padded = jnp.concatenate([prev_BxW1xC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
+    w = w_WxC.astype(x_BxTxC.dtype)
+    out = padded[:, 0:T] * w[0][None, None, :]
+    for j in range(1, W):
+        out = out + padded[:, j:j + T] * w[j][None, None, :]
+    return out
+
+
+def _l2_normalize(x, eps=1e-6):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class NeuralMemory(nnx.Module):
+    """The Titans memory mixer of one block (module docstring); input and output f[B, T, D]."""
+
+    def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, W = cfg.d_model, cfg.n_heads, cfg.conv_width
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        out_std = layers.residual_out_std(cfg.n_layers)
+        self.qkv = layers.dense(D, 3 * D, ("embed", "heads"), std=0.02, **kw)
+        # Identity init (last tap 1): the convolution starts as a no-op and learns its taps.
+        conv = jnp.zeros((W, 3 * D), cfg.weight_dtype).at[-1].set(1.0)
+        self.conv = nnx.Param(conv, logical_axes=(None, "heads"))
+        self.gates = nnx.Linear(D, 3 * H, use_bias=True, dtype=jnp.float32,
+                                param_dtype=cfg.weight_dtype,
+                                kernel_init=layers.param_init(layers.normal(0.02), "embed", None),
+                                bias_init=self._gate_bias(cfg), rngs=rngs)
+        self.out_gate = layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
+        self.out = layers.dense(D, D, ("heads", "embed"), std=out_std, **kw)
+        self.out_norm = nnx.Param(jnp.ones((D,), cfg.weight_dtype), logical_axes=("heads",))
+        level = cfg.level()
+        init_H = nm.init_state(level, rngs.params(), H, cfg.weight_dtype).params
+        # Meta-learned per-head initial state of the memory (decision #4): leaves [H, ...].
+        self.memory_init = nnx.Dict({k: nnx.Param(v, logical_axes=("heads", None, None))
+                                     for k, v in init_H.items()})
+
+    @staticmethod
+    def _gate_bias(cfg: TitansConfig):
+        H = cfg.n_heads
+        vals = jnp.concatenate([jnp.full((H,), _logit(cfg.eta_init)),
+                                jnp.full((H,), _logit(cfg.alpha_init)),
+                                jnp.full((H,), _logit(cfg.beta_init))])
+
+        def init(key, shape, dtype):
+            del key
+            return vals.astype(dtype).reshape(shape)
+
+        return layers.param_init(init, None)
+
+    def initial_state(self, batch_size: int) -> nm.MemoryState:
+        params_H = {k: v[...] for k, v in self.memory_init.items()}
+        state_H = nm.MemoryState(params_H, jax.tree.map(jnp.zeros_like, params_H))
+        return nm.broadcast_state(state_H, batch_size)
+
+    def _project(self, h_BxTxD, conv_prev=None):
+        """q, k, v f[B, T, H, K], gates f[B, T, H] from the normed input, and the conv tail."""
+        cfg = self.cfg
+        B, T, D = h_BxTxD.shape
+        H, K = cfg.n_heads, cfg.head_dim
+        pre = self.qkv(h_BxTxD)
+        mixed = jax.nn.silu(causal_conv(pre, self.conv[...], conv_prev))
+        q, k, v = (z.reshape(B, T, H, K) for z in jnp.split(mixed, 3, axis=-1))
+        q, k = _l2_normalize(q), _l2_normalize(k)
+        eta_l, alpha_l, beta_l = jnp.split(self.gates(h_BxTxD.astype(jnp.float32)), 3, axis=-1)
+        gates = nm.Gates(cfg.eta_max * jax.nn.sigmoid(eta_l), jax.nn.sigmoid(alpha_l),
+                         jax.nn.sigmoid(beta_l))
+        W = cfg.conv_width
+        hist = pre if conv_prev is None else jnp.concatenate([conv_prev.astype(pre.dtype), pre], 1)
+        if hist.shape[1] < W - 1:
+            hist = jnp.concatenate([jnp.zeros((B, W - 1 - hist.shape[1], 3 * D), pre.dtype), hist],
+                                   axis=1)
+        return q, k, v, gates, hist[:, hist.shape[1] - (W - 1):]
+
+    def _output(self, h_BxTxD, o_BxTxHxK):
+        B, T, H, K = o_BxTxHxK.shape
+        o32 = o_BxTxHxK.astype(jnp.float32)  # per-head RMSNorm, statistics in float32
+        o32 = o32 * jax.lax.rsqrt(jnp.mean(o32 * o32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        o_norm = (o32.reshape(B, T, H * K) * self.out_norm[...].astype(jnp.float32)[None, None, :])
+        gated = o_norm.astype(h_BxTxD.dtype) * jax.nn.silu(self.out_gate(h_BxTxD))
+        return self.out(gated)
+
+    def _run_memory(self, state, q, k, v, gates):
+        cfg = self.cfg
+        level = cfg.level()
+        if cfg.memory == "linear" and cfg.memory_impl != "xla":
+            try:
+                from nested_jax.kernels import linear_memory  # lazy: optional Pallas kernels
+            except ImportError:
+                linear_memory = None
+            if linear_memory is not None:
+                return linear_memory(level, state, q, k, v, gates, cfg.chunk_size,
+                                     impl=cfg.memory_impl)
+        return nm.apply(level, state, q, k, v, gates, chunk_size=cfg.chunk_size,
+                        path=cfg.memory_path)
+
+    def __call__(self, h_BxTxD: jax.Array) -> jax.Array:
+        q, k, v, gates, _ = self._project(h_BxTxD)
+        o, _ = self._run_memory(self.initial_state(h_BxTxD.shape[0]), q, k, v, gates)
+        return self._output(h_BxTxD, o.astype(h_BxTxD.dtype))
+
+    def init_state(self, batch_size: int) -> BlockState:
+        cfg = self.cfg
+        conv = jnp.zeros((batch_size, cfg.conv_width - 1, 3 * cfg.d_model), cfg.compute_dtype)
+        return BlockState(conv, nm.stream_init(self.initial_state(batch_size)))
+
+    def decode(self, h_Bx1xD: jax.Array, st: BlockState) -> tuple[jax.Array, BlockState]:
+        q, k, v, gates, conv = self._project(h_Bx1xD, st.conv)
+        o, mem = nm.stream_step(self.cfg.level(), st.memory, q[:, 0], k[:, 0], v[:, 0],
+                                nm.Gates(*(g[:, 0] for g in gates)),
+                                chunk_size=self.cfg.chunk_size)
+        y = self._output(h_Bx1xD, o[:, None].astype(h_Bx1xD.dtype))
+        return y, BlockState(conv.astype(st.conv.dtype), mem)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
+        out_std = layers.residual_out_std(cfg.n_layers)
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        norm = lambda: layers.rms_norm(cfg.d_model, eps=cfg.norm_eps,
+                                       param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.mem_norm = norm()
+        self.memory = NeuralMemory(cfg, rngs=rngs)
+        self.mlp_norm = norm()
+        self.mlp = layers.SwiGLU(cfg.d_model, cfg.ff_dim, out_std=out_std, **kw)
+
+    def __call__(self, x_BxTxD):
+        x = x_BxTxD + self.memory(layers.apply_norm(self.mem_norm, x_BxTxD))
+        return x + self.mlp(layers.apply_norm(self.mlp_norm, x))
+
+    def decode(self, x_Bx1xD, st: BlockState):
+        y, st = self.memory.decode(layers.apply_norm(self.mem_norm, x_Bx1xD), st)
+        x = x_Bx1xD + y
+        return x + self.mlp(layers.apply_norm(self.mlp_norm, x)), st
+
+
+def _block_forward(block: Block, x):
+    return block(x)
+
+
+@register("titans", TitansConfig)
+class TitansLM(nnx.Module):
+    """Titans (LMM) language model: ``model(tokens_BxT) -> logits_BxTxV`` (float32)."""
+
+    def __init__(self, config: TitansConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+        self.embed = layers.TiedEmbedding(config.vocab_size, config.d_model, **kw)
+        self.blocks = layers.ModuleList([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.final_norm = layers.rms_norm(config.d_model, eps=config.norm_eps,
+                                          param_dtype=config.weight_dtype, rngs=rngs)
+
+    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+        return self.forward_embedded(self.embed(tokens_BxT))
+
+    def forward_embedded(self, x_BxTxD: jax.Array) -> jax.Array:
+        x = x_BxTxD
+        forward = nnx.remat(_block_forward) if self.config.remat else _block_forward
+        for block in self.blocks:
+            x = forward(block, x)
+        return self.embed.logits(layers.apply_norm(self.final_norm, x))
+
+    def init_state(self, batch_size: int) -> TitansState:
+        """Fixed-size decode state: per block a conv window and the memory's fast state."""
+        blocks = tuple(b.memory.init_state(batch_size) for b in self.blocks)
+        return TitansState(blocks, jnp.zeros((), jnp.int32))
+
+    def decode_step(self, state: TitansState, tokens_B: jax.Array):
+        """One token per sequence -> (logits_BxV float32, next state); constant cost per step."""
+        x = self.embed(tokens_B[:, None])
+        blocks = []
+        for block, st in zip(self.blocks, state.blocks, strict=True):
+            x, st = block.decode(x, st)
+            blocks.append(st)
+        logits = self.embed.logits(layers.apply_norm(self.final_norm, x))[:, 0]
+        return logits, TitansState(tuple(blocks), state.pos + 1)
+
+    def memory_flops_per_token(self) -> float:
+        """Inner-loop FLOPs per token (forward + backward ~ 3x forward), dual form estimate.
+
+        Per head and token, forward: the boundary forward/backward of the memory at k and the
+        read at q (~12 dk dh for the 2-layer MLP, 6 dk^2 linear) and the in-chunk triangular
+        matmuls (~4 C (dk + dh), linear 4 C dk).
+        """
+        c = self.config
+        dk, dh, C = c.head_dim, c.hidden_dim, c.chunk_size
+        if c.memory == "linear":
+            fwd = 6.0 * dk * dk + 4.0 * C * dk
+        else:
+            fwd = 12.0 * dk * dh + 4.0 * C * (dk + dh)
+        return 3.0 * fwd * c.n_heads * c.n_layers
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """6 N (memory initial states excluded: no token multiplies them directly) + memory."""
+        del seq_len  # the memory's cost per token does not grow with the context
+        n_init = sum(int(v.size) for b in self.blocks for v in b.memory.memory_init.values())
+        return 6.0 * (count_params(self) - n_init) + self.memory_flops_per_token()
