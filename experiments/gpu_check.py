@@ -18,7 +18,8 @@ an H200; needs only jax, numpy and this repository):
 
 Every row is wrapped in try/except: a failure prints its error and the run goes on.  A global
 budget (GPU_CHECK_BUDGET_S, default 270 s) skips the remaining rows so the whole script stays
-under 5 minutes.  With $OUT set, the report is also written to $OUT/bench_kernels_gpu.md.
+under 5 minutes.  With $OUT set, the report is also written to $OUT/bench_kernels_gpu.md,
+rewritten after every line so that an outer timeout still leaves what was measured.
 
 ``--smoke`` runs the same script on CPU with the kernels in interpret mode and tiny shapes
 (checks the script itself, not the GPU).
@@ -55,9 +56,27 @@ LEVELS = {
 LINES: list[str] = []
 
 
+def trace() -> None:
+    """The end of the current traceback (where Triton/XLA say what failed), kept short so a
+    `| tail` of the output still shows the tables."""
+    print(traceback.format_exc()[-1200:], file=sys.stderr, flush=True)
+
+
 def say(line: str = "") -> None:
     print(line, flush=True)
     LINES.append(line)
+    save_report()
+
+
+def save_report() -> None:
+    """Rewrite $OUT/bench_kernels_gpu.md after every line, so an outer timeout still leaves
+    everything measured so far."""
+    out = os.environ.get("OUT")
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench_kernels_gpu.md"), "w") as f:
+        f.write("\n".join(LINES) + "\n")
 
 
 def left() -> float:
@@ -129,10 +148,15 @@ def correctness() -> bool:
     say("| level | dtype | outputs | final W, S | grads (q,k,v,gates,W0,S0) | tol | verdict |")
     say("|---|---|---|---|---|---|---|")
     ok_all = True
-    for name, make_level in LEVELS.items():
+    for i, (name, make_level) in enumerate(LEVELS.items()):
         level = make_level(d)
         for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)):
             dname = jnp.dtype(dtype).name
+            # Hope's level always; the Titans cases only while most of the budget is left,
+            # so the timings below still get their share.
+            if left() < (30 if i == 0 else 0.6 * BUDGET):
+                say(f"| {name} | {dname} | skipped (time budget) | | | | |")
+                continue
             try:
                 args = make_inputs(level, B, T, H, dtype, seed=1)
                 st, q, k, v, g = args
@@ -155,7 +179,7 @@ def correctness() -> bool:
                 ok = False
                 say(f"| {name} | {dname} | error | | | | FAIL: {type(e).__name__}: "
                     f"{str(e)[:300]!r} |")
-                traceback.print_exc()
+                trace()
             ok_all = ok_all and ok
     say()
     return ok_all
@@ -194,7 +218,7 @@ def row(shape, what, mode, make, need_s=20.0):
         msg = f"error: {type(e).__name__}: {str(e)[:200]!r}"
         ROWS.append((shape, what, mode, msg, "", ""))
         say(f"  {shape} {what} {mode}: {msg}")
-        traceback.print_exc()
+        trace()
         return None
 
 
@@ -349,13 +373,8 @@ def main():
     report_targets()
     say(f"correctness: {'ALL PASS' if ok else 'FAILURES (see table (a))'}; "
         f"total {time.time() - START:.0f} s")
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, "bench_kernels_gpu.md")
-        with open(path, "w") as f:
-            f.write("\n".join(LINES) + "\n")
-        print(f"wrote {path}")
+    if os.environ.get("OUT"):
+        print(f"wrote {os.path.join(os.environ['OUT'], 'bench_kernels_gpu.md')}")
 
 
 if __name__ == "__main__":
