@@ -37,6 +37,10 @@ Semantics (all documented in docs/paper_map/models.md):
     block, delta_t is the exact per-token gradient of the model's loss w.r.t. that level's output.
     E[x_{t+1}] = the input embedding of the next token (tied embeddings), so the targets are the
     input embeddings shifted left; the last position has no next token and is masked (eta = 0).
+    ``teach_at="input"`` is the cheap option: delta_t taken once per block at the CMS input
+    stream (it does not depend on any level's state), shared by all levels as the engine's plain
+    "dot" target v = -delta; one V x D logit lens per block instead of one per level, outside the
+    rematerialised chunk bodies.
   - "reconstruction": the l2 objective 1/2 ||y_t - RMSNorm_l(r_t)||^2 on the level's own input.
 * Inner rule: GD (default; the engine's one-VJP-per-chunk boundary path), or momentum
   (``momentum > 0``: Titans momentum with constant beta).  ``retention`` alpha < 1 adds weight
@@ -77,6 +81,7 @@ from nested_jax.models.config import fail
 
 VARIANTS = ("sequential", "independent", "nested")
 SIGNALS = ("teach", "reconstruction")
+TEACH_AT = ("output", "input")
 
 
 # ---- pure functions: norm, teach signal, the level memory --------------------------------------
@@ -164,6 +169,7 @@ class CMSLevel(nm.Level):
 
     "teach": loss = dot(y, -sg(delta(x + y))) -- the engine's "dot" objective with target -delta,
     delta taken at the parameters the engine differentiates at (always the chunk boundary).
+    "given": loss = dot(y, v), v = -delta precomputed by the caller (``teach_at="input"``).
     "reconstruction": loss = l2(y, sg(RMSNorm(x))).
     """
 
@@ -175,6 +181,8 @@ class CMSLevel(nm.Level):
             y = self.memory.apply(params, k)
             delta = jax.lax.stop_gradient(teach_delta(self.head, k + y, v))
             return objectives.loss("dot", y, -delta)
+        if self.signal == "given":
+            return objectives.loss("dot", self.memory.apply(params, k), v)
         n, y = self.memory.parts(params, k)
         return objectives.loss("l2", y, jax.lax.stop_gradient(n))
 
@@ -197,6 +205,8 @@ class CMSSpec:
       lr: inner learning-rate scale lr_l per level (0 = static level; a float for all).
       variant: "sequential" | "independent" | "nested".
       signal: "teach" | "reconstruction" (inner objective, decisions.md #13).
+      teach_at: "output" (delta at each level's output, the default) or "input" (once per block
+        at the CMS input, shared by the levels: cheaper).
       momentum: constant inner momentum beta (0 = plain GD, the fast path).
       retention: alpha, weight-decay gate of the inner rule (1 = none).
       norm_eps: epsilon of each level's RMSNorm.
@@ -209,6 +219,7 @@ class CMSSpec:
     lr: float | tuple[float, ...] = 1e-2
     variant: str = "sequential"
     signal: str = "teach"
+    teach_at: str = "output"
     momentum: float = 0.0
     retention: float = 1.0
     norm_eps: float = 1e-6
@@ -260,6 +271,8 @@ def validate_spec(spec: Any, prefix: str = "cms_", max_seq_len: int | None = Non
         fail(name("variant"), spec.variant, f"must be one of {list(VARIANTS)}")
     if spec.signal not in SIGNALS:
         fail(name("signal"), spec.signal, f"must be one of {list(SIGNALS)}")
+    if spec.teach_at not in TEACH_AT:
+        fail(name("teach_at"), spec.teach_at, f"must be one of {list(TEACH_AT)}")
     if not 0.0 <= spec.momentum < 1.0:
         fail(name("momentum"), spec.momentum, "must lie in [0, 1) (0 = plain GD)")
     if not 0.0 < spec.retention <= 1.0:
@@ -290,6 +303,7 @@ class CMSFields:
     cms_lr: float | tuple[float, ...] = 1e-2
     cms_variant: str = "sequential"
     cms_signal: str = "teach"
+    cms_teach_at: str = "output"
     cms_momentum: float = 0.0
     cms_retention: float = 1.0
     cms_stop_grad: bool = False
@@ -297,7 +311,7 @@ class CMSFields:
     @property
     def cms_fields(self) -> dict[str, Any]:
         return dict(periods=self.cms_periods, d_ff=self.cms_d_ff, lr=self.cms_lr,
-                    variant=self.cms_variant, signal=self.cms_signal,
+                    variant=self.cms_variant, signal=self.cms_signal, teach_at=self.cms_teach_at,
                     momentum=self.cms_momentum, retention=self.cms_retention)
 
     def validate_cms(self) -> None:
@@ -313,7 +327,8 @@ class CMSFields:
         return CMSSpec(d_model=self.d_model, periods=self.cms_periods, d_ff=d_ff,
                        lr=self.cms_lr,
                        variant=self.cms_variant, signal=self.cms_signal,
-                       momentum=self.cms_momentum, retention=self.cms_retention,
+                       teach_at=self.cms_teach_at, momentum=self.cms_momentum,
+                       retention=self.cms_retention,
                        norm_eps=getattr(self, "norm_eps", 1e-6), stop_grad=self.cms_stop_grad)
 
 
@@ -391,8 +406,14 @@ class CMS(nnx.Module):
         rule = nm.TITANS if s.momentum > 0 else nm.GD
         if s.signal == "teach" and head is None:
             raise ValueError("cms_signal='teach' needs the model's TeachHead (tied LM head).")
+        signal = "given" if (s.signal, s.teach_at) == ("teach", "input") else s.signal
         return CMSLevel(self._memory(i), "dot" if s.signal == "teach" else "l2", rule,
-                        "boundary", s.stop_grad, signal=s.signal, head=head)
+                        "boundary", s.stop_grad, signal=signal, head=head)
+
+    def _given_target(self, head, r_BxTxD, next_BxTxD):
+        """v = -delta at the CMS input (teach_at="input"): a stop-gradient constant."""
+        fn = jax.vmap(jax.vmap(teach_delta, in_axes=(None, 0, 0)), in_axes=(None, 0, 0))
+        return -jax.lax.stop_gradient(fn(head, r_BxTxD, next_BxTxD)).astype(r_BxTxD.dtype)
 
     def _init_state(self, i: int, batch_size: int) -> nm.MemoryState:
         p = self.levels[0 if self.spec.variant == "nested" else i].weights()
@@ -426,6 +447,9 @@ class CMS(nnx.Module):
                 raise ValueError("the teach signal needs next_BxTxD = next_embeddings(emb).")
             mask_BxT = mask_BxT.at[:, -1].set(0.0)  # the last token has no next token
             v = next_BxTxD.astype(x_BxTxD.dtype)
+            if self.spec.teach_at == "input":
+                self._level(0, head)  # checks the head
+                v = self._given_target(head, x_BxTxD, v)
         else:
             v = x_BxTxD  # unused by the reconstruction loss, shaped for the engine
         variant = self.spec.variant
@@ -481,14 +505,22 @@ class CMS(nnx.Module):
             pending = tuple(jnp.zeros((batch_size, D), self.dtype) for _ in range(K))
         return CMSState(streams, slow, pending, jnp.zeros((), jnp.int32))
 
-    def _write(self, i, st, pending_BxD, emb_BxD, has_prev, head):
+    def _decode_target(self, state: CMSState, head, emb_BxD):
+        """The engine's v for the pending token t-1 (its next token x_t is now known)."""
+        if self.spec.signal != "teach":
+            return None
+        if self.spec.teach_at == "input":  # every stream's pending[0] is the block input at t-1
+            return self._given_target(head, state.pending[0][:, None], emb_BxD[:, None])[:, 0]
+        return emb_BxD
+
+    def _write(self, i, st, pending_BxD, v_BxD, has_prev, head):
         """Apply the lagged write of token t-1 to stream st (skipped at t = 0)."""
         etas = self.etas()
         B = pending_BxD.shape[0]
         g = lambda c: jnp.full((B, 1), c, self.gate_dtype)
         gates = nm.Gates(g(1.0) * etas[i], g(self.spec.retention), g(self.spec.momentum))
         k = pending_BxD[:, None]
-        v = (emb_BxD if self.spec.signal == "teach" else pending_BxD)[:, None].astype(k.dtype)
+        v = (pending_BxD if v_BxD is None else v_BxD)[:, None].astype(k.dtype)
         _, new = nm.stream_step(self._level(i, head), st, k, k, v, gates,
                                 chunk_size=self.spec.periods[i])
         return jax.tree.map(lambda a, b: jnp.where(has_prev, a, b), new, st)
@@ -504,13 +536,14 @@ class CMS(nnx.Module):
         x = x_Bx1xD[:, 0]
         emb = x if emb_Bx1xD is None else emb_Bx1xD[:, 0]
         has_prev = state.pos > 0
+        target = self._decode_target(state, head, emb)
         if self.spec.variant == "nested":
-            out, state = self._decode_nested(x, state, head, emb, has_prev)
+            out, state = self._decode_nested(x, state, head, target, has_prev)
         else:
             streams, pending = [], []
             r, total = x, x
             for i in range(self.spec.n_levels):
-                st = self._write(i, state.streams[i], state.pending[i], emb, has_prev, head)
+                st = self._write(i, state.streams[i], state.pending[i], target, has_prev, head)
                 y = self._read(i, st, r)
                 streams.append(st)
                 pending.append(r)
@@ -522,11 +555,11 @@ class CMS(nnx.Module):
             state = CMSState(tuple(streams), (), tuple(pending), state.pos)
         return out[:, None], state._replace(pos=state.pos + 1)
 
-    def _decode_nested(self, x, state, head, emb, has_prev):
+    def _decode_nested(self, x, state, head, target, has_prev):
         K = self.spec.n_levels
         P = self.spec.periods
         lam = jnp.minimum(self.etas(), 1.0)
-        fast = self._write(K - 1, state.streams[0], state.pending[0], emb, has_prev, head)
+        fast = self._write(K - 1, state.streams[0], state.pending[0], target, has_prev, head)
         thetas = list(state.slow) + [fast.params]
         pos = state.pos
         ends = [has_prev & (pos % P[s] == 0) for s in range(K - 1)]
@@ -559,12 +592,13 @@ class CMS(nnx.Module):
         self.levels[i].down[...] = jnp.zeros_like(self.levels[i].down[...])
 
     def flops_per_token(self, vocab_size: int) -> float:
-        """Training FLOPs per token beyond 6 N (the read-outs are in 6 N): per level, the teach
-        signal's two V x D matmuls (forward only, recomputed once by remat) and the inner VJP
-        (MLP forward + backward, 12 D F) with its outer backward (~2x)."""
+        """Training FLOPs per token beyond 6 N (the read-outs are in 6 N): the teach signal's two
+        V x D matmuls (forward only; per level and recomputed once by remat, or once per block
+        with teach_at="input") and per level the inner VJP (MLP forward + backward, 12 D F) with
+        its outer backward (~2x)."""
         s = self.spec
-        total = 0.0
+        lens = 4.0 * vocab_size * s.d_model if s.signal == "teach" else 0.0
+        total = lens if s.teach_at == "input" else 2 * lens * s.n_levels
         for i in range(s.n_levels):
-            teach = 2 * 4.0 * vocab_size * s.d_model if s.signal == "teach" else 0.0
-            total += teach + 3 * 12.0 * s.d_model * s.d_ff[i]
+            total += 3 * 12.0 * s.d_model * s.d_ff[i]
         return total

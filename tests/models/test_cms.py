@@ -22,10 +22,10 @@ LR = (0.05, 0.03, 0.08)
 
 
 def _setup(variant="sequential", signal="teach", periods=(3, 5, 2), lr=None, momentum=0.0,
-           retention=1.0, dtype=jnp.float64, seed=0):
+           retention=1.0, dtype=jnp.float64, seed=0, teach_at="output"):
     lr = LR[:len(periods)] if lr is None else lr
     spec = C.CMSSpec(d_model=D, periods=periods, d_ff=F, lr=lr, variant=variant, signal=signal,
-                     momentum=momentum, retention=retention)
+                     momentum=momentum, retention=retention, teach_at=teach_at)
     model = C.CMS(spec, n_layers=2, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
     ks = jax.random.split(jax.random.key(seed + 1), 8)
     normal = lambda k, shape, std: std * jax.random.normal(k, shape, dtype)
@@ -56,11 +56,15 @@ def _branch(w, scale, mix, r):
 
 
 @functools.partial(jax.jit, static_argnames="signal")
-def _token_grad(w, scale, mix, r, table, f_scale, next_tok, signal):
+def _token_grad(w, scale, mix, r, table, f_scale, next_tok, signal, block_in):
     """grad_W of one token's inner loss at weights w (the chunk boundary), from the definitions."""
     if signal == "teach":
         ce = lambda h: -jax.nn.log_softmax(table @ _rms(h, f_scale))[next_tok]
         delta = jax.grad(ce)(r + _branch(w, scale, mix, r))  # d CE / d (stream after the level)
+        return jax.grad(lambda w: jnp.dot(_branch(w, scale, mix, r), delta))(w)
+    if signal == "teach_input":  # the same error, taken once at the CMS input
+        ce = lambda h: -jax.nn.log_softmax(table @ _rms(h, f_scale))[next_tok]
+        delta = jax.grad(ce)(block_in)
         return jax.grad(lambda w: jnp.dot(_branch(w, scale, mix, r), delta))(w)
     n = _rms(r, scale)
     return jax.grad(lambda w: 0.5 * jnp.sum((_branch(w, scale, mix, r) - n) ** 2))(w)
@@ -76,7 +80,12 @@ def _level_args(model, i):
     return p.weights(), p.norm.scale[...], mix
 
 
-def _reference_level(model, i, r_TxD, tokens_T, head):
+def _signal(model):
+    s = model.spec
+    return "teach_input" if (s.signal, s.teach_at) == ("teach", "input") else s.signal
+
+
+def _reference_level(model, i, r_TxD, tokens_T, head, block_in_TxD):
     """Eq. 71 for one level and one sequence, token by token. Returns the branch outputs."""
     s = model.spec
     w, scale, mix = _level_args(model, i)
@@ -90,7 +99,7 @@ def _reference_level(model, i, r_TxD, tokens_T, head):
         out.append(_branch_jit(boundary, scale, mix, r_TxD[t]))
         eta_t = 0.0 if (s.signal == "teach" and t == T - 1) else eta  # no next token: masked
         g = _token_grad(boundary, scale, mix, r_TxD[t], head.embedding_VxD, head.norm_scale_D,
-                        tokens_T[min(t + 1, T - 1)], s.signal)
+                        tokens_T[min(t + 1, T - 1)], _signal(model), block_in_TxD[t])
         mom = jax.tree.map(lambda m, g: s.momentum * m - eta_t * g, mom, g)
         w = jax.tree.map(lambda a, m: s.retention * a + m, w, mom)
     return jnp.stack(out)
@@ -102,7 +111,7 @@ def _reference(model, head, tokens, x):
     for b in range(B):
         r, total = x[b], x[b]
         for i in range(s.n_levels):
-            y = _reference_level(model, i, r, tokens[b], head)
+            y = _reference_level(model, i, r, tokens[b], head, x[b])
             if s.variant == "sequential":
                 r = r + y
             else:
@@ -137,7 +146,7 @@ def _reference_nested(model, head, tokens, x):
             ys.append(x[b, t] + _branch_jit(boundary, scale, mix, x[b, t]))
             eta_t = 0.0 if (s.signal == "teach" and t == T - 1) else eta
             g = _token_grad(boundary, scale, mix, x[b, t], head.embedding_VxD, head.norm_scale_D,
-                            tokens[b, min(t + 1, T - 1)], s.signal)
+                            tokens[b, min(t + 1, T - 1)], _signal(model), x[b, t])
             thetas[-1] = jax.tree.map(lambda a, g: a - eta_t * g, thetas[-1], g)
         outs.append(jnp.stack(ys))
     return jnp.stack(outs)
@@ -209,6 +218,7 @@ CASES = [
     dict(variant="sequential", signal="reconstruction", periods=(3, 5)),
     dict(variant="independent", signal="teach", periods=(3, 5)),
     dict(variant="sequential", signal="teach", periods=(3,), momentum=0.6, retention=0.9),
+    dict(variant="sequential", signal="teach", periods=(3, 5), teach_at="input"),
     dict(variant="nested", signal="teach", periods=(6, 3, 1), lr=(0.5, 0.7, 0.05)),
     dict(variant="nested", signal="reconstruction", periods=(4, 2), lr=(0.5, 0.05)),
 ]
@@ -279,6 +289,7 @@ def test_batch_rows_have_their_own_fast_state(x64):
         (dict(periods=(4,), lr=-1.0), "lr"),
         (dict(periods=(4,), variant="stacked"), "variant"),
         (dict(periods=(4,), signal="l1"), "signal"),
+        (dict(periods=(4,), teach_at="middle"), "teach_at"),
         (dict(periods=(4,), momentum=1.0), "momentum"),
         (dict(periods=(4,), retention=0.0), "retention"),
         (dict(periods=(4, 8), variant="nested"), "periods"),
