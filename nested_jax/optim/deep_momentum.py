@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from nested_jax.optim import _common, _validate
 
@@ -185,7 +186,14 @@ def scale_by_deep_momentum(
             jax.tree.leaves(state.w_out),
             strict=True,
         ):
-            out, b1, wi1, wo1 = _leaf_step(g, b, wi, wo, alpha, eta, eta_mlp, objective)
+            out, b1, wi1, wo1 = _common.sharded_like(
+                lambda g, b, wi, wo: _leaf_step(g, b, wi, wo, alpha, eta, eta_mlp, objective),
+                g,
+                b,
+                wi,
+                wo,
+                out_specs=lambda spec: (spec, spec, P(), P()),  # the MLP is replicated
+            )
             outs.append(out.astype(g.dtype))
             new_b.append(b1.astype(b.dtype))
             new_wi.append(wi1.astype(wi.dtype))

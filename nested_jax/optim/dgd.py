@@ -78,12 +78,15 @@ def _dgd_leaf(where: str, path: str, g, w, x, lr):
             f"example axes, then D_in={d_in}); got {x.shape}."
         )
     cdt = _common.compute_dtype(g.dtype, w.dtype, x.dtype)
-    x = x.astype(cdt).reshape(lead + (-1, d_in))
-    g32, w32 = g.astype(cdt), w.astype(cdt)
-    fn = lambda g_, w_, x_: _dgd_matrix(g_, w_, x_, jnp.asarray(lr, cdt))
-    for _ in lead:
-        fn = jax.vmap(fn)
-    return fn(g32, w32, x).astype(g.dtype)
+
+    def direction(g, w, x):
+        x = x.astype(cdt).reshape(lead + (-1, d_in))
+        fn = lambda g_, w_, x_: _dgd_matrix(g_, w_, x_, jnp.asarray(lr, cdt))
+        for _ in lead:
+            fn = jax.vmap(fn)
+        return fn(g.astype(cdt), w.astype(cdt), x).astype(g.dtype)
+
+    return _common.sharded_like(direction, g, w, x)
 
 
 def scale_by_dgd(

@@ -102,8 +102,9 @@ def test_stacked_weights_and_example_axes(x64):
         )
 
 
-def test_sharded_kernel_stays_sharded():
-    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_sharded_kernel_stays_sharded(axis_type):
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
     w = jax.device_put(randn((16, 8), 7), NamedSharding(mesh, P("fsdp", None)))
     x = randn((4, 16), 8)
     g = jnp.ones((16, 8))
