@@ -7,10 +7,10 @@ One layer, for every sequence b and head h (decisions #1: the fast state is per 
 
     x_t       = conv_W(x)_t split into heads            (causal depthwise conv, decision #11)
     q_t       = l2(x_t W_q)                              (static q, decision #9)
-    k_t       = l2(M_k(x_t)),  v_t = M_v(x_t)            (eqs. 76-79: adaptive projections)
-    eta_t     = eta_max sigmoid(<w_eta, M_eta(x_t)> + b_eta)      (decision #7)
-    alpha_t   = sigmoid(<w_alpha, M_alpha(x_t)> + b_alpha)
+    k_t       = l2(M_k(x_t)),  v_t = l2(M_v(x_t))        (eqs. 76-79: adaptive projections)
     beta_t    = sigmoid(<w_beta, M_alpha(x_t)> + b_beta)          (momentum decay)
+    eta_t     = eta_max sigmoid(<w_eta, M_eta(x_t)> + b_eta) (1 - beta_t)      (decision #7)
+    alpha_t   = sigmoid(<w_alpha, M_alpha(x_t)> + b_alpha)
     vhat_□    = M_□(v_t)                                 (eq. 84, self-generated targets, #8)
     S_□      <- beta_t S_□ - eta_t grad ||M_□(k_t) - vhat_□||^2 / 2
     M_□      <- M_□ (alpha_t I - eta_t k_t k_t^T) + S_□  (eqs. 88-90: DGD + wd + momentum, #5 #6)
@@ -42,10 +42,21 @@ Readings of points the paper leaves open (recorded in docs/paper_map/models.md):
     (K -> F -> K), so residual memories are well defined and the state is per head;
   * beta (momentum decay) is a second read-out of M_alpha (both are decay factors) so that all
     gates come from the chunk-boundary memories (decision #7);
-  * eta_max = 0.1 by default, eta initialised to eta_max * sigmoid(-2) ~ 0.012: self-generated
-    targets make the inner loop of an MLP memory unstable at large eta (the community reading
-    used softplus * 1e-3); inputs of the memories have norm ~sqrt(K) after RMSNorm, which is what
-    bounds the stable eta;
+  * inner-loop stability (the paper gives no values).  Self-generated targets make the inner
+    objective indefinite (M_□ chases its own output), and three choices keep the fast weights
+    finite for every gate value, alpha = 1 and beta -> 1 included (stress-tested at T = 4096 in
+    float32, D = 64 ... 768; numbers in the paper map):
+      - v is l2-normalised like k (``normalize_v``).  Unnormalised, v = M_v(x) feeds M_v's own
+        target M_v(v) = M_v(M_v(x)): a quadratic loop that diverged within ~1K tokens even at
+        eta = 1e-3 (paper-literal reading kept as normalize_v=False);
+      - eta carries a factor (1 - beta_t) (``ema_momentum``): S is an exponential moving average
+        of the stale gradients, so the momentum-amplified step eta / (1 - beta) never exceeds
+        eta_max.  The rule itself is decisions #6 unchanged, only the gate is parametrised;
+      - eta_max = 0.01 (eta = 2.5e-3 at init: sigmoid(0) (1 - 0.5)), the order of the community
+        reading (softplus * 1e-3, unbounded).  eta_max = 0.03 diverged at beta = 0.99, 0.1 at
+        beta = 0.5 (alpha = 1, chunk 64).
+    Memories start as identity plus W1 ~ N(0, 0.25/F) (``memory_init_scale``): with W1 = 0 all
+    memories are the identity, k = v exactly, and every target error M(k) - M(v) vanishes;
   * the output gate is silu(x W_g) of the block's (normalised, pre-conv) input, as in GatedDeltaNet;
   * the conv starts as the identity (current-token tap 1, others ~N(0, 0.02)).
 """
@@ -67,9 +78,9 @@ from nested_jax.models.config import DTYPES, check_choice, check_positive, fail
 
 PATHS = ("dual", "chunked")
 GATES = ("eta", "alpha", "beta")
-# Gate biases at init: eta = eta_max * sigmoid(-2), alpha = sigmoid(4.6) ~ 0.99 (slow decay),
-# beta = sigmoid(0) = 0.5 (momentum).
-GATE_BIAS_INIT = {"eta": -2.0, "alpha": 4.6, "beta": 0.0}
+# Gate biases at init: eta = eta_max * sigmoid(0) * (1 - beta), alpha = sigmoid(4.6) ~ 0.99 (slow
+# decay), beta = sigmoid(0) = 0.5 (momentum).
+GATE_BIAS_INIT = {"eta": 0.0, "alpha": 4.6, "beta": 0.0}
 GATE_SOURCE = {"eta": "eta", "alpha": "alpha", "beta": "alpha"}  # memory each gate is read from
 L2_EPS = 1e-6
 
@@ -89,7 +100,8 @@ class SelfModifyingConfig:
       chunk_memory: C_memory, chunk size of M_memory (decision #10, default 64).
       chunk_other: C_other, chunk size shared by M_k, M_v, M_eta, M_alpha (default 8).
       conv_width: W, causal depthwise conv width (decision #11, default 4).
-      eta_max: upper bound of the inner learning rate, eta = eta_max * sigmoid(.) (decision #7).
+      eta_max: upper bound of the inner learning rate, eta = eta_max * sigmoid(.) (decision #7);
+        0.01 keeps the self-referential inner loop finite for every gate value (module notes).
       dgd: delta gradient descent (alpha I - eta k k^T) on the input-side matrix; False is the
         "DGD -> GD" ablation (decision #5).
       momentum: inner momentum S_t (decision #6); False is the "w/o momentum" ablation (beta = 0).
@@ -97,6 +109,9 @@ class SelfModifyingConfig:
       stop_grad: stop outer gradients through the inner writes (decision #4 ablation).
       static_k, static_v: k = l2(x W_k) / v = x W_v plain projections ("k/v static" ablations).
       adaptive_q: q = l2(M_q(x)) from a fifth coupled memory (decision #9 option; default static).
+      normalize_v: v = l2(M_v(x)) (default; stability) or the paper-literal v = M_v(x).
+      ema_momentum: eta_t carries a factor (1 - beta_t), so eta / (1 - beta) <= eta_max.
+      memory_init_scale: s of the initial W1 ~ N(0, s^2 / F) of every memory (0 = identity).
       memory_path: engine path of every memory: "dual" (matmul form) or "chunked" (generic).
       remat_group: C_other-chunks per rematerialised segment of the coupled scan: the backward
         pass stores the four memories' states once per segment and recomputes inside it.
@@ -113,7 +128,7 @@ class SelfModifyingConfig:
     chunk_memory: int = 64
     chunk_other: int = 8
     conv_width: int = 4
-    eta_max: float = 0.1
+    eta_max: float = 0.01
     dgd: bool = True
     momentum: bool = True
     weight_decay: bool = True
@@ -121,6 +136,9 @@ class SelfModifyingConfig:
     static_k: bool = False
     static_v: bool = False
     adaptive_q: bool = False
+    normalize_v: bool = True
+    ema_momentum: bool = True
+    memory_init_scale: float = 0.5
     memory_path: str = "dual"
     remat_group: int = 0
     norm_eps: float = 1e-6
@@ -160,9 +178,12 @@ def validate_fields(cfg) -> None:
         fail("memory_hidden", cfg.memory_hidden, "must be an int >= 0 (0 means d_model / n_heads)")
     if not (isinstance(cfg.eta_max, (int, float)) and 0 <= cfg.eta_max <= 1):
         fail("eta_max", cfg.eta_max, "must lie in [0, 1]; self-generated targets make the inner "
-             "loop of an MLP memory diverge at large eta (0.1 is the default)")
+             "loop of an MLP memory diverge at large eta (0.01 is the default)")
+    if not (isinstance(cfg.memory_init_scale, (int, float)) and cfg.memory_init_scale >= 0):
+        fail("memory_init_scale", cfg.memory_init_scale, "must be a float >= 0 (0: identity "
+             "memories at init, whose self-generated targets give no signal)")
     for name in ("dgd", "momentum", "weight_decay", "stop_grad", "static_k", "static_v",
-                 "adaptive_q"):
+                 "adaptive_q", "normalize_v", "ema_momentum"):
         if not isinstance(getattr(cfg, name), bool):
             fail(name, getattr(cfg, name), "must be a bool")
     check_choice(cfg, "memory_path", PATHS)
@@ -230,7 +251,15 @@ class SelfModifyingTitans(nnx.Module):
         self.k_proj = proj() if cfg.static_k else None  # "k static" ablation
         self.v_proj = proj() if cfg.static_v else None  # "v static" ablation
         mem = self.memory_module
-        init_one = lambda key: mem.init(key, pdt)
+        def init_one(key):
+            # MLPMemory.init: W2 ~ N(0, 1/K), W1 = 0 (identity).  W1 gets N(0, s^2/F) instead:
+            # with identity memories k = l2(M_k(x)) and v = l2(M_v(x)) would coincide and every
+            # self-generated target error M(k) - M(v) would vanish.
+            k2, k1 = jax.random.split(key)
+            p = mem.init(k2, pdt)
+            p["W1"] = cfg.memory_init_scale / math.sqrt(F) * jax.random.normal(k1, (K, F), pdt)
+            return p
+
         coupled = jax.vmap(init_one)(jax.random.split(rngs.params(), N * H))
         memory = jax.vmap(init_one)(jax.random.split(rngs.params(), H))
         axes = ("heads", None, None)
@@ -311,12 +340,15 @@ class SelfModifyingTitans(nnx.Module):
         mdt = y_BxCxNxHxK.dtype
         k = l2_normalize(out["k"]) if "k" in out else k_BxCxHxK
         v = out["v"] if "v" in out else v_BxCxHxK
+        v = l2_normalize(v) if self.cfg.normalize_v else v
         w_3xHxK, b_3xH = self.gate_w[...].astype(mdt), self.gate_b[...].astype(mdt)
         logit = {g: jnp.einsum("bchk,hk->bch", out[GATE_SOURCE[g]], w_3xHxK[i])
                  + b_3xH[i][None, None] for i, g in enumerate(GATES)}
         eta = self.cfg.eta_max * jax.nn.sigmoid(logit["eta"])
         alpha = jax.nn.sigmoid(logit["alpha"]) if self.cfg.weight_decay else jnp.ones_like(eta)
         beta = jax.nn.sigmoid(logit["beta"])
+        if self.cfg.momentum and self.cfg.ema_momentum:
+            eta = eta * (1.0 - beta)  # momentum-amplified step eta / (1 - beta) <= eta_max
         q = l2_normalize(out["q"]) if "q" in out else None
         return q, k, v, nm.Gates(eta, alpha, beta)
 
@@ -455,22 +487,18 @@ class SelfModifyingTitans(nnx.Module):
 
     # ---- cost -----------------------------------------------------------------------------------
 
-    def forward_flops_per_token(self) -> float:
-        """Forward FLOPs per token of the layer, projections and inner loop (an estimate).
+    def inner_flops_per_token(self) -> float:
+        """Forward FLOPs per token of the inner loop (an estimate; projections are in 6 N).
 
-        Per memory, head and token (F hidden, K head dim, C chunk): a boundary read M(x) for the
-        coupled ones (4KF), the target M(v) and M(k) at the boundary (8KF), the hidden error
-        W1^T u (2KF), and per matrix the dual-form chunk (decision #6 note): ~6KF for the state
-        and read-outs plus ~4C(K+F) for the C x C parts.
+        Per memory, head and token (F hidden, K head dim, C chunk): the boundary read M(x) of a
+        coupled memory (4KF) or the read M(q) of M_memory (4KF), the target M(v) and M(k) at the
+        boundary (8KF), the hidden error W1^T u (2KF), and per matrix the dual-form chunk
+        (decision #6 note): ~6KF for the state and read-outs plus ~4C(K+F) for the C x C parts.
         """
         cfg = self.cfg
-        D, H, K, F, N = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.hidden, len(cfg.coupled)
-        n_proj = 3 + cfg.static_k + cfg.static_v - cfg.adaptive_q  # q, gate, out (+ k, v)
-        dense = 2.0 * n_proj * D * D + 2.0 * cfg.conv_width * D
+        H, K, F, N = cfg.n_heads, cfg.head_dim, cfg.hidden, len(cfg.coupled)
 
-        def engine(C):
-            return 10.0 * K * F + 2 * (6.0 * K * F + 4.0 * C * (K + F))
+        def one(C):
+            return 14.0 * K * F + 2 * (6.0 * K * F + 4.0 * C * (K + F))
 
-        coupled = N * H * (4.0 * K * F + engine(cfg.chunk_other))
-        memory = H * engine(cfg.chunk_memory)
-        return dense + coupled + memory
+        return N * H * one(cfg.chunk_other) + H * one(cfg.chunk_memory)
