@@ -36,10 +36,12 @@ direction ``D`` with ``W_{t+1} - W_t = -eta D``:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import optax
 
 from nested_jax.optim import _common, _validate
@@ -56,11 +58,16 @@ def _dgd_matrix(g: jax.Array, w: jax.Array, x: jax.Array, lr: Any) -> jax.Array:
     n, d_in = x.shape
     s = lr / n
     r = g + x.T @ (x @ w) / n  # G + C W / N
+    # Both systems are symmetric positive definite (identity + PSD): Cholesky.
     if n <= d_in:  # Woodbury: (I + s X^T X)^-1 = I - s X^T (I + s X X^T)^-1 X
         k = jnp.eye(n, dtype=x.dtype) + s * (x @ x.T)
-        return r - s * (x.T @ jnp.linalg.solve(k, x @ r))
+        return r - s * (x.T @ _spd_solve(k, x @ r))
     a = jnp.eye(d_in, dtype=x.dtype) + s * (x.T @ x)
-    return jnp.linalg.solve(a, r)
+    return _spd_solve(a, r)
+
+
+def _spd_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a, lower=True), b)
 
 
 def _dgd_leaf(where: str, path: str, g, w, x, lr):
@@ -79,14 +86,21 @@ def _dgd_leaf(where: str, path: str, g, w, x, lr):
         )
     cdt = _common.compute_dtype(g.dtype, w.dtype, x.dtype)
 
-    def direction(g, w, x):
-        x = x.astype(cdt).reshape(lead + (-1, d_in))
-        fn = lambda g_, w_, x_: _dgd_matrix(g_, w_, x_, jnp.asarray(lr, cdt))
-        for _ in lead:
-            fn = jax.vmap(fn)
-        return fn(g.astype(cdt), w.astype(cdt), x).astype(g.dtype)
+    mat = w.shape[-2:]
 
-    return _common.sharded_like(direction, g, w, x)
+    def direction(g, w, x):
+        n_lead = math.prod(lead)
+        x = x.astype(cdt).reshape((n_lead, -1, d_in))
+        g = g.astype(cdt).reshape((n_lead,) + mat)
+        w = w.astype(cdt).reshape((n_lead,) + mat)
+        lr_ = jnp.asarray(lr, cdt)
+        # lax.map, not vmap: one unbatched solve per matrix. jaxlib's batched LAPACK
+        # kernels wait on XLA's CPU thread pool from inside it and were seen to
+        # deadlock next to concurrent matmuls on a 2-core machine (jax 0.10).
+        d = jax.lax.map(lambda a: _dgd_matrix(*a, lr_), (g, w, x))
+        return d.reshape(lead + mat)
+
+    return _common.sharded_like(direction, g, w, x).astype(g.dtype)
 
 
 def scale_by_dgd(

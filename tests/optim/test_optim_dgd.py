@@ -1,5 +1,9 @@
 """DGD for linear layers (paper §2; decision #5): the update takes the layer inputs."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,3 +155,19 @@ def test_bad_inputs_raise_clear_errors():
         tx.update(params, state, params, inputs={"kernel": jnp.ones((2, 4))})
     with pytest.raises(ValueError, match="`params` is required"):
         tx.update(params, state, None, inputs={"kernel": jnp.ones((2, 4)), "bias": None})
+
+
+def test_stacked_solves_next_to_matmuls_do_not_deadlock():
+    # Regression: batched (vmapped) LAPACK solves next to concurrent matmuls hung
+    # XLA:CPU on a 2-core machine (jaxlib's kernels wait on the pool they run in).
+    # Run in a subprocess so that a hang fails the test instead of the session.
+    code = (
+        "import jax, jax.numpy as jnp, nested_jax.optim as no\n"
+        "w = {f'w{i}': jnp.full((6, 256, 256), 0.01) for i in range(4)}\n"
+        "x = {f'w{i}': jnp.full((6, 256, 256), 0.1) for i in range(4)}\n"
+        "tx = no.scale_by_dgd(1e-3)\n"
+        "f = jax.jit(lambda g, s, p, kw: tx.update(g, s, p, **kw))\n"
+        "jax.block_until_ready(f(w, tx.init(w), w, {'inputs': x}))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
