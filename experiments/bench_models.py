@@ -126,7 +126,8 @@ def run(args) -> list[list]:
             try:
                 case = Case(spec, name, overrides, args, T)
             except Exception as e:  # noqa: BLE001 - report (e.g. out of memory) and go on
-                rows.append([spec, T, "-", "-", "-", "-", "-", "-", f"failed: {type(e).__name__}"])
+                why = "out of memory" if "RESOURCE_EXHAUSTED" in str(e) else type(e).__name__
+                rows.append([spec, T, "-", "-", "-", "-", "-", "-", f"failed: {why}"])
                 print(f"{spec} T={T}: {e!r}", flush=True)
                 continue
             print(f"{spec} T={T}: compiled in {case.compile_s:.1f}s", flush=True)
@@ -188,7 +189,8 @@ def report(rows, args) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=DEFAULT_MODELS,
-                   help="comma list; 'name[field=value,...]' adds config overrides")
+                   help="comma list; 'name[field=value,...]' adds config overrides (separate "
+                        "them with ';' when a value holds commas)")
     p.add_argument("--preset", default="small")
     p.add_argument("--seq-lens", default="512,2048,8192",
                    type=lambda s: [int(x) for x in s.split(",")])

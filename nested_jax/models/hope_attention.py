@@ -30,6 +30,8 @@ class HopeAttentionConfig(CMSFields, TransformerConfig):
 
     ``d_ff`` is the MLP width budget of a block: with ``cms_d_ff=0`` each of the K levels gets
     d_ff / K (rounded up to 64), so a preset has about Transformer++'s parameter count.
+    ``remat`` rematerialises the attention sublayers (the engine already rematerialises every
+    CMS level chunk by chunk).
     """
 
     PRESETS = {
@@ -79,9 +81,14 @@ class Block(nnx.Module):
                                                impl=cfg.attention_impl, **kw)
         self.cms = CMS(cfg.cms(), n_layers=cfg.n_layers, **kw)
 
-    def __call__(self, x_BxTxD, positions_BxT, head: TeachHead, next_BxTxD):
-        x = x_BxTxD + self.attn(layers.apply_norm(self.attn_norm, x_BxTxD), positions_BxT)
-        return self.cms(x, head, next_BxTxD)
+    def attention(self, x_BxTxD, positions_BxT):
+        return x_BxTxD + self.attn(layers.apply_norm(self.attn_norm, x_BxTxD), positions_BxT)
+
+    def __call__(self, x_BxTxD, positions_BxT, head: TeachHead, next_BxTxD, remat: bool = False):
+        # remat covers the attention sublayer only: the engine already rematerialises the CMS
+        # chunk by chunk, and a second (block-level) remat would recompute every level again.
+        attention = nnx.remat(_attention) if remat else _attention
+        return self.cms(attention(self, x_BxTxD, positions_BxT), head, next_BxTxD)
 
     def decode(self, x_Bx1xD, cache_k, cache_v, pos, cms_state, head, emb_Bx1xD):
         h, cache_k, cache_v = self.attn.decode(layers.apply_norm(self.attn_norm, x_Bx1xD),
@@ -90,8 +97,8 @@ class Block(nnx.Module):
         return x, cache_k, cache_v, cms_state
 
 
-def _block_forward(block: Block, x, positions, head, nxt):
-    return block(x, positions, head, nxt)
+def _attention(block: Block, x, positions):
+    return block.attention(x, positions)
 
 
 @register("hope_attention", HopeAttentionConfig)
@@ -120,9 +127,8 @@ class HopeAttention(nnx.Module):
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
         head, nxt = self.teach_head(), next_embeddings(x_BxTxD)
         x = x_BxTxD
-        forward = nnx.remat(_block_forward) if self.config.remat else _block_forward
         for block in self.blocks:
-            x = forward(block, x, positions_BxT, head, nxt)
+            x = block(x, positions_BxT, head, nxt, remat=self.config.remat)
         return self.embed.logits(layers.apply_norm(self.final_norm, x))
 
     def init_state(self, batch_size: int) -> HopeAttentionState:

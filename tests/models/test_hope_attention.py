@@ -68,10 +68,10 @@ def test_batch_independence():
 
 @pytest.mark.parametrize("overrides", [
     {},
-    {"cms_variant": "nested", "cms_periods": (4, 2), "cms_lr": (0.5, 0.2)},
+    {"cms_variant": "nested", "cms_periods": (4, 2), "cms_lr": (0.5, 0.2), "remat": True},
     pytest.param({"cms_variant": "independent", "cms_signal": "reconstruction", "cms_lr": 0.05,
                   "n_kv_heads": 2}, marks=pytest.mark.slow),
-], ids=["sequential-teach", "nested-teach", "independent-reconstruction-gqa"])
+], ids=["sequential-teach", "nested-teach-remat", "independent-reconstruction-gqa"])
 def test_decode_matches_forward(overrides):
     """Token-by-token decoding (KV cache + every level's fast state) == the parallel forward."""
     model = _model(**overrides)
