@@ -97,7 +97,7 @@ def _leaf_step(g, b, w_in, w_out, alpha, eta, eta_mlp, objective):
 def scale_by_deep_momentum(
     alpha: float = 0.9,
     eta: float = 1.0,
-    eta_mlp: float = 0.1,
+    eta_mlp: float = 0.01,
     *,
     hidden: int = 16,
     objective: str = "dot",
@@ -118,10 +118,15 @@ def scale_by_deep_momentum(
     Args:
       alpha: retention of the memory in ``[0, 1]``.
       eta: inner step of the per-row bias (1: plain momentum when the MLP is off).
-      eta_mlp: inner step of the shared MLP weights (``>= 0``).
+      eta_mlp: inner step of the shared MLP weights (``>= 0``). The MLP adds a
+        second, learned momentum path of gain up to ``~eta_mlp H / (1 - alpha)``;
+        0.01 keeps it below the bias path (0.1 diverged on the toy landscape of
+        ``experiments/bench_optim_landscape.py`` where 0.01 beat momentum).
       hidden: hidden width ``H`` of the MLP (structural: static under
         ``inject_hyperparams``).
-      objective: ``"dot"`` (paper) or ``"l2"``.
+      objective: ``"dot"`` (paper) or ``"l2"``. With ``"l2"`` the memory
+        regresses onto the gradient, so its retention is ``alpha - eta``: use
+        e.g. ``alpha=1, eta=0.1`` (an EMA), not the ``"dot"`` defaults.
       seed: seed of ``W_in``'s initialization (``N(0, 1/F)``).
       accumulator_dtype: dtype of ``b``.
 
@@ -212,7 +217,8 @@ def scale_by_deep_momentum(
 def deep_momentum(
     learning_rate: optax.ScalarOrSchedule,
     alpha: float = 0.9,
-    eta_mlp: float = 0.1,
+    eta_mlp: float = 0.01,
+    eta: float = 1.0,
     *,
     hidden: int = 16,
     objective: str = "dot",
@@ -232,6 +238,7 @@ def deep_momentum(
       learning_rate: a float or an optax schedule.
       alpha: retention of the memory.
       eta_mlp: inner step of the MLP weights.
+      eta: inner step of the per-row bias (see :func:`scale_by_deep_momentum`).
       hidden: MLP width (static under ``inject_hyperparams``).
       objective: ``"dot"`` or ``"l2"``.
       seed: initialization seed.
@@ -263,7 +270,7 @@ def deep_momentum(
     return optax.chain(
         scale_by_deep_momentum(
             alpha,
-            1.0,
+            eta,
             eta_mlp,
             hidden=hidden,
             objective=objective,

@@ -16,7 +16,7 @@ BAD_HYPERPARAMS = [
     (no.preconditioned_momentum, "b2", 1.0),
     (no.preconditioned_momentum, "eps", -1e-8),
     (no.delta_momentum, "beta", -0.5),
-    (no.delta_momentum, "beta", 2.0),
+    (no.delta_momentum, "alpha", 1.1),
     (no.deep_momentum, "eta_mlp", -0.1),
     (no.deep_momentum, "hidden", 0),
     (no.newton_schulz_momentum, "beta", -0.95),
