@@ -6,6 +6,17 @@ first that adds weight decay and the learning-rate scale. All work in
 ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
 ``optax.partition`` and ``flax.nnx.Optimizer``. Map of equations to code and
 tests: ``docs/paper_map/optim.md``.
+
+Notes for wrappers and sharding:
+
+* ``optax.inject_hyperparams`` turns every number into an array; the
+  structural arguments ``ns_steps``, ``every`` (M3), ``hidden`` (DMGD),
+  ``axis`` (delta momentum) and a callable ``weight_dimension_numbers`` go in
+  its ``static_args``.
+* ``init`` lays the param-shaped state out like the params (eager, or jitted
+  under explicit mesh axes; a jitted init under auto axes needs
+  ``out_shardings``, as for any optax optimizer). Newton–Schulz and DGD's
+  solves run under explicit sharding too (with auto axes inside).
 """
 
 from nested_jax.optim.adam_memory import (
