@@ -83,6 +83,25 @@ def check_int(where: str, name: str, value: Any, *, low: int, fix: str = "") -> 
     return int(x)
 
 
+def check_integer(where: str, name: str, value: Any, *, fix: str = "") -> None:
+    """Checks an integer-typed argument (a seed): a Python int or an integer-dtype scalar.
+
+    Traced values (``optax.inject_hyperparams`` under ``jit``) pass when integer-typed.
+    """
+    if isinstance(value, bool) or callable(value):
+        ok = False
+    elif isinstance(value, int):
+        ok = True
+    else:
+        dtype = getattr(value, "dtype", None)
+        ok = dtype is not None and np.issubdtype(dtype, np.integer) and np.shape(value) == ()
+    if not ok:
+        raise ValueError(
+            f"{where}: `{name}` must be an integer, got {type(value).__name__} {value!r}. "
+            f"{fix}".rstrip()
+        )
+
+
 def check_choice(where: str, name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{where}: `{name}` must be one of {tuple(choices)}, got {value!r}.")

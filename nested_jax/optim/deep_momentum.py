@@ -149,9 +149,10 @@ def scale_by_deep_momentum(
     _validate.check_scalar(where, "alpha", alpha, low=0.0, high=1.0, fix="Use e.g. 0.9.")
     _validate.check_scalar(where, "eta", eta, low=0.0, fix="Use 1.0 (plain momentum).")
     _validate.check_scalar(
-        where, "eta_mlp", eta_mlp, low=0.0, fix="Use e.g. 0.1; 0 freezes the MLP."
+        where, "eta_mlp", eta_mlp, low=0.0, fix="Use e.g. 0.01; 0 freezes the MLP."
     )
     width = _validate.check_int(where, "hidden", hidden, low=1)
+    _validate.check_integer(where, "seed", seed, fix="Use e.g. 0.")
     _validate.check_choice(where, "objective", objective, OBJECTIVES)
     acc_dtype = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
 

@@ -52,6 +52,19 @@ def test_nan_hyperparameters_raise(factory, name, _):
         factory(**{"learning_rate": 1e-3, name: math.nan})
 
 
+@pytest.mark.parametrize("seed", [math.nan, 1.5, "0", True, jnp.float32(2.0)])
+def test_deep_momentum_seed_must_be_an_integer(seed):
+    # Before the check these reached jax.random.key at init as a TypeError.
+    with pytest.raises(ValueError, match=r"scale_by_deep_momentum: `seed` must be an integer"):
+        no.deep_momentum(1e-3, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [0, -1, 2**40, jnp.int32(3)])
+def test_deep_momentum_integer_seeds_are_accepted(seed):
+    state = no.deep_momentum(1e-3, seed=seed).init({"w": jnp.ones((3, 4))})
+    assert state[0].w_in["w"].shape == (4, 16)
+
+
 def test_unknown_choices_raise():
     with pytest.raises(ValueError, match=r"`form` must be one of \('neurips', 'arxiv'\)"):
         no.delta_momentum(1e-3, form="icml")
