@@ -1,5 +1,6 @@
 """HopeLM (paper §6, decisions #11, #16, #17): causality, batch independence, decode == forward,
-outer gradients to every meta-learned state, bf16 stability, presets, ablation flags, config."""
+outer gradients to every meta-learned state, zero inner learning rates = a static network, bf16
+stability, presets, ablation flags, config."""
 
 import dataclasses
 
@@ -100,6 +101,43 @@ def test_outer_gradients_reach_every_meta_learned_state():
         assert np.all(np.isfinite(g)) and np.any(g != 0.0), (i, n)
     for leaf in jax.tree.leaves(nnx.state(grads)):
         assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+@pytest.mark.slow  # ~50 s here: its own compile of the backward pass (the decode side is fast)
+def test_zero_learning_rates_give_the_static_network():
+    """eta_max = 0 (the five memories of every self-modifying layer), cms_lr = 0 (every CMS level)
+    and no weight decay: no fast weight moves, so HopeLM is a static network.  Its logits at t
+    then see only the short convs' window, the last n_layers * (conv_width - 1) + 1 tokens, and
+    decoding leaves every memory at its meta-learned initial value.  With the default rates the
+    far gradients are non-zero (test_causality: every position <= t is seen)."""
+    model = _model(eta_max=0.0, weight_decay=False, cms_lr=0.0)
+    c = model.config
+    tokens = _tokens()
+    reach = c.n_layers * (c.conv_width - 1)  # 6 at tiny: position t sees t-6 .. t
+    for t in (9, 13):
+        _, g = _grads(model, model.embed(tokens), _w(t))
+        g = np.asarray(g)
+        assert np.all(g[:, : t - reach] == 0.0), f"position {t} sees beyond the conv window"
+        assert np.all(np.abs(g[:, t - reach: t + 1]).max(axis=(0, 2)) > 0.0), t
+
+
+def test_zero_learning_rates_leave_every_memory_at_its_initial_state():
+    """The decode side of the test above: 14 tokens move no fast weight of any level."""
+    model = _model(eta_max=0.0, weight_decay=False, cms_lr=0.0)
+    c = model.config
+    tokens = _tokens()
+    step = nnx.jit(lambda m, s, tok: m.decode_step(s, tok))
+    state0 = state = model.init_state(2)
+    for t in range(tokens.shape[1]):
+        _, state = step(model, state, tokens[:, t])
+    weights = lambda st: ([m.coupled.params for m in st.mixers]
+                          + [m.memory.params for m in st.mixers]
+                          + [s.params for c in st.cms for s in c.streams]
+                          + [c.slow for c in st.cms])
+    leaves = jax.tree.leaves(weights(state))
+    assert len(leaves) >= 4 * c.n_layers
+    for a, b in zip(leaves, jax.tree.leaves(weights(state0)), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("ablate", [False, True], ids=["default", "every-ablation"])
