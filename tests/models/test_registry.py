@@ -74,3 +74,17 @@ def test_chunk_fields_constrain_the_sequence_length(chunked_model):
     cfg.check_seq_len(32)
     with pytest.raises(ValueError, match=r"seq_len=36.*model.chunk_memory=8"):
         cfg.check_seq_len(36)
+
+
+@pytest.mark.parametrize("name", ["hope", "hope_attention", "titans", "transformer"])
+def test_every_model_config_is_a_frozen_dataclass(name):
+    """Configs of the four models are frozen (hashable, safe to close over in jit); a change
+    goes through `replace`, which validates again and names the field it rejects."""
+    cfg = models.make_config(name, "tiny")
+    assert dataclasses.is_dataclass(cfg) and type(cfg).__dataclass_params__.frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.d_model = 32
+    hash(cfg)
+    assert cfg.replace(n_layers=1).n_layers == 1 and cfg.n_layers != 1
+    with pytest.raises(ValueError, match="^n_layers="):
+        cfg.replace(n_layers=0)
