@@ -67,20 +67,25 @@ def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size
         raise ValueError(f"path='dual' does not support {mem}; use path='chunked'.")
 
 
-def _single(level, path, chunk_size):
+def _single(level, path, chunk_size, remat=True):
     if path == "oracle":
         if level.read == "boundary" and chunk_size != 1:
             raise ValueError("path='oracle' is per token; boundary reads need chunk_size=1 there.")
         return lambda st, q, k, v, g: oracle.run(level, st, q, k, v, g)
     fn = chunked.run if path == "chunked" else dual.run
-    return lambda st, q, k, v, g: fn(level, st, q, k, v, g, chunk_size)
+    return lambda st, q, k, v, g: fn(level, st, q, k, v, g, chunk_size, remat)
 
 
 def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size: int = 1,
-          path: str = "dual"):
-    """Run a level over its context flow. Returns (o f[B, T, H, dv], final MemoryState)."""
+          path: str = "dual", remat: bool = True):
+    """Run a level over its context flow. Returns (o f[B, T, H, dv], final MemoryState).
+
+    ``remat`` rematerialises each chunk body in the backward pass (one stored state per chunk);
+    a caller that already rematerialises around this call (one chunk inside its own
+    checkpointed scan) passes False, so the chunk is not recomputed twice.
+    """
     validate(level, state, q, k, v, gates, chunk_size, path)
-    fn = _single(level, path, chunk_size)
+    fn = _single(level, path, chunk_size, remat)
     seq = lambda x: jnp.moveaxis(x, 2, 1)  # [B, T, H, ...] -> [B, H, T, ...]
     per_head = jax.vmap(fn, in_axes=(0, 0, 0, 0, 0))
     batched = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0))

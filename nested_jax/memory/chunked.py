@@ -83,11 +83,12 @@ def scan_chunks(chunk_fn, state, xs, chunk_size: int, remat: bool = True):
     return jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0], state
 
 
-def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int):
+def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int,
+        remat: bool = True):
     """q, k: f[T, dk]; v: f[T, dv]; gates f[T]. Returns (o f[T, dv], final state)."""
     k, v, gates = maybe_stop(level, k, v, gates)
 
     def chunk_fn(st, q_c, k_c, v_c, eta, alpha, beta):
         return chunk_step(level, st, q_c, k_c, v_c, Gates(eta, alpha, beta))
 
-    return scan_chunks(chunk_fn, state, (q, k, v, *gates), chunk_size)
+    return scan_chunks(chunk_fn, state, (q, k, v, *gates), chunk_size, remat)

@@ -69,7 +69,8 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates):
     return MemoryState({"W1": w1n, "W2": w2n}, {"W1": s1n, "W2": s2n}), o
 
 
-def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int):
+def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int,
+        remat: bool = True):
     """q, k: f[T, dk]; v: f[T, dv]; gates f[T]. Returns (o f[T, dv], final state)."""
     if not supports(level):
         raise ValueError(
@@ -82,4 +83,4 @@ def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int
     def chunk_fn(st, q_c, k_c, v_c, eta, alpha, beta):
         return body(level, st, q_c, k_c, v_c, Gates(eta, alpha, beta))
 
-    return scan_chunks(chunk_fn, state, (q, k, v, *gates), chunk_size)
+    return scan_chunks(chunk_fn, state, (q, k, v, *gates), chunk_size, remat)

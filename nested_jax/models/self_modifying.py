@@ -386,7 +386,7 @@ class SelfModifyingTitans(nnx.Module):
         tile = self._tile
         _, state = nm.apply(self.level("boundary"), state, tile(xs["x"]), tile(k), tile(v),
                             nm.Gates(*map(tile, gates)), chunk_size=self.cfg.chunk_other,
-                            path=self.cfg.memory_path)
+                            path=self.cfg.memory_path, remat=False)  # _scan_coupled remats
         return state, (q, k, v, gates)
 
     def _scan_coupled(self, state: nm.MemoryState, xs: dict):
