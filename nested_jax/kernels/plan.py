@@ -96,8 +96,11 @@ def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str 
     if kernel == "triton":
         dkp, dvp = _pow2_at_least(dk, 16), _pow2_at_least(dv, 16)
         # One program per (sequence, head, bv rows of W): whole W at d <= 64 (no partial
-        # sums), 32-row tiles at d = 128 to keep the f32 tiles within registers.
-        bv = block_dv or min(dvp, 64 if dkp <= 64 else 32)
+        # sums), 32-row tiles at d = 128 to keep the f32 tiles within registers.  32-bit
+        # operands also take 32-row tiles at d = 64: with 64 rows the f32 backward asked an
+        # H200 for 247,808 bytes of shared memory (232,448 available).
+        wide = dkp <= 64 and jnp.dtype(dtype).itemsize <= 2
+        bv = block_dv or min(dvp, 64 if wide else 32)
     else:
         dkp, dvp = dk, dv
         bv = block_dv or dv
