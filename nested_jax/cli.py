@@ -1,6 +1,6 @@
 """`nested-jax`: train, eval, generate and presets.
 
-  nested-jax train --config lm:cpu_demo --model transformer --workdir runs/demo
+  nested-jax train --config lm:cpu_demo --workdir runs/demo
   nested-jax train --workdir runs/demo --steps 600          # resumes, to step 600
   nested-jax eval --workdir runs/demo [--data PATH]         # prints "perplexity: <number>"
   nested-jax generate --workdir runs/demo --prompt "The river" --max-new-tokens 200
