@@ -63,7 +63,8 @@ def state_bytes(level, B, H, T, dtype):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="small,big", help="comma list of: small, big")
-    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--chunk", default="64", help="comma list of chunk sizes, e.g. 16,32,64")
+    ap.add_argument("--paths", default="chunked,dual", help="paths besides the oracle")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--levels", default=",".join(LEVELS), help="comma list of level names")
     ap.add_argument("--mem-budget-gb", type=float, default=6.0,
@@ -78,7 +79,9 @@ def main():
         for lname in args.levels.split(","):
             level = LEVELS[lname]
             base = {}
-            for path, C in (("oracle", 1), ("chunked", args.chunk), ("dual", args.chunk)):
+            runs = [("oracle", 1)] + [(path, int(C)) for C in args.chunk.split(",")
+                                      for path in args.paths.split(",")]
+            for path, C in runs:
                 fwd, bwd = fns(level, path, C)
                 for mode, fn in (("fwd", fwd), ("fwd+bwd", bwd)):
                     b, h = B, H
@@ -104,7 +107,9 @@ def main():
     table = markdown_table(HEADER, rows)
     print(table)
     write_result(args.out, "Memory engine: oracle vs chunked vs dual form",
-                 "fp32. 'ms (full batch)' scales shrunk rows linearly in B*H.\n\n" + table)
+                 f"fp32, median of {args.repeats} after warm-up; command: `python "
+                 f"experiments/bench_memory.py {' '.join(sys.argv[1:])}`. 'ms (full batch)' "
+                 "scales shrunk rows linearly in B*H.\n\n" + table)
 
 
 if __name__ == "__main__":
