@@ -70,6 +70,8 @@ class Case:
         kw = dict(vocab_size=args.vocab, max_seq_len=max(seq_len, 2), dtype=args.dtype)
         if "remat" in fields and name not in NO_BLOCK_REMAT:
             kw["remat"] = args.remat
+        if "attention_impl" in fields and seq_len >= args.blockwise_from:
+            kw["attention_impl"] = "blockwise"  # dense XLA attention: 32 GB at T = 8192
         kw.update(overrides)
         model = models.create(name, args.preset, rngs=nnx.Rngs(0), **kw)
         self.params = models.count_params(model)
@@ -175,8 +177,10 @@ def report(rows, args) -> str:
     lines = [
         f"Command: `python experiments/bench_models.py {' '.join(sys.argv[1:])}`",
         "",
-        f"Preset `{args.preset}`, vocabulary {args.vocab}, dtype {args.dtype}, remat "
-        f"{args.remat}, AdamW; {args.tokens_per_step} tokens per step (batch = tokens // T); "
+        f"Preset `{args.preset}`, vocabulary {args.vocab}, dtype {args.dtype}, block remat "
+        f"{args.remat} (HopeLM: none, its memories rematerialise inside the block), attention "
+        f"`blockwise` from T = {args.blockwise_from}, AdamW; {args.tokens_per_step} tokens per "
+        "step (batch = tokens // T); "
         f"median of {args.steps} timed steps per model, interleaved across models; compile and "
         "one warm-up step excluded.  *peak mem*: XLA's memory analysis of the compiled step "
         "(arguments + outputs + temporaries).  *GFLOP/s*: `flops_per_token(T)` x tokens/s.",
@@ -204,6 +208,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=256,
                    help="vocabulary (256 = the byte-level tokenizer of CPU runs)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--blockwise-from", type=int, default=8192,
+                   help="attention models use layers.blockwise_attention from this T on")
     p.add_argument("--no-remat", dest="remat", action="store_false",
                    help="do not rematerialize blocks (remat is on: T = 8192 attention on CPU)")
     p.add_argument("--out", default=str(OUT))

@@ -32,7 +32,8 @@ class TransformerConfig(ModelConfig):
       rope_theta: RoPE base frequency.
       norm_eps: RMSNorm epsilon.
       attention_impl: `jax.nn.dot_product_attention` implementation: None (XLA picks),
-        "xla", or "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16 only).
+        "xla", "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16 only), or "blockwise"
+        (``layers.blockwise_attention``: [512, T] live scores, for long T without a kernel).
       remat: rematerialize each block in the backward pass (saves activation memory).
     """
 
@@ -69,7 +70,7 @@ class TransformerConfig(ModelConfig):
         if self.head_dim % 2:
             fail("d_model", self.d_model,
                  f"d_model / n_heads = {self.head_dim} must be even for RoPE")
-        check_choice(self, "attention_impl", (None, "xla", "cudnn"))
+        check_choice(self, "attention_impl", (None, "xla", "cudnn", "blockwise"))
         if self.rope_theta <= 0:
             fail("rope_theta", self.rope_theta, "must be positive")
         check_divisible(self, "d_model", "n_heads")
