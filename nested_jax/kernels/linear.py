@@ -144,7 +144,7 @@ def linear_memory(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk
     f[B, T, H, dk]; v f[B, T, H, dv]; gates f[B, T, H]; state leaves [B, H, dv, dk].
 
     Args:
-      impl: "auto" | "pallas" | "interpret" | "xla" (see ``plan.py``).
+      impl: "auto" | "pallas" | "interpret" | "xla" | "scan" (see ``plan.py``).
       kernel: "auto" | "triton" | "mosaic": the kernel variant (auto: by backend).
       mesh: a Mesh to shard over; default the mesh set by ``jax.set_mesh`` if any.  Batch is
         split over ``batch_axes`` and heads over ``head_axis`` where present and dividing;

@@ -7,6 +7,10 @@
   "interpret"  the kernel run by the Pallas interpreter (CPU tests); ``kernel`` picks which
                variant's code is interpreted (default Mosaic, run in TPU interpret mode).
   "xla"        ``nested_jax.memory.apply(path="dual")``: differentiable any number of times.
+  "scan"       the kernels' algorithm in plain XLA on any backend (``scan_xla``): the parallel
+               prep, a sequential chunk scan that saves the boundary states, and the
+               hand-written backward as a reverse scan (no remat, no autodiff of the loop).
+               Differentiable once.  Any chunk size, head dims and float dtype.
 
 Support: LinearMemory, "online" reads (the engine's default), any objective and rule.
 Chunk size: a multiple of 8 (Mosaic) or a power of two >= 16 (Triton, whose dots need dims
@@ -24,13 +28,13 @@ import jax.numpy as jnp
 from nested_jax.memory.level import Level
 from nested_jax.memory.memories import LinearMemory
 
-IMPLS = ("auto", "pallas", "interpret", "xla")
+IMPLS = ("auto", "pallas", "interpret", "xla", "scan")
 KERNELS = ("auto", "triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    kernel: str  # "triton" | "mosaic" | "xla"
+    kernel: str  # "triton" | "mosaic" | "scan" | "xla"
     interpret: bool = False
     dk: int = 0  # padded head dims the kernel sees
     dv: int = 0
@@ -79,6 +83,11 @@ def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str 
         raise ValueError(f"kernel={kernel!r} is unknown; use one of {KERNELS}.")
     if impl == "xla":
         return Plan("xla", reason="impl='xla'")
+    if impl == "scan":
+        why = unsupported(level, "scan", chunk_size, dtype)
+        if why:
+            raise ValueError(why + ".")
+        return Plan("scan", dk=dk, dv=dv, bv=dv)
     if kernel == "auto":
         kernel = _default_kernel() or ("mosaic" if impl == "interpret" else "")
     if not kernel:

@@ -53,27 +53,39 @@ def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: b
     """(Chunk [BH,N,C,...], w0, s0 f[BH,dv,dk]) -> (y [BH,N,C,dv], wN, sN), differentiable once.
 
     kernel="xla-scan" runs ``scan_xla.scan`` through the same custom_vjp plumbing with
-    ``jax.vjp`` as the backward (a test of the plumbing itself).
+    ``jax.vjp`` as the backward (a test of the plumbing itself); kernel="scan" runs
+    ``scan_xla.scan`` forward and the hand-written ``scan_xla.backward`` (``impl="scan"``).
     """
     if kernel == "xla-scan":
         def run_fwd(ch, w0, s0):
             y, wn, sn, _, _ = scan_xla.scan(ch, w0, s0, fl, op_dtype)
             return y.astype(out_dtype), wn, sn
         return run_fwd
-    mod = _MODULES[kernel]
-    interp = _interpret_arg(kernel, interpret)
-    extra = {"num_warps": num_warps, "num_stages": num_stages} if kernel == "triton" else {}
+    if kernel == "scan":  # the kernels' algorithm in XLA: scan_xla.scan / scan_xla.backward
+        def forward_saving(ch, w0, s0):
+            y, wn, sn, wb, sb = scan_xla.scan(ch, w0, s0, fl, op_dtype)
+            return y.astype(out_dtype), wn, sn, wb, sb
 
-    def kernel_fwd(save):
-        return _first_order_only(
-            lambda ch, w0, s0: mod.forward(ch, w0, s0, fl, op_dtype, out_dtype, bv,
-                                           interpret=interp, save=save, **extra))
+        forward = forward_saving
+        backward = _first_order_only(
+            lambda ch, wb, sb, dy, dwn, dsn: scan_xla.backward(ch, wb, sb, dy, dwn, dsn, fl,
+                                                               op_dtype))
+    else:
+        mod = _MODULES[kernel]
+        interp = _interpret_arg(kernel, interpret)
+        extra = {"num_warps": num_warps, "num_stages": num_stages} if kernel == "triton" else {}
 
-    forward, forward_saving = kernel_fwd(False), kernel_fwd(True)
+        def kernel_fwd(save):
+            return _first_order_only(
+                lambda ch, w0, s0: mod.forward(ch, w0, s0, fl, op_dtype, out_dtype, bv,
+                                               interpret=interp, save=save, **extra))
 
-    backward = _first_order_only(
-        lambda ch, wb, sb, dy, dwn, dsn: mod.backward(ch, wb, sb, dy, dwn, dsn, fl, op_dtype, bv,
-                                                      interpret=interp, **extra))
+        forward, forward_saving = kernel_fwd(False), kernel_fwd(True)
+
+        backward = _first_order_only(
+            lambda ch, wb, sb, dy, dwn, dsn: mod.backward(ch, wb, sb, dy, dwn, dsn, fl,
+                                                          op_dtype, bv, interpret=interp,
+                                                          **extra))
 
     @jax.custom_vjp
     def core(ch: Chunk, w0, s0):

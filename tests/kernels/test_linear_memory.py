@@ -39,8 +39,8 @@ def stream_oracle(level, chunk_size):
     return run
 
 
-def check(level, args, C, kernel, tol, oracle=True, grads=True, **kw):
-    run = jax.jit(lambda *a: linear_memory(level, *a, chunk_size=C, impl="interpret",
+def check(level, args, C, kernel, tol, oracle=True, grads=True, impl="interpret", **kw):
+    run = jax.jit(lambda *a: linear_memory(level, *a, chunk_size=C, impl=impl,
                                            kernel=kernel, **kw))
     dual = jax.jit(lambda *a: nm.apply(level, *a, chunk_size=C, path="dual"))
     got, want = run(*args), dual(*args)
@@ -70,6 +70,23 @@ def test_matches_engine_float64(x64, seed, kernel, rule, obj, self_target):
     D = 8
     level = nm.Level(nm.LinearMemory(D, D), obj, RULES[rule], self_target=self_target)
     check(level, inputs(level, seed, T=40, dtype=jnp.float64), 16, kernel, TOL64)
+
+
+@pytest.mark.parametrize("rule,obj,self_target", [
+    ("dgd", "l2", False), ("titans", "dot", False), ("gd", "l2", True), ("dgd_all", "l2", False),
+])
+def test_scan_impl_matches_engine_float64(x64, seed, rule, obj, self_target):
+    """impl="scan" (the kernels' algorithm in XLA: boundary states saved, hand-written reverse
+    scan for the backward) == dual form and per-token reference: values and every gradient."""
+    level = nm.Level(nm.LinearMemory(8, 8), obj, RULES[rule], self_target=self_target)
+    check(level, inputs(level, seed, T=40, dtype=jnp.float64), 16, "auto", TOL64, impl="scan")
+
+
+def test_scan_impl_any_chunk_and_head_dims(x64, seed):
+    """impl="scan" has no tiling rules: C = 6, dk = 5, dv = 3, T = 23 (ragged tail)."""
+    level = nm.Level(nm.LinearMemory(5, 3), "l2", nm.DGD)
+    check(level, inputs(level, seed, T=23, H=1, dtype=jnp.float64), 6, "auto", TOL64,
+          impl="scan")
 
 
 @pytest.mark.parametrize("kernel", ["triton", pytest.param("mosaic", marks=pytest.mark.slow)])
