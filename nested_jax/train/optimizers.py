@@ -52,6 +52,19 @@ def _muon_dimensions(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(dims, params)
 
 
+def _ns_dimensions(params: Any) -> Any:
+    """Newton-Schulz optimizers (M3) orthogonalize hidden matrices, as Muon does: the tied
+    embedding/LM head and vectors get None (M3's update without the orthogonalization)."""
+    from nested_jax.optim import DimensionNumbers
+
+    def dims(path, p):
+        if p.ndim >= 2 and "embed" not in jax.tree_util.keystr(path):
+            return DimensionNumbers(p.ndim - 2, p.ndim - 1)
+        return None
+
+    return jax.tree_util.tree_map_with_path(dims, params)
+
+
 def _nested_optimizer(name: str) -> Callable[..., optax.GradientTransformation]:
     try:
         module = importlib.import_module("nested_jax.optim")
@@ -94,10 +107,8 @@ def build(cfg: Any, total_steps: int) -> optax.GradientTransformation:
                    muon_weight_dimension_numbers=_muon_dimensions)
     elif name in NESTED_OPTIMIZERS:
         factory = _nested_optimizer(name)
-        module = importlib.import_module("nested_jax.optim")
-        # Newton-Schulz variants (M3) orthogonalize matrices and pass vectors through.
         tx = _call(factory, lr, cfg, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
-                   weight_dimension_numbers=getattr(module, "matrix_dimension_numbers", None))
+                   weight_dimension_numbers=_ns_dimensions)
     elif ":" in name:
         module, _, attr = name.partition(":")
         try:

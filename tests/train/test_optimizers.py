@@ -36,6 +36,26 @@ def test_deep_optimizers_from_nested_jax_optim(name):
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
+def test_m3_orthogonalizes_hidden_matrices_only():
+    """As for Muon, the embedding (tied LM head) and vectors skip Newton-Schulz under M3: the
+    trainer's M3 equals nested_jax.optim.m3 with dimension numbers on the hidden matrix only."""
+    from nested_jax import optim
+
+    dims = optimizers._ns_dimensions(PARAMS)
+    assert dims["embed"]["embedding"] is None and dims["norm"]["scale"] is None
+    assert dims["mlp"]["kernel"] == optim.DimensionNumbers(0, 1)
+    cfg = OptimConfig(name="m3", warmup_steps=0, schedule="constant", grad_clip=0.0,
+                      weight_decay=0.0)
+    got = _one_update(cfg)
+    tx = optim.m3(optimizers.schedule(cfg, 10), weight_decay=0.0,
+                  weight_dimension_numbers={"embed": {"embedding": None},
+                                            "mlp": {"kernel": optim.DimensionNumbers(0, 1)},
+                                            "norm": {"scale": None}})
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), PARAMS)
+    want, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+
+
 def test_unknown_names_are_reported():
     with pytest.raises(ValueError, match="optim.name='nadamax_x'"):
         optimizers.build(OptimConfig(name="nadamax_x"), 10)
