@@ -13,6 +13,7 @@ from flax import nnx
 from nested_jax import memory as nm
 from nested_jax import models
 from nested_jax.models.hope import HopeConfig, HopeLM
+from tests.models.helpers import check_bf16_step
 
 V = 256
 # Chunks small enough that T = 14 crosses every boundary: C_other = 3, C_memory = 5, CMS 2/4/8.
@@ -160,21 +161,9 @@ def test_decode_matches_forward(ablate):
 
 
 def _bf16_step(T):
-    model = models.create("hope", "tiny", rngs=nnx.Rngs(0), dtype="bfloat16")
-    tokens = _tokens(B=1, T=T + 1)
-
-    def loss(m):
-        logits = m(tokens[:, :-1])
-        assert logits.dtype == jnp.float32
-        logp = jax.nn.log_softmax(logits)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-    value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
-    assert np.isfinite(float(value)) and abs(float(value) - np.log(V)) < 1.0
-    leaves = jax.tree.leaves(nnx.state(grads))
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert any(bool(jnp.any(g != 0)) for g in leaves)
-
+    """Random init, bf16 compute (the inner loop runs in float32, memory_dtype)."""
+    check_bf16_step(models.create("hope", "tiny", rngs=nnx.Rngs(0), dtype="bfloat16"),
+                    _tokens(B=1, T=T + 1), V)
 
 def test_bf16_forward_backward_is_finite():
     """Random init, bf16 compute, T = 1024 (the inner loop runs in float32, memory_dtype)."""

@@ -10,6 +10,7 @@ from nested_jax import models
 from nested_jax.models import layers
 from nested_jax.models.cms import rms_norm
 from nested_jax.models.hope_attention import HopeAttentionConfig, stack_from_transformer
+from tests.models.helpers import check_bf16_step
 
 V, T = 256, 16
 # Short periods so that every level updates (and is read after updating) within T tokens.
@@ -134,19 +135,7 @@ def test_outer_gradients_reach_every_initial_state():
 def _bf16_forward_backward(T_):
     model = _model(dtype="bfloat16", max_seq_len=T_, n_layers=1, cms_periods=(64, 256),
                    cms_lr=0.01)
-    tokens = _tokens(B=1, T=T_)
-
-    def loss(m):
-        logits = m(tokens)
-        return -jnp.mean(jax.nn.log_softmax(logits[:, :-1]) * jax.nn.one_hot(tokens[:, 1:], V)), \
-            logits
-
-    (value, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
-    assert logits.dtype == jnp.float32
-    assert bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(logits)))
-    for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
-        assert bool(jnp.all(jnp.isfinite(g))), path
-
+    check_bf16_step(model, _tokens(B=1, T=T_ + 1), V)
 
 def test_bf16_forward_backward_is_finite():
     _bf16_forward_backward(1024)

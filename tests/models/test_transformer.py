@@ -9,6 +9,7 @@ from flax import nnx
 
 from nested_jax import models
 from nested_jax.models.transformer import TransformerConfig
+from tests.models.helpers import check_bf16_step
 
 V = 256
 
@@ -80,24 +81,8 @@ def test_logits_are_float32_under_bf16():
 
 
 def _bf16_forward_backward(T_):
-    """Random init, bf16 compute, one sequence of T_ tokens: loss, logits and every parameter
-    gradient are finite, and the loss is near log V (an untrained model)."""
-    model = _model(dtype="bfloat16", max_seq_len=T_)
-    tokens = _tokens(B=1, T=T_)
-
-    def loss(m):
-        logits = m(tokens)
-        logp = jax.nn.log_softmax(logits[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)), logits
-
-    (value, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
-    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
-    assert np.isfinite(float(value)) and abs(float(value) - np.log(V)) < 1.0
-    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param))
-    for path, g in leaves:
-        assert bool(jnp.all(jnp.isfinite(g))), path
-    assert all(bool(jnp.any(g != 0)) for _, g in leaves)
-
+    """Random init, bf16 compute, one sequence of T_ tokens (helpers.check_bf16_step)."""
+    check_bf16_step(_model(dtype="bfloat16", max_seq_len=T_), _tokens(B=1, T=T_ + 1), V)
 
 def test_bf16_forward_backward_is_finite_at_4096():
     """~10 s on the shared 2-core CPU, so it runs by default (no shorter variant needed)."""
