@@ -254,6 +254,17 @@ def test_config_errors_name_the_field(overrides, field):
         models.make_config("hope", "tiny", **overrides)
 
 
+def test_layer_fields_share_the_self_modifying_defaults():
+    """HopeConfig repeats SelfModifyingConfig's fields (flat model config); their defaults must
+    not drift apart."""
+    from nested_jax.models.self_modifying import SelfModifyingConfig
+
+    hope = {f.name: f.default for f in dataclasses.fields(HopeConfig)}
+    for f in dataclasses.fields(SelfModifyingConfig):
+        if f.default is not dataclasses.MISSING:
+            assert hope[f.name] == f.default, f.name
+
+
 def test_config_is_frozen_and_layer_config_matches():
     cfg = models.make_config("hope", "small")
     with pytest.raises(dataclasses.FrozenInstanceError):
