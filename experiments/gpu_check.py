@@ -14,7 +14,7 @@ an H200; needs only jax, numpy and this repository):
 (b) Timings (median after a compiling warm-up, block_until_ready, bf16 q/k/v, f32 state and
     gates, C = 64): kernel vs XLA dual form, fwd and fwd+bwd, at (8, 4096, 16, 64) and
     (2, 16384, 16, 128), jax.nn.dot_product_attention (cuDNN if available) for reference, a
-    breakdown (XLA prep vs the Pallas loop) and a small tile sweep.
+    breakdown (XLA prep vs the Pallas loop, fwd and fwd+bwd) and a small tile sweep.
 
 Every row is wrapped in try/except: a failure prints its error and the run goes on.  A global
 budget (GPU_CHECK_BUDGET_S, default 270 s) skips the remaining rows so the whole script stays
@@ -263,33 +263,49 @@ def attention_rows(shape):
 
 
 def breakdown_rows(shape, level):
-    """Where the kernel path's forward time goes: XLA prep vs the Pallas sequential loop."""
+    """Where the kernel path's time goes: XLA prep vs the Pallas sequential loop, fwd and
+    fwd+bwd (prep's backward is XLA autodiff; the loop's is the backward kernel)."""
     from nested_jax.kernels import linear, prep, vjp
 
     B, T, H, d = shape
     plan = make_plan(level, d, d, C, jnp.bfloat16, KERNEL_IMPL, "triton")
     fl = linear.flags_for(level)
+    run_prep = lambda *a: prep.prep(*a, fl, jnp.bfloat16, C)
+    f32_sum = lambda tree: sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree))
 
     def prep_args():
         st, q, k, v, g = make_inputs(level, B, T, H, jnp.bfloat16)
-        seq = lambda x: jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:]).astype(jnp.float32)
-        return tuple(map(seq, (q, k, k, v, g.eta, g.alpha, g.beta))), st
+        seq = lambda x: None if x is None else (
+            jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:]).astype(jnp.float32))
+        ke = None if fl.ke_is_k else k  # as linear._kernel_part: the kernels then read k
+        return tuple(map(seq, (q, k, ke, v, g.eta, g.alpha, g.beta))), st
 
-    def make_prep():
-        args, _ = prep_args()
-        return jax.jit(lambda *a: prep.prep(*a, fl, jnp.bfloat16, C)), args
-
-    def make_core():
+    def core_and_args():
         args, st = prep_args()
-        ch = jax.jit(lambda *a: prep.prep(*a, fl, jnp.bfloat16, C))(*args)
+        ch = jax.jit(run_prep)(*args)
         core = vjp.make_core("triton", fl, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32),
                              plan.bv, plan.interpret, plan.num_warps, plan.num_stages)
         w = st.params["W"].reshape(B * H, d, d)
         s = st.mom["W"].reshape(B * H, d, d)
-        return jax.jit(core), (ch, w, s)
+        return core, (ch, w, s)
 
-    row(shape, "  breakdown: XLA prep only", "fwd", make_prep)
-    row(shape, "  breakdown: Pallas loop only", "fwd", make_core)
+    def make_prep(grad: bool):
+        args, _ = prep_args()
+        if not grad:
+            return jax.jit(run_prep), args
+        loss = lambda *a: f32_sum(run_prep(*a))
+        live = tuple(i for i, a in enumerate(args) if a is not None)
+        return jax.jit(jax.grad(loss, argnums=live)), args
+
+    def make_core(grad: bool):
+        core, args = core_and_args()
+        if not grad:
+            return jax.jit(core), args
+        return jax.jit(jax.grad(lambda *a: f32_sum(core(*a)), argnums=(0, 1, 2))), args
+
+    for mode, grad in (("fwd", False), ("fwd+bwd", True)):
+        row(shape, "  breakdown: XLA prep only", mode, lambda g=grad: make_prep(g))
+        row(shape, "  breakdown: Pallas loop only", mode, lambda g=grad: make_core(g))
 
 
 def report_targets():
@@ -335,10 +351,10 @@ def main():
     memory_rows(s1, hope(d1), KERNEL_IMPL, "kernel (hope)")
     memory_rows(s1, hope(d1), "xla", "XLA dual (hope)")
     attention_rows(s1)
+    breakdown_rows(s1, hope(d1))
     memory_rows(s2, hope(d2), KERNEL_IMPL, "kernel (hope)")
     attention_rows(s2)
     memory_rows(s2, hope(d2), "xla", "XLA dual (hope)")
-    breakdown_rows(s1, hope(d1))
     titans = LEVELS["titans (dot, momentum)"](d1)
     row(s1, "kernel (titans)", "fwd+bwd", lambda: (
         jax.jit(grads_fn(run_fn(titans, KERNEL_IMPL), weighted=False)),
