@@ -138,13 +138,19 @@ def prepare(g: GateProducts, k, r, eta, dgd: bool) -> Prep:
     return Prep(g, eta, g.D * kr, g.A * kr, _shift_down(g.D) * kk, unit_lower_inverse(lower))
 
 
+def read_rows(m0, s0, x, momentum: bool):
+    """(rows M_0 x_t, rows S_0 x_t or None): one matmul x @ [M_0; S_0]^T."""
+    do = m0.shape[0]
+    out = _mm(x, (jnp.concatenate([m0, s0], axis=0) if momentum else m0).T)
+    return out[:, :do], (out[:, do:] if momentum else None)
+
+
 def reads(m0, s0, k, r, momentum: bool) -> Reads:
-    """One matmul [r; k] @ [M_0; S_0]^T for all four reads (S_0 only with momentum)."""
-    c, do = k.shape[0], m0.shape[0]
-    w = jnp.concatenate([m0, s0], axis=0) if momentum else m0
-    out = _mm(jnp.concatenate([r, k], axis=0), w.T)  # [2C, do or 2 do]
-    rm0, km0 = out[:c, :do], out[c:, :do]
-    rs0, ks0 = (out[:c, do:], out[c:, do:]) if momentum else (None, None)
+    """All four reads in one matmul [r; k] @ [M_0; S_0]^T (S_0 only with momentum)."""
+    c = k.shape[0]
+    xm0, xs0 = read_rows(m0, s0, jnp.concatenate([r, k], axis=0), momentum)
+    split = lambda a: (None, None) if a is None else (a[:c], a[c:])
+    (rm0, km0), (rs0, ks0) = split(xm0), split(xs0)
     return Reads(km0, ks0, rm0, rs0)
 
 

@@ -66,7 +66,8 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p2: delta2.Prep
     rd2 = delta2.reads(w2, s2, k, q, level.rule.momentum)
     z = rd2.km0  # [C, hidden] = k W2^T
     h, dh = jax.jvp(act, (z,), (jnp.ones_like(z),))  # s(z), s'(z)
-    y = h @ w1.T + (k if mem.residual else 0.0)
+    hw1, hs1 = delta2.read_rows(w1, s1, h, level.rule.momentum)  # W1's key reads, reused below
+    y = hw1 + (k if mem.residual else 0.0)
     u = objectives.error(level.objective, y, v)  # [C, dv]
     e = dh * (u @ w1)  # [C, hidden], error at the hidden pre-activation
     zq, w2n, s2n = delta2.update(p2, rd2, w2, s2, k, e, level.read == "online")
@@ -74,7 +75,7 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p2: delta2.Prep
     # W1's keys (h) and queries (s(z')) depend on the state: its prep stays in the loop.
     dgd1 = _dgd(level, False)
     p1 = delta2.prepare(p2.g, h, hq, _eta(level, g.eta, h, dgd1), dgd1)
-    rd1 = delta2.reads(w1, s1, h, hq, level.rule.momentum)
+    rd1 = delta2.Reads(hw1, hs1, *delta2.read_rows(w1, s1, hq, level.rule.momentum))
     oq, w1n, s1n = delta2.update(p1, rd1, w1, s1, h, u, level.read == "online")
     o = oq + (q if mem.residual else 0.0)
     return MemoryState({"W1": w1n, "W2": w2n}, {"W1": s1n, "W2": s2n}), o
