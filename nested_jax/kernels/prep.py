@@ -9,8 +9,8 @@ f = D * (q k^T) and g = A * (q k^T), and the DGD pseudo-value system
 
 solved once per chunk for its three right-hand sides: m = r W_0^T + r2 S_0^T - te X with
 [te | r | r2] = (I + L)^{-1} [D^- * kk | Gamma^- k | d^- k].  The solve is blocked forward
-substitution: 16 x 16 diagonal blocks inverted by doubling (``delta2.unit_lower_inverse``, as
-the XLA dual form does for the whole chunk), off-diagonal blocks by matmuls.  That is ~6x
+substitution: 16 x 16 diagonal blocks inverted by doubling (``delta2.unit_lower_inverse``,
+whose leaf case this is), off-diagonal blocks by matmuls.  That is ~6x
 fewer flops than doubling on the full 64 x 64 system, all batched matmuls (XLA's GPU
 triangular solve is a slow loop), and the powers of L stay short.  The kernels only see the
 matmuls that remain (``chunk_math.py``).  Autodiff of this file gives the gradients that flow
