@@ -27,11 +27,17 @@ BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 
 
+def _objective(level: Level) -> str:
+    """Rule.delta drops W_b k from the l2 error u = W_b k - vhat: what is left is dot's -vhat."""
+    return "dot" if level.rule.delta else level.objective
+
+
 def flags_for(level: Level) -> Flags:
     """The chunk-maths structure of a LinearMemory level (see chunk_math.Flags)."""
-    return Flags(has_ke=level.objective == "l2" or level.self_target,
+    obj = _objective(level)
+    return Flags(has_ke=obj == "l2" or level.self_target,
                  has_ve=not level.self_target, momentum=level.rule.momentum, dgd=level.rule.dgd,
-                 ke_is_k=level.objective == "l2" and not level.self_target)
+                 ke_is_k=obj == "l2" and not level.self_target)
 
 
 def error_inputs(level: Level, k, v):
@@ -39,9 +45,10 @@ def error_inputs(level: Level, k, v):
 
     l2: u = W_b k - vhat;  dot: u = -vhat;  vhat = v, or W_b v under self_target (dk == dv).
     """
+    obj = _objective(level)
     if level.self_target:
-        return (k - v if level.objective == "l2" else -v), None
-    return (k if level.objective == "l2" else None), v
+        return (k - v if obj == "l2" else -v), None
+    return (k if obj == "l2" else None), v
 
 
 def _dtypes(q, k, v, gates, state):

@@ -22,10 +22,11 @@ from nested_jax.memory.api import (
 )
 from nested_jax.memory.level import Gates, Level, MemoryState
 from nested_jax.memory.memories import LinearMemory, MLPMemory
-from nested_jax.memory.rules import DGD, GD, TITANS, Rule
+from nested_jax.memory.rules import DELTA, DGD, GD, TITANS, Rule
 from nested_jax.memory.streaming import StreamState
 
 __all__ = [
+    "DELTA",
     "DGD",
     "GD",
     "PATHS",

@@ -20,11 +20,10 @@ from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
 def chunk_step(level: Level, state: MemoryState, q, k, v, gates: Gates):
     """One chunk. q, k: f[C, dk]; v: f[C, dv]; gates f[C]. Returns (state, o f[C, dv])."""
     boundary = state.params
-    v = jax.vmap(level.target, in_axes=(None, 0))(boundary, v)
     if level.read == "boundary" and not level.rule.momentum and not level.rule.dgd:
+        v = jax.vmap(level.target, in_axes=(None, 0))(boundary, v)
         return _boundary_gd_chunk(level, state, q, k, v, gates)
-    grads = jax.vmap(level.inner_grad, in_axes=(None, 0, 0))(boundary, k, v)
-    inputs = jax.vmap(level.layer_inputs, in_axes=(None, 0))(boundary, k)
+    grads, inputs = jax.vmap(level.writes, in_axes=(None, 0, 0))(boundary, k, v)
 
     def body(st, xs):
         g, x, q_t, eta, alpha, beta = xs

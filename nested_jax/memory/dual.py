@@ -53,6 +53,7 @@ def _linear_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p: delta2.Pr
     rd = delta2.reads(w0, s0, k, q, level.rule.momentum)
     v = v @ w0.T if level.self_target else v
     u = objectives.error(level.objective, rd.km0, v)
+    u = u - rd.km0 if level.rule.delta else u  # Rule.delta: the write drops W_b k
     y, w, s = delta2.update(p, rd, w0, s0, k, u, level.read == "online")
     return MemoryState({"W": w}, {"W": s}), y
 
@@ -76,7 +77,8 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p2: delta2.Prep
     dgd1 = _dgd(level, False)
     p1 = delta2.prepare(p2.g, h, hq, _eta(level, g.eta, h, dgd1), dgd1)
     rd1 = delta2.Reads(hw1, hs1, *delta2.read_rows(w1, s1, hq, level.rule.momentum))
-    oq, w1n, s1n = delta2.update(p1, rd1, w1, s1, h, u, level.read == "online")
+    u1 = u - hw1 if level.rule.delta else u  # Rule.delta: W1's write drops W1_b h
+    oq, w1n, s1n = delta2.update(p1, rd1, w1, s1, h, u1, level.read == "online")
     o = oq + (q if mem.residual else 0.0)
     return MemoryState({"W1": w1n, "W2": w2n}, {"W1": s1n, "W2": s2n}), o
 

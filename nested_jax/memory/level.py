@@ -70,6 +70,16 @@ class Level:
             raise ValueError(f"rule={self.rule!r} must be a nested_jax.memory.Rule.")
         if self.read not in READS:
             raise ValueError(f"read={self.read!r} is unknown; use one of {READS}.")
+        if self.rule.delta:
+            if self.objective != "l2":
+                raise ValueError(f"Rule.delta=True removes the l2 error's own term; "
+                                 f"objective={self.objective!r} has none: use objective='l2'.")
+            single = len(jax.eval_shape(lambda: self.memory.init(jax.random.key(0)))) == 1
+            if not hasattr(self.memory, "output_layer") or not (
+                    single or self.rule.dgd_all_layers):
+                raise ValueError("Rule.delta=True needs DGD's factor on the output-side matrix: "
+                                 "use Rule(dgd=True, dgd_all_layers=True, delta=True) for a "
+                                 f"multi-layer memory ({self.memory}).")
 
     def init_state(self, key, dtype=jnp.float32) -> MemoryState:
         params = self.memory.init(key, dtype)
@@ -88,6 +98,20 @@ class Level:
 
     def layer_inputs(self, params, k):
         return self.memory.layer_inputs(params, k, self.rule.dgd_all_layers)
+
+    def writes(self, boundary, k, v):
+        """(inner gradients, DGD layer inputs) of one token, both at the boundary state.
+
+        Under ``Rule.delta`` the output-side matrix's gradient drops its own contribution
+        (W_o,b x) x^T (rules.py): DGD's factor is then its only decay along x.
+        """
+        grads = self.inner_grad(boundary, k, self.target(boundary, v))
+        inputs = self.layer_inputs(boundary, k)
+        if self.rule.delta:
+            name = self.memory.output_layer
+            w, x = boundary[name], inputs[name]
+            grads = {**grads, name: grads[name] - jnp.outer(w @ x, x)}
+        return grads, inputs
 
 
 def maybe_stop(level: Level, k, v, gates: Gates):

@@ -62,6 +62,11 @@ class LinearMemory:
         del params, all_layers
         return {"W": x}
 
+    @property
+    def output_layer(self) -> str:
+        """The matrix whose product W x adds linearly to the read-out (``Rule.delta``)."""
+        return "W"
+
 
 @dataclasses.dataclass(frozen=True)
 class MLPMemory:
@@ -99,6 +104,11 @@ class MLPMemory:
         if self.depth == 2:
             return ("W2", "W1")
         return tuple(f"L{i}" for i in range(self.depth))
+
+    @property
+    def output_layer(self) -> str:
+        """The matrix whose product adds linearly to the read-out (``Rule.delta``)."""
+        return self.names[-1]
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         dims = [self.dk] + [self.hidden] * (self.depth - 1) + [self.dv]

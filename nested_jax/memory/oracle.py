@@ -15,8 +15,7 @@ from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
 
 def token_step(level: Level, state: MemoryState, boundary, q, k, v, eta, alpha, beta):
     """One token with the inner gradient taken at ``boundary`` (the shared step of all paths)."""
-    grads = level.inner_grad(boundary, k, level.target(boundary, v))
-    inputs = level.layer_inputs(boundary, k)
+    grads, inputs = level.writes(boundary, k, v)
     params, mom = rules.step(level.rule, state.params, state.mom, grads, inputs, eta, alpha, beta)
     return MemoryState(params, mom)
 

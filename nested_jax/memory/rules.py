@@ -12,6 +12,17 @@ x_t is the matrix's input (k_t for the input-side matrix).  ``momentum=False`` f
 ``dgd=False`` drops the rank-1 term.  With ``dgd_all_layers`` every matrix gets the DGD factor
 with its own input and the exact step size eta' = eta / (1 + eta ||x||^2) (Sherman-Morrison),
 used for both the factor and the gradient term (paper §2, DGD row).
+
+``delta`` (decisions #19, the "delta form" of DGD with the l2 objective).  The l2 gradient of the
+output-side matrix W_o with input x is (y_b - t) x^T, and y_b contains W_o,b x.  DGD's factor
+already decays W_o along x, so that gradient applies a *second* decay, -eta W_o,b x x^T: at
+C = 1 the step is W (alpha I - 2 eta x x^T) + eta t x^T, a reflection rather than an erasure
+at eta ||x||^2 = 1.  With ``delta`` the gradient term of W_o drops its own contribution,
+g = (y_b - W_o,b x - t) x^T, so the factor is the only decay along x and each token's write is
+the proximal l2 step argmin ||W x - t'||^2 + ||W - W_prev||^2 / eta' (t' = t minus the other
+layers' output), stable for every eta >= 0 under the Sherman-Morrison step.  A linear memory
+becomes the gated delta rule exactly, for every chunk size (its write no longer reads the
+boundary state).
 """
 
 from __future__ import annotations
@@ -27,18 +38,24 @@ class Rule:
     momentum: bool = True
     dgd: bool = False
     dgd_all_layers: bool = False
+    delta: bool = False
 
     def __post_init__(self):
-        for f in ("momentum", "dgd", "dgd_all_layers"):
+        for f in ("momentum", "dgd", "dgd_all_layers", "delta"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"Rule.{f}={getattr(self, f)!r} must be a bool.")
         if self.dgd_all_layers and not self.dgd:
             raise ValueError("Rule.dgd_all_layers=True needs dgd=True.")
+        if self.delta and not self.dgd:
+            raise ValueError("Rule.delta=True needs dgd=True: it removes the decay that the l2 "
+                             "gradient adds on top of DGD's factor.")
 
 
 GD = Rule(momentum=False, dgd=False)
 TITANS = Rule(momentum=True, dgd=False)
 DGD = Rule(momentum=True, dgd=True)
+# Delta-form DGD on every layer: proximal l2 steps (Hope's default since decisions #19).
+DELTA = Rule(momentum=True, dgd=True, dgd_all_layers=True, delta=True)
 
 
 def effective_eta(rule: Rule, eta, x):

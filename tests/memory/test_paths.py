@@ -14,7 +14,8 @@ MEMORIES = {
     "mlp2": nm.MLPMemory(D, D, hidden=16),
     "mlp2_plain": nm.MLPMemory(D, 6, hidden=16, residual=False, activation="gelu"),
 }
-RULES = {"gd": nm.GD, "titans": nm.TITANS, "dgd": nm.DGD, "dgd_all": nm.Rule(True, True, True)}
+RULES = {"gd": nm.GD, "titans": nm.TITANS, "dgd": nm.DGD, "dgd_all": nm.Rule(True, True, True),
+         "delta": nm.DELTA}
 
 
 def _case_id(mem, rule, obj, read, st):
@@ -26,6 +27,7 @@ CASES = [
     for m in ("linear", "mlp2")
     for r in RULES
     for o in ("l2", "dot")
+    if r != "delta"
     for rd in ("online", "boundary")
 ] + [
     ("linear", "dgd", "l2", "online", True),
@@ -33,6 +35,12 @@ CASES = [
     ("mlp2", "gd", "l2", "boundary", True),
     ("mlp2_plain", "dgd", "l2", "online", False),
     ("mlp2_plain", "titans", "dot", "boundary", False),
+] + [  # Rule.delta (the l2 objective only), every read, with and without self-targets
+    (m, "delta", "l2", rd, st)
+    for m in ("linear", "mlp2", "mlp2_plain")
+    for rd in ("online", "boundary")
+    for st in (False, True)
+    if not (st and m == "mlp2_plain")
 ]
 
 

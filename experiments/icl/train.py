@@ -1,0 +1,114 @@
+"""Train one registered model on one synthetic task and score recall accuracy.
+
+A *variant* freezes in-context memories (inner learning rates at 0) for training and
+evaluation alike; ``freeze_eval`` additionally scores the trained model with its memories
+frozen at evaluation only.  Everything is a pure function of (task, model, preset, variant,
+seed, lr, steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments.icl import tasks as tasks_lib
+from nested_jax.models import create, make_config
+
+# Inner learning rates that each variant sets to zero (config overrides).
+SM_OFF = {"eta_max": 0.0}
+CMS_OFF = {"cms_lr": 0.0}
+VARIANTS = {
+    "hope": {"all": {}, "sm_only": CMS_OFF, "cms_only": SM_OFF, "none": {**SM_OFF, **CMS_OFF}},
+    "hope_attention": {"all": {}, "none": CMS_OFF},
+    "titans": {"all": {}, "none": SM_OFF},
+    "transformer": {"all": {}},
+}
+
+
+def variant_overrides(model: str, variant: str) -> dict:
+    table = VARIANTS.get(model)
+    if table is None:
+        raise ValueError(f"--model={model!r} is unknown; choose one of {sorted(VARIANTS)}.")
+    if variant not in table:
+        raise ValueError(f"--variant={variant!r} does not exist for {model}; "
+                         f"choose one of {sorted(table)}.")
+    return dict(table[variant])
+
+
+@dataclasses.dataclass
+class Result:
+    accuracy: float
+    accuracy_frozen_eval: float | None
+    final_loss: float
+    finite: bool
+    seconds: float
+    params: int
+    curve: list
+
+
+def masked_loss(model, tokens, mask):
+    logits = model(tokens[:, :-1]).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    hit = (jnp.argmax(logits, -1) == tokens[:, 1:]) & mask
+    m = mask.astype(jnp.float32)
+    return (nll * m).sum() / m.sum(), hit.sum() / m.sum()
+
+
+def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int = 0,
+        lr: float = 3e-3, steps: int = 400, batch: int = 32, eval_batches: int = 8,
+        overrides: dict | None = None, freeze_eval: bool = True, log_every: int = 50) -> Result:
+    over = dict(overrides or {})
+    over.update(variant_overrides(model, variant))
+    over.setdefault("vocab_size", task.vocab_size)
+    cfg = make_config(model, preset, **over)
+    if task.seq_len > cfg.max_seq_len:
+        raise ValueError(f"task seq_len={task.seq_len} exceeds {model}'s max_seq_len="
+                         f"{cfg.max_seq_len}; pass --set max_seq_len=... or a shorter task.")
+    net = create(model, cfg, rngs=nnx.Rngs(seed))
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr * 0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(sched, b2=0.98, weight_decay=0.1))
+    opt = tx.init(params)
+
+    def loss_fn(p, tokens, mask):
+        return masked_loss(nnx.merge(graphdef, p, rest), tokens, mask)
+
+    @jax.jit
+    def step(p, o, tokens, mask):
+        (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(p, tokens, mask)
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o, loss, acc
+
+    rng = np.random.default_rng(seed)
+    t0, curve, loss = time.time(), [], jnp.nan
+    for i in range(steps):
+        b = task.sample(rng, batch)
+        params, opt, loss, acc = step(params, opt, jnp.asarray(b.tokens), jnp.asarray(b.mask))
+        if (i + 1) % log_every == 0 or i == steps - 1:
+            curve.append((i + 1, float(loss), float(acc)))
+            if not np.isfinite(float(loss)):
+                break
+    secs = time.time() - t0
+
+    def score(p, graph):
+        ev = np.random.default_rng(10_000 + seed)  # the same held-out batches for every variant
+        f = jax.jit(lambda p, t, m: masked_loss(nnx.merge(graph, p, rest), t, m)[1])
+        accs = [float(f(p, *map(jnp.asarray, task.sample(ev, batch)))) for _ in range(eval_batches)]
+        return float(np.mean(accs))
+
+    acc = score(params, graphdef)
+    frozen = None
+    if freeze_eval and variant == "all" and model in ("hope", "titans"):
+        off = SM_OFF
+        frozen_net = create(model, cfg.replace(**off), rngs=nnx.Rngs(seed))
+        fgraph, _, _ = nnx.split(frozen_net, nnx.Param, ...)
+        frozen = score(params, fgraph)
+    return Result(acc, frozen, float(loss), bool(np.isfinite(float(loss))), secs, n_params, curve)
