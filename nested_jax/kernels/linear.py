@@ -78,7 +78,7 @@ def _kernel_part(level: Level, pl_: plan.Plan, state: MemoryState, q, k, v, gate
     fl = flags_for(level)
     k, v, gates = maybe_stop(level, k, v, gates)
     eta, beta = gates.eta, gates.beta
-    if fl.dgd and level.rule.dgd_all_layers:
+    if level.rule.dgd_all_layers or level.rule.normalized:
         eta = jnp.vectorize(lambda e, x: effective_eta(level.rule, e, x),
                             signature="(),(d)->()")(eta, k)
     if not fl.momentum:

@@ -63,6 +63,9 @@ def unsupported(level: Level, kernel: str, chunk_size: int, dtype) -> str:
                 "use impl='xla'")
     if level.read != "online":
         return f"read={level.read!r} has no kernel (online reads only); use impl='xla'"
+    if level.normalize_target:
+        return ("normalize_target=True has no kernel (the kernels' self-target is linear in "
+                "W_b); use impl='xla'")
     if kernel == "triton" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         return (f"chunk_size={chunk_size} must be a power of two >= 16 for the Triton kernel "
                 "(tl.dot needs dims >= 16); use e.g. chunk_size=64, or impl='xla'")

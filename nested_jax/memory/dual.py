@@ -33,7 +33,9 @@ def supports(level: Level) -> bool:
 
 
 def _eta(level: Level, eta, keys, dgd: bool):
-    return jax.vmap(lambda e, x: effective_eta(level.rule, e, x))(eta, keys) if dgd else eta
+    if not (dgd or level.rule.normalized):
+        return eta
+    return jax.vmap(lambda e, x: effective_eta(level.rule, e, x))(eta, keys)
 
 
 def _dgd(level: Level, is_input_side: bool) -> bool:
@@ -51,7 +53,7 @@ def _prep(level: Level, q, k, g: Gates) -> delta2.Prep:
 def _linear_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p: delta2.Prep):
     w0, s0 = st.params["W"], st.mom["W"]
     rd = delta2.reads(w0, s0, k, q, level.rule.momentum)
-    v = v @ w0.T if level.self_target else v
+    v = level.targets(st.params, v)
     u = objectives.error(level.objective, rd.km0, v)
     u = u - rd.km0 if level.rule.delta else u  # Rule.delta: the write drops W_b k
     y, w, s = delta2.update(p, rd, w0, s0, k, u, level.read == "online")
@@ -63,13 +65,14 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p2: delta2.Prep
     act = activation(mem.activation)
     w1, w2 = st.params["W1"], st.params["W2"]
     s1, s2 = st.mom["W1"], st.mom["W2"]
-    v = jax.vmap(mem.apply, in_axes=(None, 0))(st.params, v) if level.self_target else v
+    v = level.targets(st.params, v)
     rd2 = delta2.reads(w2, s2, k, q, level.rule.momentum)
     z = rd2.km0  # [C, hidden] = k W2^T
     h, dh = jax.jvp(act, (z,), (jnp.ones_like(z),))  # s(z), s'(z)
     hw1, hs1 = delta2.read_rows(w1, s1, h, level.rule.momentum)  # W1's key reads, reused below
     y = hw1 + (k if mem.residual else 0.0)
     u = objectives.error(level.objective, y, v)  # [C, dv]
+    u = u - hw1 if level.rule.delta else u  # Rule.delta: the error drops W1_b h
     e = dh * (u @ w1)  # [C, hidden], error at the hidden pre-activation
     zq, w2n, s2n = delta2.update(p2, rd2, w2, s2, k, e, level.read == "online")
     hq = act(zq)
@@ -77,8 +80,7 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p2: delta2.Prep
     dgd1 = _dgd(level, False)
     p1 = delta2.prepare(p2.g, h, hq, _eta(level, g.eta, h, dgd1), dgd1)
     rd1 = delta2.Reads(hw1, hs1, *delta2.read_rows(w1, s1, hq, level.rule.momentum))
-    u1 = u - hw1 if level.rule.delta else u  # Rule.delta: W1's write drops W1_b h
-    oq, w1n, s1n = delta2.update(p1, rd1, w1, s1, h, u1, level.read == "online")
+    oq, w1n, s1n = delta2.update(p1, rd1, w1, s1, h, u, level.read == "online")
     o = oq + (q if mem.residual else 0.0)
     return MemoryState({"W1": w1n, "W2": w2n}, {"W1": s1n, "W2": s2n}), o
 

@@ -44,6 +44,11 @@ class Level:
     self_target: self-generated targets vhat_t = M_b(v_t) (Hope eq. 84, decisions.md #8), read
           from the chunk-boundary state.  vhat is a constant of the inner problem (the inner
           gradient is w.r.t. the memory only) but the outer gradient flows through it.
+    normalize_target: with self_target, the target is l2(M_b(v_t)).  A self-generated target
+          moves with the memory it trains: writing M(k) <- M_b(v) with k close to v changes M
+          along k by about M_b(v) - M_b(k) + (v - k) per token, a drift nothing bounds when
+          retention alpha is 1.  On the unit sphere (where k, q and v already live) the target
+          is bounded, so a contractive write (``Rule.delta``) keeps the memory bounded too.
 
     ``memory`` is any object with ``dk``, ``dv``, ``init(key, dtype)``, ``apply(params, x)`` and
     ``layer_inputs(params, x, all_layers)`` (``LinearMemory``, ``MLPMemory`` or a model's own).
@@ -55,6 +60,7 @@ class Level:
     read: str = "online"
     stop_grad: bool = False
     self_target: bool = False
+    normalize_target: bool = False
 
     def __post_init__(self):
         missing = [a for a in ("dk", "dv", "init", "apply", "layer_inputs")
@@ -62,6 +68,9 @@ class Level:
         if missing:
             raise ValueError(f"memory={self.memory!r} lacks {missing}; use LinearMemory, "
                              "MLPMemory or an object with the same methods.")
+        if self.normalize_target and not self.self_target:
+            raise ValueError("normalize_target=True normalises self-generated targets; set "
+                             "self_target=True as well (external targets are the caller's).")
         if self.self_target and self.memory.dk != self.memory.dv:
             raise ValueError(f"self_target=True applies the memory to v, so it needs dk == dv; "
                              f"got dk={self.memory.dk}, dv={self.memory.dv}.")
@@ -94,24 +103,35 @@ class Level:
 
     def target(self, boundary, v):
         """The inner objective's target for one token: v, or vhat = M_b(v) with self_target."""
-        return self.memory.apply(boundary, v) if self.self_target else v
+        return self.targets(boundary, v)
+
+    def targets(self, boundary, v):
+        """``target`` for any leading axes of v (the dual form's [C, dv] rows)."""
+        if not self.self_target:
+            return v
+        vhat = jnp.vectorize(lambda x: self.memory.apply(boundary, x), signature="(d)->(e)")(v)
+        if self.normalize_target:
+            vhat = vhat * jax.lax.rsqrt(jnp.sum(vhat * vhat, axis=-1, keepdims=True) + 1e-6)
+        return vhat
 
     def layer_inputs(self, params, k):
-        return self.memory.layer_inputs(params, k, self.rule.dgd_all_layers)
+        return self.memory.layer_inputs(params, k,
+                                        self.rule.dgd_all_layers or self.rule.normalized)
 
     def writes(self, boundary, k, v):
         """(inner gradients, DGD layer inputs) of one token, both at the boundary state.
 
-        Under ``Rule.delta`` the output-side matrix's gradient drops its own contribution
-        (W_o,b x) x^T (rules.py): DGD's factor is then its only decay along x.
+        Under ``Rule.delta`` the error back-propagated to every matrix drops the output-side
+        matrix's own term W_o,b x (rules.py): DGD's factors are then the only decay.
         """
-        grads = self.inner_grad(boundary, k, self.target(boundary, v))
+        target = self.target(boundary, v)
         inputs = self.layer_inputs(boundary, k)
-        if self.rule.delta:
-            name = self.memory.output_layer
-            w, x = boundary[name], inputs[name]
-            grads = {**grads, name: grads[name] - jnp.outer(w @ x, x)}
-        return grads, inputs
+        if not self.rule.delta:
+            return self.inner_grad(boundary, k, target), inputs
+        y, vjp = jax.vjp(lambda p: self.memory.apply(p, k), boundary)
+        name = self.memory.output_layer
+        u = objectives.error(self.objective, y, target) - boundary[name] @ inputs[name]
+        return vjp(u)[0], inputs
 
 
 def maybe_stop(level: Level, k, v, gates: Gates):

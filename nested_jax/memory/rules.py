@@ -11,18 +11,21 @@ with inner gradient g taken at the chunk-boundary state and data-dependent gates
 x_t is the matrix's input (k_t for the input-side matrix).  ``momentum=False`` forces beta=0,
 ``dgd=False`` drops the rank-1 term.  With ``dgd_all_layers`` every matrix gets the DGD factor
 with its own input and the exact step size eta' = eta / (1 + eta ||x||^2) (Sherman-Morrison),
-used for both the factor and the gradient term (paper §2, DGD row).
+used for both the factor and the gradient term (paper §2, DGD row).  ``normalized`` takes that
+step on every matrix without DGD's factor: normalised LMS, whose write eta' ||x||^2 < 1 cannot
+overshoot however large the matrix's input grows (Titans' rule diverged without it, #19).
 
-``delta`` (decisions #19, the "delta form" of DGD with the l2 objective).  The l2 gradient of the
-output-side matrix W_o with input x is (y_b - t) x^T, and y_b contains W_o,b x.  DGD's factor
-already decays W_o along x, so that gradient applies a *second* decay, -eta W_o,b x x^T: at
-C = 1 the step is W (alpha I - 2 eta x x^T) + eta t x^T, a reflection rather than an erasure
-at eta ||x||^2 = 1.  With ``delta`` the gradient term of W_o drops its own contribution,
-g = (y_b - W_o,b x - t) x^T, so the factor is the only decay along x and each token's write is
-the proximal l2 step argmin ||W x - t'||^2 + ||W - W_prev||^2 / eta' (t' = t minus the other
-layers' output), stable for every eta >= 0 under the Sherman-Morrison step.  A linear memory
-becomes the gated delta rule exactly, for every chunk size (its write no longer reads the
-boundary state).
+``delta`` (decisions #19, the "delta form" of DGD with the l2 objective).  The l2 error of a
+memory, u = y_b - t, contains the output-side matrix's own product W_o,b x.  DGD's factor
+already decays W_o along x, so that term applies a *second* decay, -eta W_o,b x x^T: at C = 1
+the step is W (alpha I - 2 eta x x^T) + eta t x^T, a reflection rather than an erasure at
+eta ||x||^2 = 1.  With ``delta`` the error back-propagated to every matrix is
+u' = y_b - W_o,b x - t, so the factors are the only decay: the output-side write is the proximal
+l2 step argmin ||W x - t'||^2 + ||W - W_prev||^2 / eta' (t' = t minus the skip and other
+layers' output), stable for every eta >= 0 under the Sherman-Morrison step, and the hidden
+layers' gradients no longer feed the memory's own output back through momentum (with it they
+diverged at beta = 0.99: tests/memory/test_storage.py).  A linear memory becomes the gated delta
+rule exactly, for every chunk size (its write reads no boundary state).
 """
 
 from __future__ import annotations
@@ -39,13 +42,17 @@ class Rule:
     dgd: bool = False
     dgd_all_layers: bool = False
     delta: bool = False
+    normalized: bool = False
 
     def __post_init__(self):
-        for f in ("momentum", "dgd", "dgd_all_layers", "delta"):
+        for f in ("momentum", "dgd", "dgd_all_layers", "delta", "normalized"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"Rule.{f}={getattr(self, f)!r} must be a bool.")
         if self.dgd_all_layers and not self.dgd:
             raise ValueError("Rule.dgd_all_layers=True needs dgd=True.")
+        if self.normalized and self.dgd and not self.dgd_all_layers:
+            raise ValueError("Rule.normalized=True with dgd=True needs dgd_all_layers=True (its "
+                             "Sherman-Morrison step already normalises every layer).")
         if self.delta and not self.dgd:
             raise ValueError("Rule.delta=True needs dgd=True: it removes the decay that the l2 "
                              "gradient adds on top of DGD's factor.")
@@ -59,8 +66,9 @@ DELTA = Rule(momentum=True, dgd=True, dgd_all_layers=True, delta=True)
 
 
 def effective_eta(rule: Rule, eta, x):
-    """Per-matrix step: eta' = eta / (1 + eta ||x||^2) under ``dgd_all_layers``, else eta."""
-    if rule.dgd_all_layers and x is not None:
+    """Per-matrix step: eta' = eta / (1 + eta ||x||^2) under ``dgd_all_layers`` or
+    ``normalized``, else eta."""
+    if (rule.dgd_all_layers or rule.normalized) and x is not None:
         return eta / (1.0 + eta * jnp.sum(x * x))
     return eta
 

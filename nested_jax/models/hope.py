@@ -50,10 +50,11 @@ class HopeConfig(CMSFields, ModelConfig):
     """HopeLM hyper-parameters: ``ModelConfig`` + the self-modifying layer + the ``cms_*`` fields.
 
     Self-modifying Titans (see ``SelfModifyingConfig`` for each): memory_hidden (F, 0 = head
-    dim), chunk_memory (C_memory, 64), chunk_other (C_other, 8), conv_width (4), eta_max (0.01),
-    dgd, momentum, weight_decay, stop_grad, static_k, static_v, adaptive_q, normalize_v,
-    ema_momentum, memory_init_scale (0.5), memory_path ("dual"), remat_group (0 = sqrt
-    segments), memory_dtype ("float32"), norm_eps.
+    dim), chunk_memory (C_memory, 64), chunk_other (C_other, 8), conv_width (4), eta_max (10),
+    inner_rule ("delta"), dgd, momentum, weight_decay, stop_grad, static_k, static_v,
+    adaptive_q, normalize_v, normalize_target, separate_conv, ema_momentum, memory_init_scale
+    (0.5), memory_path ("dual"), remat_group (0 = sqrt segments), memory_dtype ("float32"),
+    norm_eps.
 
     Attributes:
       d_ff: the MLP width budget of a block; with ``cms_d_ff=0`` each of the K CMS levels gets
@@ -70,7 +71,8 @@ class HopeConfig(CMSFields, ModelConfig):
     chunk_memory: int = 64
     chunk_other: int = 8
     conv_width: int = 4
-    eta_max: float = 0.01
+    eta_max: float = 10.0
+    inner_rule: str = "delta"
     dgd: bool = True
     momentum: bool = True
     weight_decay: bool = True
@@ -79,6 +81,8 @@ class HopeConfig(CMSFields, ModelConfig):
     static_v: bool = False
     adaptive_q: bool = False
     normalize_v: bool = True
+    normalize_target: bool = True
+    separate_conv: bool = True
     ema_momentum: bool = True
     memory_init_scale: float = 0.5
     use_cms: bool = True

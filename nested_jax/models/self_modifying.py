@@ -5,7 +5,8 @@ N coupled memories (k, v, eta, alpha [, q]), C a chunk, W the conv width.
 
 One layer, for every sequence b and head h (decisions #1: the fast state is per sequence):
 
-    x_t       = conv_W(x)_t split into heads            (causal depthwise conv, decision #11)
+    x_t       = conv_W(x)_t split into heads            (causal depthwise conv, decision #11;
+                                                         each coupled memory has its own taps)
     q_t       = l2(x_t W_q)                              (static q, decision #9)
     k_t       = l2(M_k(x_t)),  v_t = l2(M_v(x_t))        (eqs. 76-79: adaptive projections)
     beta_t    = sigmoid(<w_beta, M_alpha(x_t)> + b_beta)          (momentum decay)
@@ -14,6 +15,8 @@ One layer, for every sequence b and head h (decisions #1: the fast state is per 
     vhat_□    = M_□(v_t)                                 (eq. 84, self-generated targets, #8)
     S_□      <- beta_t S_□ - eta_t grad ||M_□(k_t) - vhat_□||^2 / 2
     M_□      <- M_□ (alpha_t I - eta_t k_t k_t^T) + S_□  (eqs. 88-90: DGD + wd + momentum, #5 #6)
+               (default inner_rule="delta": the factor on both layers with their own inputs and
+               steps eta / (1 + eta ||x||^2), the error without W1_b h; vhat_□ = l2(M_□(v_t)))
     o_t       = M_memory(q_t)                            (read after the update of token t)
     y_t       = W_o (RMSNorm(o_t) * silu(x_t W_g))       (norm + output gate, Titans §3)
 
@@ -42,21 +45,32 @@ Readings of points the paper leaves open (recorded in docs/paper_map/models.md):
     (K -> F -> K), so residual memories are well defined and the state is per head;
   * beta (momentum decay) is a second read-out of M_alpha (both are decay factors) so that all
     gates come from the chunk-boundary memories (decision #7);
-  * inner-loop stability (the paper gives no values).  Self-generated targets make the inner
-    objective indefinite (M_□ chases its own output), and three choices keep the fast weights
-    finite for every gate value, alpha = 1 and beta -> 1 included (stress-tested at T = 4096 in
-    float32, D = 64 ... 768; numbers in the paper map):
-      - v is l2-normalised like k (``normalize_v``).  Unnormalised, v = M_v(x) feeds M_v's own
-        target M_v(v) = M_v(M_v(x)): a quadratic loop that diverged within ~1K tokens even at
-        eta = 1e-3 (paper-literal reading kept as normalize_v=False);
-      - eta carries a factor (1 - beta_t) (``ema_momentum``): S is an exponential moving average
-        of the stale gradients, so the momentum-amplified step eta / (1 - beta) never exceeds
-        eta_max.  The rule itself is decisions #6 unchanged, only the gate is parametrised;
-      - eta_max = 0.01 (eta = 2.5e-3 at init: sigmoid(0) (1 - 0.5)), the order of the community
-        reading (softplus * 1e-3, unbounded).  eta_max = 0.03 diverged at beta = 0.99, 0.1 at
-        beta = 0.5 (alpha = 1, chunk 64).
+  * in-context learning and inner-loop stability (decisions #19; docs/paper_map/models.md).
+    Matching the per-token definition is not enough: with the first reading (eta_max = 0.01,
+    paper-literal DGD, one shared conv) the memories were idle -- freezing them changed nothing
+    on recall or language modelling.  Four causes, four fixes:
+      - writes too small to matter: eta = 2.5e-3 moved the read-out by ~5e-4.  The cap hid an
+        instability, so the instability is removed instead (next points) and eta_max = 10;
+      - DGD with the l2 objective decays along k twice (W (alpha I - 2 eta k k^T) at C = 1): a
+        reflection, not an erasure, at large eta.  ``inner_rule="delta"`` (``memory.Rule.delta``)
+        back-propagates the error without the output-side matrix's own term, with DGD's factor
+        and the Sherman-Morrison step eta / (1 + eta ||x||^2) on every layer: each write is a
+        proximal l2 step, contractive for every eta.  "dgd_all" (factor on every layer, full
+        error) and "dgd" (decision #5: factor on W2 only) are kept for the ablations;
+      - self-generated targets chase the memory they train: M(k) <- M_b(v) moves M along k by
+        about (v - k) + M_b(v) - M_b(k) per token, unbounded at alpha = 1.  The target is
+        l2-normalised (``normalize_target``), like k, q and v, so contractive writes stay bounded
+        (v itself is normalised too, ``normalize_v``: unnormalised, M_v's target M_v(M_v(x)) is a
+        quadratic loop);
+      - one shared conv made k = l2(M_k(x)) and v = l2(M_v(x)) nearly equal (both memories start
+        near the identity on the same input), so M_memory stored k -> ~k.  Each coupled memory has
+        its own conv taps over the shared window (``separate_conv``), as Titans' k and v convs
+        do: the k memory can look at the previous token while the v memory looks at this one.
+    With these the layer stays finite for every gate value, alpha = 1, beta -> 1 and eta_max = 100
+    included (tests/models/test_self_modifying.py), and eta carries (1 - beta) (``ema_momentum``):
+    S is an exponential moving average of the writes, so the momentum-amplified step is bounded.
     Memories start as identity plus W1 ~ N(0, 0.25/F) (``memory_init_scale``): with W1 = 0 all
-    memories are the identity, k = v exactly, and every target error M(k) - M(v) vanishes;
+    memories are the identity and every target error M(k) - M(v) is (v - k) alone;
   * the output gate is silu(x W_g) of the block's (normalised, pre-conv) input, as in GatedDeltaNet;
   * the conv starts as the identity (current-token tap 1, others ~N(0, 0.02)).
 """
@@ -77,6 +91,8 @@ from nested_jax.models import layers
 from nested_jax.models.config import DTYPES, check_choice, check_positive, fail
 
 PATHS = ("dual", "chunked")
+INNER_RULES = ("delta", "dgd_all", "dgd")
+ETA_MAX_LIMIT = 100.0
 GATES = ("eta", "alpha", "beta")
 # Gate biases at init: eta = eta_max * sigmoid(0) * (1 - beta), alpha = sigmoid(4.6) ~ 0.99 (slow
 # decay), beta = sigmoid(0) = 0.5 (momentum).
@@ -101,7 +117,13 @@ class SelfModifyingConfig:
       chunk_other: C_other, chunk size shared by M_k, M_v, M_eta, M_alpha (default 8).
       conv_width: W, causal depthwise conv width (decision #11, default 4).
       eta_max: upper bound of the inner learning rate, eta = eta_max * sigmoid(.) (decision #7);
-        0.01 keeps the self-referential inner loop finite for every gate value (module notes).
+        default 10: with the delta rule every write is contractive, so the bound only shapes the
+        gate (module notes).  inner_rule="dgd" keeps eta_max <= 1.
+      inner_rule: "delta" (default: delta-form DGD, Sherman-Morrison step on every layer),
+        "dgd_all" (factor and step on every layer, full l2 error) or "dgd" (decision #5: the
+        factor on the input-side matrix only, the paper-literal reading).
+      normalize_target: the self-generated target is l2(M_b(v)) (default; module notes).
+      separate_conv: each coupled memory reads its own causal conv of x (default; module notes).
       dgd: delta gradient descent (alpha I - eta k k^T) on the input-side matrix; False is the
         "DGD -> GD" ablation (decision #5).
       momentum: inner momentum S_t (decision #6); False is the "w/o momentum" ablation (beta = 0).
@@ -128,7 +150,8 @@ class SelfModifyingConfig:
     chunk_memory: int = 64
     chunk_other: int = 8
     conv_width: int = 4
-    eta_max: float = 0.01
+    eta_max: float = 10.0
+    inner_rule: str = "delta"
     dgd: bool = True
     momentum: bool = True
     weight_decay: bool = True
@@ -137,6 +160,8 @@ class SelfModifyingConfig:
     static_v: bool = False
     adaptive_q: bool = False
     normalize_v: bool = True
+    normalize_target: bool = True
+    separate_conv: bool = True
     ema_momentum: bool = True
     memory_init_scale: float = 0.5
     memory_path: str = "dual"
@@ -164,8 +189,18 @@ class SelfModifyingConfig:
             () if self.static_v else ("v",)) + ("eta", "alpha")
 
     @property
+    def conv_groups(self) -> int:
+        """Conv tap sets: one for q and the static projections, one per coupled memory."""
+        return 1 + len(self.coupled) if self.separate_conv else 1
+
+    @property
     def rule(self) -> nm.Rule:
-        return nm.Rule(momentum=self.momentum, dgd=self.dgd)
+        if not self.dgd:
+            return nm.Rule(momentum=self.momentum, dgd=False)
+        if self.inner_rule == "dgd":
+            return nm.Rule(momentum=self.momentum, dgd=True)
+        return nm.Rule(momentum=self.momentum, dgd=True, dgd_all_layers=True,
+                       delta=self.inner_rule == "delta")
 
 
 def validate_fields(cfg) -> None:
@@ -176,17 +211,22 @@ def validate_fields(cfg) -> None:
              f"acts on a head slice of d_model / n_heads; pick a multiple of {cfg.n_heads}")
     if not isinstance(cfg.memory_hidden, int) or cfg.memory_hidden < 0:
         fail("memory_hidden", cfg.memory_hidden, "must be an int >= 0 (0 means d_model / n_heads)")
-    if not (isinstance(cfg.eta_max, (int, float)) and 0 <= cfg.eta_max <= 1):
-        fail("eta_max", cfg.eta_max, "must lie in [0, 1]; self-generated targets make the inner "
-             "loop of an MLP memory diverge at large eta (0.01 is the default)")
+    if not (isinstance(cfg.eta_max, (int, float)) and 0 <= cfg.eta_max <= ETA_MAX_LIMIT):
+        fail("eta_max", cfg.eta_max, f"must lie in [0, {ETA_MAX_LIMIT}] (the default is "
+             f"{SelfModifyingConfig.eta_max})")
+    if cfg.inner_rule == "dgd" and cfg.dgd and cfg.eta_max > 1:
+        fail("eta_max", cfg.eta_max, "must be <= 1 with inner_rule='dgd': its l2 write decays "
+             "along k twice and diverges at large eta; use inner_rule='delta' for larger steps")
     if not (isinstance(cfg.memory_init_scale, (int, float)) and cfg.memory_init_scale >= 0):
         fail("memory_init_scale", cfg.memory_init_scale, "must be a float >= 0 (0: identity "
              "memories at init, whose self-generated targets give no signal)")
     for name in ("dgd", "momentum", "weight_decay", "stop_grad", "static_k", "static_v",
-                 "adaptive_q", "normalize_v", "ema_momentum"):
+                 "adaptive_q", "normalize_v", "normalize_target", "separate_conv",
+                 "ema_momentum"):
         if not isinstance(getattr(cfg, name), bool):
             fail(name, getattr(cfg, name), "must be a bool")
     check_choice(cfg, "memory_path", PATHS)
+    check_choice(cfg, "inner_rule", INNER_RULES)
     if not isinstance(cfg.remat_group, int) or cfg.remat_group < -1:
         fail("remat_group", cfg.remat_group,
              "must be an int: 0 (sqrt of the chunk count), -1 (off) or a segment length >= 1")
@@ -227,7 +267,7 @@ def segment_length(n_chunks: int, remat_group: int) -> int:
 
 
 def _conv_init(key, shape, dtype=jnp.float32):
-    """Depthwise conv taps [W, D]: identity at the current token (last tap) plus N(0, 0.02)."""
+    """Depthwise conv taps [W, G, D]: identity at the current token (last tap) plus N(0, 0.02)."""
     w = 0.02 * jax.random.normal(key, shape, dtype)
     return w.at[-1].add(jnp.ones((), dtype))
 
@@ -244,8 +284,8 @@ class SelfModifyingTitans(nnx.Module):
         D, H, K, F, N = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.hidden, len(cfg.coupled)
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.conv = nnx.Param(_conv_init(rngs.params(), (cfg.conv_width, D), pdt),
-                              logical_axes=(None, "embed"))
+        self.conv = nnx.Param(_conv_init(rngs.params(), (cfg.conv_width, cfg.conv_groups, D), pdt),
+                              logical_axes=(None, None, "embed"))
         self.q_proj = layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
         proj = lambda: layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
         self.k_proj = proj() if cfg.static_k else None  # "k static" ablation
@@ -290,7 +330,7 @@ class SelfModifyingTitans(nnx.Module):
     def level(self, read: str) -> nm.Level:
         """read="boundary": the coupled memories; read="online": M_memory (self-targets both)."""
         return nm.Level(self.memory_module, "l2", self.cfg.rule, read, stop_grad=self.cfg.stop_grad,
-                        self_target=True)
+                        self_target=True, normalize_target=self.cfg.normalize_target)
 
     def initial_states(self, batch_size: int) -> tuple[nm.MemoryState, nm.MemoryState]:
         """(coupled [B, N*H, ...], memory [B, H, ...]) MemoryStates from the meta-learned inits."""
@@ -310,29 +350,36 @@ class SelfModifyingTitans(nnx.Module):
     # ---- pieces shared by the parallel and the decode paths --------------------------------------
 
     def _conv(self, x_BxTxD: jax.Array, prev_BxPxD: jax.Array) -> jax.Array:
-        """Causal depthwise conv; prev holds the W-1 inputs before x (zeros at the start)."""
+        """Causal depthwise convs [B, T, G, D]; prev holds the W-1 inputs before x (zeros at the
+        start).  G = ``conv_groups``: every group shares the input window, its taps are its own."""
         T = x_BxTxD.shape[1]
-        w_WxD = self.conv[...].astype(x_BxTxD.dtype)
-        xp = jnp.concatenate([prev_BxPxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
-        y = xp[:, 0:T] * w_WxD[0][None, None, :]
+        w_WxGxD = self.conv[...].astype(x_BxTxD.dtype)
+        xp = jnp.concatenate([prev_BxPxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)[:, :, None]
+        y = xp[:, 0:T] * w_WxGxD[0][None, None]
         for j in range(1, self.cfg.conv_width):
-            y = y + xp[:, j:j + T] * w_WxD[j][None, None, :]
+            y = y + xp[:, j:j + T] * w_WxGxD[j][None, None]
         return y
+
+    def _coupled_inputs(self, xc_BxTxGxD: jax.Array) -> jax.Array:
+        """Each coupled memory's input, [B, T, N, H, K]: its own conv group (or the shared one)."""
+        B, T, G, D = xc_BxTxGxD.shape
+        N, H, K = len(self.cfg.coupled), self.cfg.n_heads, self.cfg.head_dim
+        x = xc_BxTxGxD[:, :, 1:] if G > 1 else jnp.broadcast_to(xc_BxTxGxD, (B, T, N, D))
+        return x.reshape(B, T, N, H, K)
 
     def _heads(self, x_BxTxD: jax.Array) -> jax.Array:
         B, T, _ = x_BxTxD.shape
         return x_BxTxD.reshape(B, T, self.cfg.n_heads, self.cfg.head_dim)
 
-    def _read_coupled(self, params, x_BxCxHxK: jax.Array) -> jax.Array:
-        """M_□,boundary(x_t) for every coupled memory □: [B, C, N, H, K] (MLPMemory.apply)."""
-        B, C, H, K = x_BxCxHxK.shape
-        N = len(self.cfg.coupled)
+    def _read_coupled(self, params, x_BxCxNxHxK: jax.Array) -> jax.Array:
+        """M_□,boundary(x_□,t) for every coupled memory □: [B, C, N, H, K] (MLPMemory.apply)."""
+        B, C, N, H, K = x_BxCxNxHxK.shape
         act = activation(self.memory_module.activation)
         w2 = params["W2"].reshape(B, N, H, -1, K)
         w1 = params["W1"].reshape(B, N, H, K, -1)
-        z = jnp.einsum("bnhfk,bchk->bcnhf", w2, x_BxCxHxK)
+        z = jnp.einsum("bnhfk,bcnhk->bcnhf", w2, x_BxCxNxHxK)
         y = jnp.einsum("bnhkf,bcnhf->bcnhk", w1, act(z))
-        return x_BxCxHxK[:, :, None] + y
+        return x_BxCxNxHxK + y
 
     def _generate(self, y_BxCxNxHxK, k_BxCxHxK, v_BxCxHxK):
         """q (adaptive only), k, v and Gates from the boundary read-outs (eqs. 76-79, #7)."""
@@ -379,12 +426,14 @@ class SelfModifyingTitans(nnx.Module):
     def _coupled_chunk(self, state: nm.MemoryState, xs: dict):
         """Advance the coupled memories by one C_other-chunk (or the ragged tail).
 
-        xs: {"x": [B, C, H, K]} (+ static "k" / "v"). Returns (state, (q, k, v, Gates)).
+        xs: {"x": [B, C, N, H, K]} (+ static "k" / "v"). Returns (state, (q, k, v, Gates)).
         """
         q, k, v, gates = self._generate(self._read_coupled(state.params, xs["x"]),
                                         xs.get("k"), xs.get("v"))
         tile = self._tile
-        _, state = nm.apply(self.level("boundary"), state, tile(xs["x"]), tile(k), tile(v),
+        B, C = xs["x"].shape[:2]
+        x_stacked = xs["x"].reshape(B, C, -1, xs["x"].shape[-1])  # [B, C, N*H, K], N-major
+        _, state = nm.apply(self.level("boundary"), state, x_stacked, tile(k), tile(v),
                             nm.Gates(*map(tile, gates)), chunk_size=self.cfg.chunk_other,
                             path=self.cfg.memory_path, remat=False)  # _scan_coupled remats
         return state, (q, k, v, gates)
@@ -434,15 +483,15 @@ class SelfModifyingTitans(nnx.Module):
         cfg = self.cfg
         mdt = jnp.dtype(cfg.memory_dtype)
         prev = jnp.zeros((B, cfg.conv_width - 1, D), x_BxTxD.dtype)
-        xc_BxTxD = self._conv(x_BxTxD, prev)
+        xc_BxTxGxD = self._conv(x_BxTxD, prev)
         Tc = self._padded_len(T)
         Tm = -(-T // cfg.chunk_memory) * cfg.chunk_memory
         pad = lambda a, n: jnp.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
-        xc_pad = pad(xc_BxTxD, Tc)
-        static = self._static(xc_pad, mdt)
+        xc_pad = pad(xc_BxTxGxD, Tc)
+        static = self._static(xc_pad[:, :, 0], mdt)
         coupled0, memory0 = self.initial_states(B)
-        xs = {"x": self._heads(xc_pad).astype(mdt), **{n: static[n] for n in ("k", "v")
-                                                         if n in static}}
+        xs = {"x": self._coupled_inputs(xc_pad).astype(mdt),
+              **{n: static[n] for n in ("k", "v") if n in static}}
         _, (q, k, v, gates) = self._scan_coupled(coupled0, xs)
         q = static.get("q", q)
         # M_memory: the real tokens, then no-op updates (eta = 0, alpha = 1, beta = 0) to Tm.
@@ -467,16 +516,17 @@ class SelfModifyingTitans(nnx.Module):
         cfg = self.cfg
         mdt = jnp.dtype(cfg.memory_dtype)
         x_Bx1xD = x_BxD[:, None]
-        xc_Bx1xD = self._conv(x_Bx1xD, state.conv)
+        xc_Bx1xGxD = self._conv(x_Bx1xD, state.conv)
         conv = jnp.concatenate([state.conv, x_Bx1xD.astype(state.conv.dtype)], axis=1)[:, 1:]
-        static = self._static(xc_Bx1xD, mdt)
-        xh_Bx1xHxK = self._heads(xc_Bx1xD).astype(mdt)
-        y = self._read_coupled(state.coupled.boundary, xh_Bx1xHxK)
+        static = self._static(xc_Bx1xGxD[:, :, 0], mdt)
+        xh_Bx1xNxHxK = self._coupled_inputs(xc_Bx1xGxD).astype(mdt)
+        y = self._read_coupled(state.coupled.boundary, xh_Bx1xNxHxK)
         q, k, v, gates = self._generate(y, static.get("k"), static.get("v"))
         q = static.get("q", q)
         first = lambda a: a[:, 0]
         tile = lambda a: first(self._tile(a))
-        _, coupled = nm.stream_step(self.level("boundary"), state.coupled, tile(xh_Bx1xHxK),
+        x_stacked = first(xh_Bx1xNxHxK).reshape(x_BxD.shape[0], -1, cfg.head_dim)
+        _, coupled = nm.stream_step(self.level("boundary"), state.coupled, x_stacked,
                                     tile(k), tile(v), nm.Gates(*map(tile, gates)),
                                     chunk_size=cfg.chunk_other)
         o_BxHxK, memory = nm.stream_step(self.level("online"), state.memory, first(q), first(k),

@@ -70,6 +70,14 @@ class TitansConfig(ModelConfig):
         switches the memory's writes off (with alpha = 1 the network is then static).  Stale
         chunk gradients with momentum amplify the step: at chunk 64, beta 0.9, the tiny MLP
         memory diverged from eta = 0.05 on, hence the bound 0.1 and the init 0.01.
+      normalized_step: every matrix of the memory takes the Sherman-Morrison step
+        eta / (1 + eta ||x||^2) on its own input x (``Rule.normalized``, normalised LMS; the
+        "dgd_all" rule has it already, plain "dgd" does not), so no single write overshoots.
+      ema_momentum: eta carries a factor (1 - beta), so a write's total effect through the
+        momentum, eta / (1 - beta), stays eta_max-bounded.
+        Both are off by default: with them (eta_max = 1) TitansLM still diverged on MQAR, its
+        outer gradients turning NaN near step 100-180 even at chunk_size = 1, so they did not
+        remove the cause (experiments/results/icl_mqar.md; decisions #19 is open for TitansLM).
       eta_init, alpha_init, beta_init: gate values at initialisation (set through the biases).
       stop_grad: engine ablation: outer gradients skip the inner updates (decision #4).
       norm_eps: RMSNorm epsilon.
@@ -88,6 +96,8 @@ class TitansConfig(ModelConfig):
     conv_width: int = 4
     eta_max: float = 0.1
     eta_init: float = 0.1
+    normalized_step: bool = False
+    ema_momentum: bool = False
     alpha_init: float = 0.99
     beta_init: float = 0.9
     stop_grad: bool = False
@@ -134,6 +144,9 @@ class TitansConfig(ModelConfig):
                  "lower chunk_size or raise max_seq_len")
         if not self.eta_max >= 0:
             fail("eta_max", self.eta_max, "must be >= 0 (0 switches the memory's writes off)")
+        for name in ("normalized_step", "ema_momentum"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "must be a bool")
         for name in ("eta_init", "alpha_init", "beta_init"):
             if not 0.0 < getattr(self, name) < 1.0:
                 fail(name, getattr(self, name), "must lie strictly between 0 and 1 "
@@ -158,8 +171,10 @@ class TitansConfig(ModelConfig):
                             depth=self.memory_depth, residual=True)
 
     def level(self) -> nm.Level:
-        return nm.Level(self.memory_module(), self.objective, RULES[self.rule], "online",
-                        self.stop_grad)
+        rule = RULES[self.rule]
+        if self.normalized_step and not rule.dgd:
+            rule = dataclasses.replace(rule, normalized=True)
+        return nm.Level(self.memory_module(), self.objective, rule, "online", self.stop_grad)
 
 
 class BlockState(NamedTuple):
@@ -250,8 +265,11 @@ class NeuralMemory(nnx.Module):
         q, k, v = (z.reshape(B, T, H, K) for z in jnp.split(mixed, 3, axis=-1))
         q, k = _l2_normalize(q), _l2_normalize(k)
         eta_l, alpha_l, beta_l = jnp.split(self.gates(h_BxTxD.astype(jnp.float32)), 3, axis=-1)
-        gates = nm.Gates(cfg.eta_max * jax.nn.sigmoid(eta_l), jax.nn.sigmoid(alpha_l),
-                         jax.nn.sigmoid(beta_l))
+        beta = jax.nn.sigmoid(beta_l)
+        eta = cfg.eta_max * jax.nn.sigmoid(eta_l)
+        if cfg.ema_momentum and cfg.level().rule.momentum:
+            eta = eta * (1.0 - beta)  # a write's total effect through momentum <= eta_max
+        gates = nm.Gates(eta, jax.nn.sigmoid(alpha_l), beta)
         W = cfg.conv_width
         hist = pre if conv_prev is None else jnp.concatenate([conv_prev.astype(pre.dtype), pre], 1)
         if hist.shape[1] < W - 1:

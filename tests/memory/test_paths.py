@@ -15,7 +15,7 @@ MEMORIES = {
     "mlp2_plain": nm.MLPMemory(D, 6, hidden=16, residual=False, activation="gelu"),
 }
 RULES = {"gd": nm.GD, "titans": nm.TITANS, "dgd": nm.DGD, "dgd_all": nm.Rule(True, True, True),
-         "delta": nm.DELTA}
+         "delta": nm.DELTA, "nlms": nm.Rule(momentum=True, normalized=True)}
 
 
 def _case_id(mem, rule, obj, read, st):
@@ -27,7 +27,7 @@ CASES = [
     for m in ("linear", "mlp2")
     for r in RULES
     for o in ("l2", "dot")
-    if r != "delta"
+    if r not in ("delta", "nlms")
     for rd in ("online", "boundary")
 ] + [
     ("linear", "dgd", "l2", "online", True),
@@ -41,7 +41,8 @@ CASES = [
     for rd in ("online", "boundary")
     for st in (False, True)
     if not (st and m == "mlp2_plain")
-]
+] + [(m, "nlms", o, "online", False) for m in ("linear", "mlp2", "mlp2_plain") for o in ("l2", "dot")
+     ] + [("mlp2", "nlms", "l2", "boundary", True)]
 
 
 def _check(level, key, chunk_sizes, eta=0.5, T=37):
@@ -87,3 +88,12 @@ def test_deep_mlp_chunked_equals_oracle(x64, read):
     assert max_diff(ref, nm.apply(level, st, q, k, v, g, chunk_size=1, path="chunked")) < TOL
     with pytest.raises(ValueError, match="path='dual'"):
         nm.apply(level, st, q, k, v, g, chunk_size=4, path="dual")
+
+
+@pytest.mark.parametrize("mem", ["linear", "mlp2"])
+@pytest.mark.parametrize("rule", ["delta", "dgd"])
+def test_paths_agree_with_normalized_targets(x64, mem, rule):
+    """Self-generated targets on the unit sphere (Hope's memories): same function on every path."""
+    level = nm.Level(MEMORIES[mem], "l2", RULES[rule], "online", self_target=True,
+                     normalize_target=True)
+    _check(level, 3 + len(rule), (1, 5, 16), 0.5)

@@ -201,7 +201,8 @@ def test_flops_per_token():
 
 ABLATIONS = {
     "dgd": (False, lambda m: m.blocks[0].mixer.cfg.rule == nm.Rule(momentum=True, dgd=False)),
-    "momentum": (False, lambda m: m.blocks[0].mixer.cfg.rule == nm.Rule(momentum=False, dgd=True)),
+    "momentum": (False, lambda m: m.blocks[0].mixer.cfg.rule == nm.Rule(
+        momentum=False, dgd=True, dgd_all_layers=True, delta=True)),
     "weight_decay": (False, lambda m: not m.blocks[0].mixer.cfg.weight_decay),
     "use_cms": (False, lambda m: not hasattr(m.blocks[0], "cms") and hasattr(m.blocks[0], "mlp")),
     "static_k": (True, lambda m: m.blocks[0].mixer.k_proj is not None
@@ -236,7 +237,7 @@ def test_any_sequence_length_is_accepted():
     ({"chunk_memory": 0}, "chunk_memory"),
     ({"chunk_other": -8}, "chunk_other"),
     ({"conv_width": 0}, "conv_width"),
-    ({"eta_max": 2.0}, "eta_max"),
+    ({"eta_max": 200.0}, "eta_max"),
     ({"memory_hidden": -4}, "memory_hidden"),
     ({"memory_path": "oracle"}, "memory_path"),
     ({"remat_group": -3}, "remat_group"),
