@@ -91,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from nested_jax.train import evaluate
 
     out = evaluate.evaluate_checkpoint(args.workdir, data_path=args.data, split=args.split,
-                                       num_batches=args.batches)
+                                       num_batches=args.batches, freeze=args.freeze)
     print(f"step: {out['step']}")
     print(f"loss: {out['loss']:.6f}")
     print(f"perplexity: {out['perplexity']:.6f}")
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "data")
     e.add_argument("--batches", type=int, help="batches to score (default: the run's "
                    "eval_batches)")
+    e.add_argument("--freeze", action="append", default=[], choices=("self_modifying", "cms"),
+                   help="score with these in-context memories frozen (inner learning rates 0); "
+                   "repeatable")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt")

@@ -23,13 +23,39 @@ def _same_path(a: str, b: str) -> bool:
         return False
 
 
+# Memories a user can freeze at evaluation, and the config field holding each inner rate.
+FREEZE = {"self_modifying": "eta_max", "cms": "cms_lr"}
+
+
+def freeze_overrides(model: str, freeze: Sequence[str]) -> dict[str, float]:
+    """Model overrides setting the named memories' inner learning rates to 0 (clear errors)."""
+    import dataclasses as dc
+
+    from nested_jax.models import registry
+
+    fields = {f.name for f in dc.fields(registry.lookup(model)[0])}
+    out = {}
+    for name in freeze:
+        if name not in FREEZE:
+            raise ValueError(f"--freeze {name!r}: unknown; choose from {sorted(FREEZE)}")
+        if FREEZE[name] not in fields:
+            have = [n for n, f in FREEZE.items() if f in fields]
+            raise ValueError(f"--freeze {name}: model {model!r} has no {name} memory (no "
+                             f"field {FREEZE[name]}); it can freeze {have or 'nothing'}")
+        out[FREEZE[name]] = 0.0
+    return out
+
+
 def evaluate_checkpoint(workdir: str, *, data_path: str | None = None,
                         split: str = "auto", num_batches: int | None = None,
-                        devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
+                        devices: Sequence[jax.Device] | None = None,
+                        freeze: Sequence[str] = ()) -> dict[str, float]:
     """{"step", "loss", "perplexity"} of the latest checkpoint.
 
     `split="auto"` scores the held-out documents when `data_path` is the training data
-    (or omitted) and every document of any other data.
+    (or omitted) and every document of any other data.  `freeze` names in-context memories
+    ("self_modifying", "cms") scored with their inner learning rates at 0: the gap to the
+    unfrozen score is what in-context learning contributes (docs/decisions.md #19).
     """
     from nested_jax.train.config import TrainConfig
 
@@ -40,7 +66,8 @@ def evaluate_checkpoint(workdir: str, *, data_path: str | None = None,
     if split == "heldout" and saved.data.eval_fraction <= 0:
         raise ValueError("--split heldout: this run trained on every document "
                          "(data.eval_fraction=0); pass --data with other data or --split all")
-    run, state, step = trainer.load_run(workdir, devices=devices, data_path=path)
+    run, state, step = trainer.load_run(workdir, devices=devices, data_path=path,
+                                        model_overrides=freeze_overrides(saved.model, freeze))
     cfg = run.cfg
     batches = data_lib.eval_batches(
         run.documents, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,

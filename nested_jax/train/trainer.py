@@ -463,11 +463,13 @@ def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
 
 
 def load_run(workdir: epath.PathLike, *, devices: Sequence[jax.Device] | None = None,
-             data_path: str | None = None, for_training: bool = True
-             ) -> tuple[Run, dict, int]:
+             data_path: str | None = None, for_training: bool = True,
+             model_overrides: dict | None = None) -> tuple[Run, dict, int]:
     """(run, state, step) of the latest readable checkpoint in `workdir` (eval / generate).
 
     Runs on `devices` (default: the first device) whatever mesh trained the checkpoint.
+    `model_overrides` change model config fields that leave the parameters' shapes alone
+    (e.g. inner learning rates at 0: the trained model with its memories frozen).
     """
     workdir = workdir_path(workdir)
     cfg_path = workdir / "config.json"
@@ -477,6 +479,8 @@ def load_run(workdir: epath.PathLike, *, devices: Sequence[jax.Device] | None = 
     overrides = {"mesh": dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1)}
     if data_path is not None:
         overrides["data"] = dataclasses.replace(cfg.data, path=data_path)
+    if model_overrides:
+        overrides["model_overrides"] = {**cfg.model_overrides, **model_overrides}
     cfg = dataclasses.replace(cfg, **overrides)
     run = prepare(cfg, workdir, devices or jax.devices()[:1], for_training=for_training)
     ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints, use_async=False)

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from nested_jax import cli
+from nested_jax.train import evaluate
 from nested_jax.models import registry
 from nested_jax.models.config import ModelConfig, Preset
 
@@ -112,3 +113,29 @@ def test_presets_prints_parameter_counts(capsys):
     assert cli.main(["presets", "--model", "transformer"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"transformer\s+1\.3B\s+1,298,761,728", out)
+
+
+def test_eval_freeze_scores_the_trained_model_with_its_memories_frozen(corpus, tmp_path, capsys):
+    """`eval --freeze`: the same checkpoint with inner learning rates at 0 scores differently
+    (the memories change predictions), and a memory the model lacks is a clear error."""
+    workdir = tmp_path / "hope"
+    assert cli.main(["train", "--workdir", str(workdir), "--data", str(corpus), "--steps", "4",
+                     "--model", "hope", *TINY]) == 0
+    capsys.readouterr()
+    scores = {}
+    for freeze in ((), ("self_modifying",), ("cms",), ("self_modifying", "cms")):
+        args = [a for f in freeze for a in ("--freeze", f)]
+        assert cli.main(["eval", "--workdir", str(workdir), *args]) == 0
+        scores[freeze] = float(re.search(r"^perplexity: ([\d.]+)$", capsys.readouterr().out,
+                                         re.M)[1])
+    base = scores[()]
+    for freeze, ppl in scores.items():
+        if freeze:
+            assert abs(ppl - base) > 1e-4 * base, (freeze, scores)
+    tr = tmp_path / "tr"
+    assert cli.main(["train", "--workdir", str(tr), "--data", str(corpus), "--steps", "1",
+                     *TINY]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", str(tr), "--freeze", "self_modifying"]) == 2
+    with pytest.raises(ValueError, match="--freeze self_modifying: model 'transformer'"):
+        evaluate.evaluate_checkpoint(str(tr), freeze=["self_modifying"])
