@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from nested_jax import cli
-from nested_jax.train import evaluate
 from nested_jax.models import registry
 from nested_jax.models.config import ModelConfig, Preset
+from nested_jax.train import evaluate
 
 TINY = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--no-progress",
         "--set", "eval_batches=2", "--set", "log_every=2", "--set", "optim.warmup_steps=2"]
