@@ -54,6 +54,8 @@ def parse(argv):
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="model config overrides for every run, e.g. eta_max=1.0")
     p.add_argument("--out", default=None, help="results stem (default icl_<suite>)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite the report from the runs already logged")
     a = p.parse_args(argv)
     if a.suite not in SUITES:
         p.error(f"suite={a.suite!r} is unknown; choose one of {sorted(SUITES)}")
@@ -88,7 +90,7 @@ def main(argv=None) -> None:
         for variant in a.variants or list(train.VARIANTS[model]):
             train.variant_overrides(model, variant)  # a clear error before any training
     t0 = time.time()
-    for model in a.models:
+    for model in [] if a.report_only else a.models:
         for variant in a.variants or list(train.VARIANTS[model]):
             for seed in a.seeds:
                 r = train.run(task, model, preset, variant, seed, lr=a.lr, steps=steps,

@@ -122,7 +122,8 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     acc = score(params, graphdef)
     frozen = None
     # Score the trained model again with its self-modifying / Titans memory frozen at eval.
-    if freeze_eval and model in ("hope", "titans") and "eta_max" not in over:
+    if freeze_eval and model in ("hope", "titans") and "eta_max" not in variant_overrides(
+            model, variant):
         off = SM_OFF
         frozen_net = create(model, cfg.replace(**off), rngs=nnx.Rngs(seed))
         fgraph, _, _ = nnx.split(frozen_net, nnx.Param, ...)

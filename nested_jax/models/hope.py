@@ -50,7 +50,7 @@ class HopeConfig(CMSFields, ModelConfig):
     """HopeLM hyper-parameters: ``ModelConfig`` + the self-modifying layer + the ``cms_*`` fields.
 
     Self-modifying Titans (see ``SelfModifyingConfig`` for each): memory_hidden (F, 0 = head
-    dim), chunk_memory (C_memory, 64), chunk_other (C_other, 8), conv_width (4), eta_max (10),
+    dim), chunk_memory (C_memory, 64), chunk_other (C_other, 8), conv_width (4), eta_max (0.1),
     inner_rule ("delta"), dgd, momentum, weight_decay, stop_grad, static_k, static_v,
     adaptive_q, normalize_v, normalize_target, separate_conv, ema_momentum, memory_init_scale
     (0.5), memory_path ("dual"), remat_group (0 = sqrt segments), memory_dtype ("float32"),
@@ -71,7 +71,7 @@ class HopeConfig(CMSFields, ModelConfig):
     chunk_memory: int = 64
     chunk_other: int = 8
     conv_width: int = 4
-    eta_max: float = 10.0
+    eta_max: float = 0.1
     inner_rule: str = "delta"
     dgd: bool = True
     momentum: bool = True

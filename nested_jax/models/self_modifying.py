@@ -50,7 +50,8 @@ Readings of points the paper leaves open (recorded in docs/paper_map/models.md):
     paper-literal DGD, one shared conv) the memories were idle -- freezing them changed nothing
     on recall or language modelling.  Four causes, four fixes:
       - writes too small to matter: eta = 2.5e-3 moved the read-out by ~5e-4.  The cap hid an
-        instability, so the instability is removed instead (next points) and eta_max = 10;
+        instability of the forward pass, removed at its cause instead (next points): the layer
+        is now finite for eta_max up to 100;
       - DGD with the l2 objective decays along k twice (W (alpha I - 2 eta k k^T) at C = 1): a
         reflection, not an erasure, at large eta.  ``inner_rule="delta"`` (``memory.Rule.delta``)
         back-propagates the error without the output-side matrix's own term, with DGD's factor
@@ -69,6 +70,12 @@ Readings of points the paper leaves open (recorded in docs/paper_map/models.md):
     With these the layer stays finite for every gate value, alpha = 1, beta -> 1 and eta_max = 100
     included (tests/models/test_self_modifying.py), and eta carries (1 - beta) (``ema_momentum``):
     S is an exponential moving average of the writes, so the momentum-amplified step is bounded.
+    What still bounds eta is the *outer* gradient: the forward stays bounded at any eta, but its
+    sensitivity to the initial state grows along the sequence once writes are large, so outer
+    gradients explode with the context length (tiny Hope on repeated text, at init: gradient norm
+    25 at eta_max = 0.1 and T = 16K in bfloat16; 5e14 at eta_max = 1; inf at eta_max = 10 already
+    at T = 512).  Hence eta_max = 0.1: MQAR recall with CMS frozen is 18.6% at 0.1 against 25.5%
+    at 10 and 6.3% for the static network (experiments/results/icl_mqar*.md).
     Memories start as identity plus W1 ~ N(0, 0.25/F) (``memory_init_scale``): with W1 = 0 all
     memories are the identity and every target error M(k) - M(v) is (v - k) alone;
   * the output gate is silu(x W_g) of the block's (normalised, pre-conv) input, as in GatedDeltaNet;
@@ -117,8 +124,9 @@ class SelfModifyingConfig:
       chunk_other: C_other, chunk size shared by M_k, M_v, M_eta, M_alpha (default 8).
       conv_width: W, causal depthwise conv width (decision #11, default 4).
       eta_max: upper bound of the inner learning rate, eta = eta_max * sigmoid(.) (decision #7);
-        default 10: with the delta rule every write is contractive, so the bound only shapes the
-        gate (module notes).  inner_rule="dgd" keeps eta_max <= 1.
+        default 0.1: with the delta rule every write is contractive at any eta, but outer
+        gradients explode with the context at large eta (module notes).  inner_rule="dgd" keeps
+        eta_max <= 1.
       inner_rule: "delta" (default: delta-form DGD, Sherman-Morrison step on every layer),
         "dgd_all" (factor and step on every layer, full l2 error) or "dgd" (decision #5: the
         factor on the input-side matrix only, the paper-literal reading).
@@ -150,7 +158,7 @@ class SelfModifyingConfig:
     chunk_memory: int = 64
     chunk_other: int = 8
     conv_width: int = 4
-    eta_max: float = 10.0
+    eta_max: float = 0.1
     inner_rule: str = "delta"
     dgd: bool = True
     momentum: bool = True
