@@ -75,7 +75,7 @@ Readings of points the paper leaves open (recorded in docs/paper_map/models.md):
     gradients explode with the context length (tiny Hope on repeated text, at init: gradient norm
     25 at eta_max = 0.1 and T = 16K in bfloat16; 5e14 at eta_max = 1; inf at eta_max = 10 already
     at T = 512).  Hence eta_max = 0.1: MQAR recall with CMS frozen is 18.6% at 0.1 against 25.5%
-    at 10 and 6.3% for the static network (experiments/results/icl_mqar*.md).
+    at 10 and 6.2% for the static network (experiments/results/icl_mqar*.md).
     Memories start as identity plus W1 ~ N(0, 0.25/F) (``memory_init_scale``): with W1 = 0 all
     memories are the identity and every target error M(k) - M(v) is (v - k) alone;
   * the output gate is silu(x W_g) of the block's (normalised, pre-conv) input, as in GatedDeltaNet;

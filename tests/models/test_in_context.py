@@ -15,7 +15,7 @@ MQAR = tasks.MQAR(n_pairs=8, seq_len=64, vocab=64)
 def test_hope_self_modifying_memories_learn_recall():
     """Hope with CMS frozen (cms_lr = 0), the experiment's 1000 steps (~15 min on 2 cores):
     the self-modifying memories alone lift recall well above the frozen-memory score of the same
-    weights (measured: 18.6% at eta_max = 0.1 where the static network scores 6.3%)."""
+    weights (measured: 18.6% at eta_max = 0.1 where the static network scores 6.2%)."""
     r = train.run(MQAR, "hope", "tiny", "sm_only", seed=0, steps=1000)
     assert r.skipped == 0
     assert r.accuracy > r.accuracy_frozen_eval + 0.05, r
