@@ -21,7 +21,7 @@ def chunk_step(level: Level, state: MemoryState, q, k, v, gates: Gates):
     """One chunk. q, k: f[C, dk]; v: f[C, dv]; gates f[C]. Returns (state, o f[C, dv])."""
     boundary = state.params
     if level.read == "boundary" and not level.rule.momentum and not level.rule.dgd:
-        v = jax.vmap(level.target, in_axes=(None, 0))(boundary, v)
+        v = level.target(boundary, v)
         return _boundary_gd_chunk(level, state, q, k, v, gates)
     grads, inputs = jax.vmap(level.writes, in_axes=(None, 0, 0))(boundary, k, v)
 

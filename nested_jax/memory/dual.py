@@ -53,7 +53,7 @@ def _prep(level: Level, q, k, g: Gates) -> delta2.Prep:
 def _linear_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p: delta2.Prep):
     w0, s0 = st.params["W"], st.mom["W"]
     rd = delta2.reads(w0, s0, k, q, level.rule.momentum)
-    v = level.targets(st.params, v)
+    v = level.target(st.params, v)
     u = objectives.error(level.objective, rd.km0, v)
     u = u - rd.km0 if level.rule.delta else u  # Rule.delta: the write drops W_b k
     y, w, s = delta2.update(p, rd, w0, s0, k, u, level.read == "online")
@@ -65,7 +65,7 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p2: delta2.Prep
     act = activation(mem.activation)
     w1, w2 = st.params["W1"], st.params["W2"]
     s1, s2 = st.mom["W1"], st.mom["W2"]
-    v = level.targets(st.params, v)
+    v = level.target(st.params, v)
     rd2 = delta2.reads(w2, s2, k, q, level.rule.momentum)
     z = rd2.km0  # [C, hidden] = k W2^T
     h, dh = jax.jvp(act, (z,), (jnp.ones_like(z),))  # s(z), s'(z)

@@ -102,11 +102,8 @@ class Level:
         return jax.grad(self.inner_loss)(params, k, v)
 
     def target(self, boundary, v):
-        """The inner objective's target for one token: v, or vhat = M_b(v) with self_target."""
-        return self.targets(boundary, v)
-
-    def targets(self, boundary, v):
-        """``target`` for any leading axes of v (the dual form's [C, dv] rows)."""
+        """The inner objective's target: v, or vhat = M_b(v) with self_target (l2-normalised
+        under normalize_target).  v may carry leading axes (the dual form's [C, dv] rows)."""
         if not self.self_target:
             return v
         vhat = jnp.vectorize(lambda x: self.memory.apply(boundary, x), signature="(d)->(e)")(v)
