@@ -1,11 +1,15 @@
 """One command per in-context-learning suite: train every model and memory variant, write results.
 
     python -m experiments.icl.run mqar                     # CPU scale (the committed results)
-    python -m experiments.icl.run mqar --scale gpu         # larger: one GPU/TPU host
-    python -m experiments.icl.run mqar --models hope --seeds 0 1 2 --steps 800
+    python -m experiments.icl.run mad --scale gpu          # larger: one GPU/TPU host
+    python -m experiments.icl.run formal --models hope --seeds 0 1 2 --steps 800
+    python -m experiments.icl.run niah --tasks niah_noise --models transformer
 
-Writes ``experiments/results/icl_<suite>.md`` (machine, versions, date, command, tables, the
-hand-written reading in ``experiments/icl/notes/<suite>.md``) and ``icl_<suite>.png``.
+Suites: ``mqar`` (capacity: pairs x length), ``mad`` (the six MAD tasks), ``formal`` (formal
+language recognition, tested in distribution and on longer strings), ``niah`` (single needle,
+trained at one length and tested at longer ones).  Each suite writes
+``experiments/results/icl_<suite>.md`` (machine, versions, date, command, tables, the hand-written
+reading in ``experiments/icl/notes/<suite>.md``) and ``icl_<suite>.png``.
 
 Variants freeze in-context memories for training *and* evaluation (``train.VARIANTS``):
 Hope ``all`` / ``sm_only`` (CMS frozen) / ``cms_only`` (self-modifying memories frozen) /
@@ -31,11 +35,56 @@ from experiments.icl import tasks, train
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "..", "results")
 
-# suite -> scale -> (task kwargs, preset, steps, batch)
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """One scale of a suite: the tasks trained (name -> (registered task, kwargs)), the
+    evaluation lengths (each task is also scored ``at_length`` of each), and the budget."""
+
+    tasks: dict
+    preset: str
+    steps: int
+    batch: int
+    eval_lengths: tuple = ()
+    overrides: dict = dataclasses.field(default_factory=dict)
+    eval_batch: int | None = None
+
+
+def _mad(**kw):
+    return {n: (n, dict(kw)) for n in ("mad_recall", "mad_fuzzy_recall", "mad_noisy_recall",
+                                       "mad_selective_copy", "mad_compression",
+                                       "mad_memorization")}
+
+
+def _formal(max_len, seq_len):
+    return {n: (n, dict(max_len=max_len, seq_len=seq_len))
+            for n in ("parity", "aa_star", "abab_star", "anbn", "anbncn", "shuffle2")}
+
+
 SUITES = {
     "mqar": {
-        "cpu": (dict(n_pairs=8, seq_len=64, vocab=64), "tiny", 1000, 32),
-        "gpu": (dict(n_pairs=32, seq_len=256, vocab=256), "small", 4000, 64),
+        "cpu": Scale({"mqar": ("mqar", dict(n_pairs=8, seq_len=64, vocab=64))}, "tiny", 1000, 32),
+        "gpu": Scale({f"mqar_{n}x{t}": ("mqar", dict(n_pairs=n, seq_len=t, vocab=2 * t))
+                      for n, t in ((8, 64), (32, 256), (64, 512), (128, 1024))},
+                     "small", 4000, 64, overrides=dict(vocab_size=2050)),
+    },
+    "mad": {
+        "cpu": Scale(_mad(), "tiny", 1000, 32),
+        "gpu": Scale(_mad(), "small", 4000, 64),
+    },
+    "formal": {
+        "cpu": Scale(_formal(40, 48), "tiny", 1000, 32, eval_lengths=(96, 192)),
+        "gpu": Scale(_formal(64, 72), "small", 4000, 64, eval_lengths=(144, 288)),
+    },
+    "niah": {
+        "cpu": Scale({n: (n, dict(seq_len=1024)) for n in ("niah_noise", "niah_prose",
+                                                           "niah_uuid")},
+                     "tiny", 600, 8, eval_lengths=(2048, 4096, 8192),
+                     overrides=dict(max_seq_len=8192), eval_batch=4),
+        "gpu": Scale({n: (n, dict(seq_len=1024)) for n in ("niah_noise", "niah_prose",
+                                                           "niah_uuid")},
+                     "small", 3000, 32, eval_lengths=(2048, 4096, 8192),
+                     overrides=dict(max_seq_len=8192), eval_batch=8),
     },
 }
 MODELS = ("hope", "titans", "hope_attention", "transformer")
@@ -45,6 +94,7 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("suite", help=f"one of {sorted(SUITES)}")
     p.add_argument("--scale", default="cpu", help="cpu (default) or gpu")
+    p.add_argument("--tasks", nargs="+", default=None, help="default: every task of the suite")
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--variants", nargs="+", default=None, help="default: every variant")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -61,9 +111,18 @@ def parse(argv):
         p.error(f"suite={a.suite!r} is unknown; choose one of {sorted(SUITES)}")
     if a.scale not in SUITES[a.suite]:
         p.error(f"--scale={a.scale!r} is unknown; choose one of {sorted(SUITES[a.suite])}")
+    known = SUITES[a.suite][a.scale].tasks
+    for t in a.tasks or ():
+        if t not in known:
+            p.error(f"--tasks: {t!r} is not in suite {a.suite!r}; choose from {list(known)}")
     for m in a.models:
         if m not in MODELS:
             p.error(f"--models: {m!r} is unknown; choose from {list(MODELS)}")
+    for m in a.models:
+        for v in a.variants or ():
+            if v not in train.VARIANTS[m]:
+                p.error(f"--variants: {v!r} does not exist for {m}; "
+                        f"choose from {list(train.VARIANTS[m])}")
     return a
 
 
@@ -74,107 +133,160 @@ def literal(text: str):
         return text
 
 
+def build(scale: Scale, names):
+    """name -> (training task, {eval name: task at that length})."""
+    out = {}
+    for name in names:
+        registered, kw = scale.tasks[name]
+        task = tasks.make(registered, **kw)
+        out[name] = (task, {f"T={n}": task.at_length(n) for n in scale.eval_lengths})
+    return out
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     a = parse(argv)
-    task_kw, preset, steps, batch = SUITES[a.suite][a.scale]
-    steps, batch = a.steps or steps, a.batch or batch
-    overrides = dict(kv.split("=", 1) for kv in a.set)
-    overrides = {k: literal(v) for k, v in overrides.items()}
-    task = tasks.make(a.suite, **task_kw)
+    scale = SUITES[a.suite][a.scale]
+    steps, batch = a.steps or scale.steps, a.batch or scale.batch
+    overrides = dict(scale.overrides)
+    overrides.update({k: literal(v) for k, v in (kv.split("=", 1) for kv in a.set)})
+    names = a.tasks or list(scale.tasks)
+    built = build(scale, names)  # a bad task or length fails here, before any training
     stem = a.out or f"icl_{a.suite}"
     log = os.path.join(RESULTS, f"{stem}_runs.jsonl")
-    setup = dict(task=repr(task), preset=preset, steps=steps, batch=batch, lr=a.lr,
-                 overrides=overrides)
-    for model in a.models:
-        for variant in a.variants or list(train.VARIANTS[model]):
-            train.variant_overrides(model, variant)  # a clear error before any training
+    setup = dict(preset=scale.preset, steps=steps, batch=batch, lr=a.lr, overrides=overrides)
     t0 = time.time()
-    for model in [] if a.report_only else a.models:
-        for variant in a.variants or list(train.VARIANTS[model]):
-            for seed in a.seeds:
-                r = train.run(task, model, preset, variant, seed, lr=a.lr, steps=steps,
-                              batch=batch, overrides=overrides)
-                print(f"{model:15s} {variant:9s} seed {seed}: acc {r.accuracy:.3f} frozen-eval "
-                      f"{r.accuracy_frozen_eval} skipped {r.skipped} {r.seconds:.0f}s", flush=True)
-                # One line per run, appended: shards of a suite (e.g. --models in two
-                # processes) add to the same log, and the report covers every matching run.
-                with open(log, "a") as f:
-                    f.write(json.dumps(dict(setup, model=model, variant=variant, seed=seed,
-                                            **dataclasses.asdict(r))) + "\n")
-    write(a, argv, task, setup, log, time.time() - t0)
+    for name in [] if a.report_only else names:
+        task, evals = built[name]
+        for model in a.models:
+            for variant in a.variants or list(train.VARIANTS[model]):
+                for seed in a.seeds:
+                    r = train.run(task, model, scale.preset, variant, seed, lr=a.lr,
+                                  steps=steps, batch=batch, overrides=overrides,
+                                  eval_tasks=evals, eval_batch=scale.eval_batch)
+                    print(f"{name:18s} {model:15s} {variant:9s} seed {seed}: "
+                          f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
+                          f"evals {r.by_eval} skipped {r.skipped} {r.seconds:.0f}s", flush=True)
+                    # One line per run, appended: shards of a suite (several processes) add to
+                    # the same log, and the report covers every matching run.
+                    with open(log, "a") as f:
+                        f.write(json.dumps(dict(setup, task=repr(task), task_name=name,
+                                                model=model, variant=variant, seed=seed,
+                                                **dataclasses.asdict(r))) + "\n")
+    write(a, argv, scale, built, setup, log, time.time() - t0)
 
 
-def gather(log: str, setup: dict):
-    """Rows and curves of every logged run with this setup, in model and variant order."""
-    runs = [json.loads(line) for line in open(log)]
-    runs = [r for r in runs if all(r[k] == v for k, v in setup.items())]
-    latest = {(r["model"], r["variant"], r["seed"]): r for r in runs}  # a rerun replaces
-    rows, curves = [], {}
-    order = [(m, v) for m in MODELS for v in train.VARIANTS[m]]
-    for model, variant in order:
-        group = [r for (m, v, _), r in sorted(latest.items()) if (m, v) == (model, variant)]
-        if not group:
-            continue
-        rng = lambda xs: f"{np.mean(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]" if xs else "-"
-        frozen = [r["accuracy_frozen_eval"] for r in group if r["accuracy_frozen_eval"] is not None]
-        rows.append((model, variant, group[0]["params"], rng([r["accuracy"] for r in group]),
-                     rng(frozen), "/".join(str(r["skipped"]) for r in group),
-                     ", ".join(str(r["seed"]) for r in group),
-                     f"{np.mean([r['seconds'] for r in group]):.0f}"))
-        for r in group:
-            curves[(model, variant, r["seed"])] = r["curve"]
-    return rows, curves
+def _spread(xs):
+    return f"{np.mean(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]" if xs else "-"
 
 
-def write(a, argv, task, setup, log, total) -> None:
-    rows, curves = gather(log, setup)
-    preset, steps, batch, overrides = (setup[k] for k in ("preset", "steps", "batch", "overrides"))
+def gather(log: str, setup: dict, built: dict):
+    """Table rows and per-run records of every logged run with this setup, in task, model and
+    variant order; a rerun of the same (task, model, variant, seed) replaces the earlier one."""
+    runs = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+    reprs = {repr(task): name for name, (task, _) in built.items()}
+    runs = [r for r in runs if all(r.get(k) == v for k, v in setup.items())
+            and r["task"] in reprs]
+    latest = {(reprs[r["task"]], r["model"], r["variant"], r["seed"]): r for r in runs}
+    evals = list(next(iter(built.values()))[1]) if built else []
+    rows, groups = [], {}
+    for name in built:
+        for model in MODELS:
+            for variant in train.VARIANTS[model]:
+                group = [r for (t, m, v, _), r in sorted(latest.items())
+                         if (t, m, v) == (name, model, variant)]
+                if not group:
+                    continue
+                groups[(name, model, variant)] = group
+                by = lambda key, i: [r["by_eval"][key][i] for r in group
+                                     if r.get("by_eval") and r["by_eval"][key][i] is not None]
+                train_acc = [r["accuracy"] for r in group]
+                frozen = [r["accuracy_frozen_eval"] for r in group
+                          if r["accuracy_frozen_eval"] is not None]
+                rows.append((name, model, variant, group[0]["params"], _spread(train_acc),
+                             _spread(frozen), *(_spread(by(e, 0)) for e in evals),
+                             "/".join(str(r["skipped"]) for r in group),
+                             ", ".join(str(r["seed"]) for r in group),
+                             f"{np.mean([r['seconds'] for r in group]):.0f}"))
+    return rows, groups, evals
+
+
+def write(a, argv, scale, built, setup, log, total) -> None:
+    rows, groups, evals = gather(log, setup, built)
     stem = a.out or f"icl_{a.suite}"
     png = os.path.join(RESULTS, f"{stem}.png")
-    plot(curves, png, task.chance)
+    plot(groups, evals, png, built)
     notes = os.path.join(HERE, "notes", f"{a.suite}.md")
     reading = open(notes).read() if os.path.exists(notes) else "(no notes yet)\n"
+    task_lines = "".join(f"  - `{name}`: {task} (chance {task.chance:.3f}, scored per "
+                         f"{getattr(task, 'scoring', 'token')})\n"
+                         for name, (task, _) in built.items())
+    length_cols = [f"accuracy at {e}" for e in evals]
     body = (
         f"Command: `python -m experiments.icl.run {shlex.join(argv)}` "
         f"(this invocation {total / 60:.1f} min; the tables cover every run in "
         f"`{os.path.basename(log)}` with the same setup)\n\n"
-        f"- task: {task} (chance {task.chance:.3f}); scored on the recall positions only\n"
-        f"- preset {preset}, {steps} steps of batch {batch}, AdamW peak lr {a.lr} (warmup 10%, "
-        f"cosine to 0.1x, clip 1.0, wd 0.1); overrides {overrides or 'none'}\n"
+        f"- tasks (scored on their target positions only):\n{task_lines}"
+        f"- preset {setup['preset']}, {setup['steps']} steps of batch {setup['batch']}, AdamW "
+        f"peak lr {setup['lr']} (warmup 10%, cosine to 0.1x, clip 1.0, wd 0.1); overrides "
+        f"{setup['overrides'] or 'none'}\n"
         "- accuracy: mean [min, max] over seeds, on 8 fresh held-out batches (the same for "
-        "every run); *frozen at eval*: the trained model scored with its self-modifying (Hope) "
-        "or Titans memory frozen (eta_max = 0) at evaluation only; *non-finite steps*: "
-        "steps the trainer's guard skipped because the loss or a gradient was NaN/Inf (a run "
-        "stops after 20)\n\n"
+        "every run) of the training distribution; *frozen at eval*: the trained model scored "
+        "with its self-modifying (Hope) or Titans memory frozen (eta_max = 0) at evaluation "
+        "only; *accuracy at T=n*: the same trained model on the task at length n; "
+        "*non-finite steps*: steps the trainer's guard skipped because the loss or a gradient "
+        "was NaN/Inf (a run stops after 20)\n\n"
         + benchlib.markdown_table(
-            ["model", "variant (frozen in training and eval)", "params", "accuracy",
-             "frozen at eval", "non-finite steps (per seed)", "seeds", "s / run"], rows)
-        + f"\n\n![training accuracy]({os.path.basename(png)})\n\n" + reading)
+            ["task", "model", "variant (frozen in training and eval)", "params", "accuracy",
+             "frozen at eval", *length_cols, "non-finite steps (per seed)", "seeds",
+             "s / run"], rows)
+        + f"\n\n![accuracy]({os.path.basename(png)})\n\n" + reading)
     benchlib.write_result(os.path.join(RESULTS, f"{stem}.md"),
                           f"In-context learning: {a.suite}", body)
 
 
-def plot(curves, path, chance) -> None:
+def plot(groups, evals, path, built) -> None:
+    """Accuracy against length when the suite has evaluation lengths, else training curves;
+    one panel per task."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {}
-    for (model, variant, seed), curve in sorted(curves.items()):
-        if not curve:
-            continue
-        label = f"{model}/{variant}"
-        c = colors.setdefault(label, f"C{len(colors) % 10}")
-        steps, _, acc = zip(*curve, strict=True)
-        ax.plot(steps, acc, color=c, alpha=0.8, label=label if seed == min(
-            s for (m, v, s) in curves if (m, v) == (model, variant)) else None)
-    ax.axhline(chance, color="gray", ls=":", label="chance")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("recall accuracy (training batch)")
-    ax.legend(fontsize=7, ncol=2)
+    names = [n for n in built if any(k[0] == n for k in groups)]
+    if not names:
+        return
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        task = built[name][0]
+        for i, ((t, model, variant), group) in enumerate(sorted(groups.items())):
+            if t != name:
+                continue
+            c, label = f"C{i % 10}", f"{model}/{variant}"
+            if evals:
+                xs = [task.seq_len] + [int(e.split("=")[1]) for e in evals]
+                ys = [[r["accuracy"]] + [r["by_eval"][e][0] for e in evals] for r in group
+                      if r.get("by_eval")]
+                if ys:
+                    ax.errorbar(xs, np.mean(ys, 0), yerr=np.ptp(ys, 0) / 2, color=c,
+                                marker="o", capsize=3, label=label)
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("evaluation length (tokens)")
+            else:
+                for j, r in enumerate(group):
+                    if r["curve"]:
+                        steps, _, acc = zip(*r["curve"], strict=True)
+                        ax.plot(steps, acc, color=c, alpha=0.8, label=label if j == 0 else None)
+                ax.set_xlabel("training step")
+        ax.axhline(task.chance, color="gray", ls=":", label="chance")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=6, ncol=2)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     print(f"wrote {path}")
 
 

@@ -43,8 +43,9 @@ def variant_overrides(model: str, variant: str) -> dict:
 
 @dataclasses.dataclass
 class Result:
-    accuracy: float
+    accuracy: float  # on the training task's held-out batches
     accuracy_frozen_eval: float | None
+    by_eval: dict  # eval name -> (accuracy, accuracy frozen at eval or None), e.g. per length
     final_loss: float
     skipped: int  # steps whose loss or gradients were not finite (skipped by the guard)
     seconds: float
@@ -52,25 +53,41 @@ class Result:
     curve: list
 
 
-def masked_loss(model, tokens, mask):
+def masked_loss(model, tokens, mask, scoring: str = "token"):
+    """Mean NLL over the masked positions, and accuracy under the task's ``scoring``: "token"
+    (the fraction of masked positions predicted right) or "sequence" (the fraction of rows whose
+    masked positions are all right: a needle's value counts only if every digit is right)."""
     logits = model(tokens[:, :-1]).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    hit = (jnp.argmax(logits, -1) == tokens[:, 1:]) & mask
+    right = jnp.argmax(logits, -1) == tokens[:, 1:]
     m = mask.astype(jnp.float32)
-    return (nll * m).sum() / m.sum(), hit.sum() / m.sum()
+    if scoring == "sequence":
+        acc = jnp.mean(jnp.all(right | ~mask, axis=1).astype(jnp.float32))
+    else:
+        acc = (right & mask).sum() / m.sum()
+    return (nll * m).sum() / m.sum(), acc
 
 
 def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int = 0,
         lr: float = 3e-3, steps: int = 400, batch: int = 32, eval_batches: int = 8,
         overrides: dict | None = None, freeze_eval: bool = True, log_every: int = 50,
-        max_skipped: int = 20, verbose: bool = False) -> Result:
+        max_skipped: int = 20, verbose: bool = False, eval_tasks: dict | None = None,
+        eval_batch: int | None = None) -> Result:
+    """Train on ``task``; score it and every ``eval_tasks`` entry (name -> task, e.g. the same
+    task at longer lengths) on fixed held-out batches."""
     over = dict(overrides or {})
     over.update(variant_overrides(model, variant))
     over.setdefault("vocab_size", task.vocab_size)
     cfg = make_config(model, preset, **over)
-    if task.seq_len > cfg.max_seq_len:
-        raise ValueError(f"task seq_len={task.seq_len} exceeds {model}'s max_seq_len="
-                         f"{cfg.max_seq_len}; pass --set max_seq_len=... or a shorter task.")
+    evals = {"train": task, **(eval_tasks or {})}
+    for name, t in evals.items():
+        if t.seq_len > cfg.max_seq_len:
+            raise ValueError(f"task {name!r} seq_len={t.seq_len} exceeds {model}'s max_seq_len="
+                             f"{cfg.max_seq_len}; pass --set max_seq_len=... or a shorter task.")
+        if t.vocab_size > cfg.vocab_size:
+            raise ValueError(f"task {name!r} vocab_size={t.vocab_size} exceeds the model's "
+                             f"vocab_size={cfg.vocab_size}; drop the vocab_size override.")
+    scoring = getattr(task, "scoring", "token")
     net = create(model, cfg, rngs=nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
@@ -80,7 +97,7 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     opt = tx.init(params)
 
     def loss_fn(p, tokens, mask):
-        return masked_loss(nnx.merge(graphdef, p, rest), tokens, mask)
+        return masked_loss(nnx.merge(graphdef, p, rest), tokens, mask, scoring)
 
     @jax.jit
     def step(p, o, tokens, mask):
@@ -113,19 +130,21 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
             break  # a run that keeps failing is reported as diverged, not retried
     secs = time.time() - t0
 
-    def score(p, graph):
+    def score(p, graph, t):
         ev = np.random.default_rng(10_000 + seed)  # the same held-out batches for every variant
-        f = jax.jit(lambda p, t, m: masked_loss(nnx.merge(graph, p, rest), t, m)[1])
-        accs = [float(f(p, *map(jnp.asarray, task.sample(ev, batch)))) for _ in range(eval_batches)]
+        sc = getattr(t, "scoring", "token")
+        f = jax.jit(lambda p, x, m: masked_loss(nnx.merge(graph, p, rest), x, m, sc)[1])
+        n = eval_batch or batch
+        accs = [float(f(p, *map(jnp.asarray, t.sample(ev, n)))) for _ in range(eval_batches)]
         return float(np.mean(accs))
 
-    acc = score(params, graphdef)
-    frozen = None
+    fgraph = None
     # Score the trained model again with its self-modifying / Titans memory frozen at eval.
     if freeze_eval and model in ("hope", "titans") and "eta_max" not in variant_overrides(
             model, variant):
-        off = SM_OFF
-        frozen_net = create(model, cfg.replace(**off), rngs=nnx.Rngs(seed))
-        fgraph, _, _ = nnx.split(frozen_net, nnx.Param, ...)
-        frozen = score(params, fgraph)
-    return Result(acc, frozen, float(loss), skipped, secs, n_params, curve)
+        frozen_net = create(model, cfg.replace(**SM_OFF), rngs=nnx.Rngs(seed))
+        fgraph = nnx.split(frozen_net, nnx.Param, ...)[0]
+    by_eval = {name: (score(params, graphdef, t), None if fgraph is None
+                      else score(params, fgraph, t)) for name, t in evals.items()}
+    acc, frozen = by_eval["train"]
+    return Result(acc, frozen, by_eval, float(loss), skipped, secs, n_params, curve)

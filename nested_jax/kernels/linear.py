@@ -161,6 +161,12 @@ def linear_memory(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk
         and ``triton._launch``).
     """
     memory.validate(level, state, q, k, v, gates, chunk_size, "dual")
+    if level.read == "prior":  # the kernels read online; the engine shifts the queries
+        run = lambda lv, st, q, k, v, g: linear_memory(
+            lv, st, q, k, v, g, chunk_size, impl, kernel=kernel, mesh=mesh,
+            batch_axes=batch_axes, head_axis=head_axis, block_dv=block_dv,
+            num_warps=num_warps, num_stages=num_stages)
+        return memory.prior_read(run, level, state, q, k, v, gates)
     pl_ = plan.make_plan(level, q.shape[-1], v.shape[-1], chunk_size,
                          jnp.result_type(q, k, v), impl, kernel, block_dv, num_warps,
                          num_stages)

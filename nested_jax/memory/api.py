@@ -7,6 +7,8 @@ state is per sequence and per head (decisions.md #1): nothing is shared across a
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +78,22 @@ def _single(level, path, chunk_size, remat=True):
     return lambda st, q, k, v, g: fn(level, st, q, k, v, g, chunk_size, remat)
 
 
+def prior_read(run, level: Level, state: MemoryState, q, k, v, gates: Gates):
+    """A "prior" read (o_t = M_{t-1}(q_t)) from any path that reads "online" (M_t(q_t)).
+
+    The online read at position t - 1 with query q_t *is* M_{t-1}(q_t), so the queries move one
+    position earlier, the online outputs move one later, and o_0 = M_init(q_0) is read from the
+    initial state: the same writes, chunks and kernels, exact for every path and chunk size
+    (tests/memory/test_prior_read.py compares it with the per-token definition in float64).
+    ``run(level, state, q, k, v, gates)`` is the online path on [B, T, H, ...] arrays.
+    """
+    online = dataclasses.replace(level, read="online")
+    q_next = jnp.concatenate([q[:, 1:], q[:, -1:]], axis=1)  # the last query is never read
+    o, final = run(online, state, q_next, k, v, gates)
+    read0 = jax.vmap(jax.vmap(level.memory.apply))(state.params, q[:, 0])  # [B, H, dv]
+    return jnp.concatenate([read0[:, None].astype(o.dtype), o[:, :-1]], axis=1), final
+
+
 def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size: int = 1,
           path: str = "dual", remat: bool = True):
     """Run a level over its context flow. Returns (o f[B, T, H, dv], final MemoryState).
@@ -85,6 +103,10 @@ def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size
     checkpointed scan) passes False, so the chunk is not recomputed twice.
     """
     validate(level, state, q, k, v, gates, chunk_size, path)
+    if level.read == "prior" and path != "oracle":  # the oracle reads M_{t-1} itself
+        run = lambda lv, st, q, k, v, g: apply(lv, st, q, k, v, g, chunk_size=chunk_size,
+                                               path=path, remat=remat)
+        return prior_read(run, level, state, q, k, v, gates)
     fn = _single(level, path, chunk_size, remat)
     seq = lambda x: jnp.moveaxis(x, 2, 1)  # [B, T, H, ...] -> [B, H, T, ...]
     per_head = jax.vmap(fn, in_axes=(0, 0, 0, 0, 0))

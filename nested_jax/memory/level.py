@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from nested_jax.memory import objectives
 from nested_jax.memory.rules import Rule
 
-READS = ("online", "boundary")
+READS = ("online", "prior", "boundary")
 
 
 class MemoryState(NamedTuple):
@@ -37,8 +37,10 @@ class Level:
     """Configuration of one level.
 
     read: "online" -- token t reads the state after the updates of tokens <= t (the dual form,
-          decisions.md #2); "boundary" -- every token of a chunk reads the chunk-boundary state
-          and the chunk's accumulated update is visible from the next chunk (CMS, eq. 71).
+          decisions.md #2); "prior" -- token t reads the state before its own write,
+          o_t = M_{t-1}(q_t), the paper's strictly causal read (decisions.md #20); "boundary" --
+          every token of a chunk reads the chunk-boundary state and the chunk's accumulated
+          update is visible from the next chunk (CMS, eq. 71).
     stop_grad: ablation (decisions.md #4): the update inputs k, v and gates are wrapped in
           stop_gradient, so outer gradients reach queries and the initial state only.
     self_target: self-generated targets vhat_t = M_b(v_t) (Hope eq. 84, decisions.md #8), read

@@ -2,7 +2,8 @@
 (decisions.md #3); every other path is tested against it.
 
 For token t: g_t = grad L(M_{t-1}; k_t, v_t); (M_t, S_t) = rule step; o_t = M_t(q_t)
-("online" read) or M_{t-1}(q_t) ("boundary" read: the CMS read-before-write at C = 1).
+("online" read) or M_{t-1}(q_t) ("prior" read, and "boundary": the CMS read-before-write at
+C = 1).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def init(state: MemoryState) -> StreamState:
 def step(level: Level, st: StreamState, q, k, v, eta, alpha, beta, chunk_size: int):
     """One token. q, k: f[dk]; v: f[dv]; gates scalars. Returns (o f[dv], new StreamState)."""
     new = token_step(level, MemoryState(st.params, st.mom), st.boundary, q, k, v, eta, alpha, beta)
-    o = level.memory.apply(new.params if level.read == "online" else st.boundary, q)
+    read = {"online": new.params, "prior": st.params}.get(level.read, st.boundary)
+    o = level.memory.apply(read, q)
     pos = st.pos + 1
     done = pos == chunk_size
     boundary = jax.tree.map(lambda n, b: jnp.where(done, n, b), new.params, st.boundary)

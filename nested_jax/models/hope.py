@@ -53,8 +53,8 @@ class HopeConfig(CMSFields, ModelConfig):
     dim), chunk_memory (C_memory, 64), chunk_other (C_other, 8), conv_width (4), eta_max (0.1),
     inner_rule ("delta"), dgd, momentum, weight_decay, stop_grad, static_k, static_v,
     adaptive_q, normalize_v, normalize_target, separate_conv, ema_momentum, memory_init_scale
-    (0.5), memory_path ("dual"), remat_group (0 = sqrt segments), memory_dtype ("float32"),
-    norm_eps.
+    (0.5), memory_path ("dual"), memory_read ("online"; "prior" reads before the write),
+    remat_group (0 = sqrt segments), memory_dtype ("float32"), norm_eps.
 
     Attributes:
       d_ff: the MLP width budget of a block; with ``cms_d_ff=0`` each of the K CMS levels gets
@@ -87,6 +87,7 @@ class HopeConfig(CMSFields, ModelConfig):
     memory_init_scale: float = 0.5
     use_cms: bool = True
     memory_path: str = "dual"
+    memory_read: str = "online"
     remat_group: int = 0
     memory_dtype: str = "float32"
     norm_eps: float = 1e-6

@@ -17,7 +17,8 @@ One layer, for every sequence b and head h (decisions #1: the fast state is per 
     M_□      <- M_□ (alpha_t I - eta_t k_t k_t^T) + S_□  (eqs. 88-90: DGD + wd + momentum, #5 #6)
                (default inner_rule="delta": the factor on both layers with their own inputs and
                steps eta / (1 + eta ||x||^2), the error without W1_b h; vhat_□ = l2(M_□(v_t)))
-    o_t       = M_memory(q_t)                            (read after the update of token t)
+    o_t       = M_memory(q_t)                            (read after the update of token t;
+                                                          memory_read="prior": before it)
     y_t       = W_o (RMSNorm(o_t) * silu(x_t W_g))       (norm + output gate, Titans §3)
 
 for □ in {k, v, eta, alpha, memory}; every M_□ is a 2-layer residual MLP M(z) = z + W1 s(W2 z)
@@ -98,6 +99,7 @@ from nested_jax.models import layers
 from nested_jax.models.config import DTYPES, check_choice, check_positive, fail
 
 PATHS = ("dual", "chunked")
+READS = ("online", "prior")
 INNER_RULES = ("delta", "dgd_all", "dgd")
 ETA_MAX_LIMIT = 100.0
 GATES = ("eta", "alpha", "beta")
@@ -143,6 +145,9 @@ class SelfModifyingConfig:
       ema_momentum: eta_t carries a factor (1 - beta_t), so eta / (1 - beta) <= eta_max.
       memory_init_scale: s of the initial W1 ~ N(0, s^2 / F) of every memory (0 = identity).
       memory_path: engine path of every memory: "dual" (matmul form) or "chunked" (generic).
+      memory_read: how M_memory is read: "online" (o_t = M_t(q_t), after token t's own write;
+        default) or "prior" (o_t = M_{t-1}(q_t), the paper's strictly causal read,
+        decisions.md #20).  The coupled memories read their chunk-boundary states either way.
       remat_group: C_other-chunks per rematerialised segment of the coupled scan: the backward
         pass stores the four memories' states once per segment and recomputes inside it.
         0 = sqrt(number of chunks) (O(sqrt T) state memory), -1 = no segments (one stored state
@@ -173,6 +178,7 @@ class SelfModifyingConfig:
     ema_momentum: bool = True
     memory_init_scale: float = 0.5
     memory_path: str = "dual"
+    memory_read: str = "online"
     remat_group: int = 0
     norm_eps: float = 1e-6
     dtype: str = "float32"
@@ -234,6 +240,7 @@ def validate_fields(cfg) -> None:
         if not isinstance(getattr(cfg, name), bool):
             fail(name, getattr(cfg, name), "must be a bool")
     check_choice(cfg, "memory_path", PATHS)
+    check_choice(cfg, "memory_read", READS)
     check_choice(cfg, "inner_rule", INNER_RULES)
     if not isinstance(cfg.remat_group, int) or cfg.remat_group < -1:
         fail("remat_group", cfg.remat_group,
@@ -336,7 +343,7 @@ class SelfModifyingTitans(nnx.Module):
         return nm.MLPMemory(self.cfg.head_dim, self.cfg.head_dim, hidden=self.cfg.hidden)
 
     def level(self, read: str) -> nm.Level:
-        """read="boundary": the coupled memories; read="online": M_memory (self-targets both)."""
+        """read="boundary": the coupled memories; "online"/"prior": M_memory (self-targets both)."""
         return nm.Level(self.memory_module, "l2", self.cfg.rule, read, stop_grad=self.cfg.stop_grad,
                         self_target=True, normalize_target=self.cfg.normalize_target)
 
@@ -507,8 +514,8 @@ class SelfModifyingTitans(nnx.Module):
         noop = lambda a, value: a[:, :T] if Tm == T else jnp.concatenate(
             [a[:, :T], jnp.full((B, Tm - T, *a.shape[2:]), value, a.dtype)], axis=1)
         gates = nm.Gates(noop(gates.eta, 0.0), noop(gates.alpha, 1.0), noop(gates.beta, 0.0))
-        o_BxTxHxK, _ = nm.apply(self.level("online"), memory0, fit(q), fit(k), fit(v), gates,
-                                chunk_size=cfg.chunk_memory, path=cfg.memory_path)
+        o_BxTxHxK, _ = nm.apply(self.level(cfg.memory_read), memory0, fit(q), fit(k), fit(v),
+                                gates, chunk_size=cfg.chunk_memory, path=cfg.memory_path)
         return self._output(o_BxTxHxK[:, :T], x_BxTxD)
 
     # ---- streaming (decode) path --------------------------------------------------------------
@@ -537,8 +544,8 @@ class SelfModifyingTitans(nnx.Module):
         _, coupled = nm.stream_step(self.level("boundary"), state.coupled, x_stacked,
                                     tile(k), tile(v), nm.Gates(*map(tile, gates)),
                                     chunk_size=cfg.chunk_other)
-        o_BxHxK, memory = nm.stream_step(self.level("online"), state.memory, first(q), first(k),
-                                         first(v), nm.Gates(*map(first, gates)),
+        o_BxHxK, memory = nm.stream_step(self.level(cfg.memory_read), state.memory, first(q),
+                                         first(k), first(v), nm.Gates(*map(first, gates)),
                                          chunk_size=cfg.chunk_memory)
         y_BxD = self._output(o_BxHxK[:, None], x_Bx1xD)[:, 0]
         return y_BxD, LayerState(conv, coupled, memory)

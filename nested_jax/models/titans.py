@@ -38,7 +38,7 @@ from nested_jax.models.config import (
 from nested_jax.models.registry import count_params, register
 
 RULES = {"titans": nm.TITANS, "gd": nm.GD, "dgd": nm.DGD,
-         "dgd_all": nm.Rule(momentum=True, dgd=True, dgd_all_layers=True)}
+         "dgd_all": nm.Rule(momentum=True, dgd=True, dgd_all_layers=True), "delta": nm.DELTA}
 MEMORY_IMPLS = ("auto", "pallas", "interpret", "xla")
 
 
@@ -63,6 +63,8 @@ class TitansConfig(ModelConfig):
       objective: inner objective, "l2" (||M(k) - v||^2) or "dot".
       chunk_size: tokens per chunk of the memory (gradients at the chunk boundary).
       memory_path: engine path, "dual" (matmul form) or "chunked" (generic, any memory).
+      memory_read: "online" (o_t = M_t(q_t), after token t's write; default) or "prior"
+        (o_t = M_{t-1}(q_t), the strictly causal read, decisions.md #20).
       memory_impl: linear memory only: ``kernels.linear_memory`` impl ("auto", "pallas",
         "interpret"), or "xla" to force the engine's XLA path.
       conv_width: causal depthwise convolution width on q, k, v.
@@ -92,6 +94,7 @@ class TitansConfig(ModelConfig):
     objective: str = "l2"
     chunk_size: int = 64
     memory_path: str = "dual"
+    memory_read: str = "online"
     memory_impl: str = "auto"
     conv_width: int = 4
     eta_max: float = 0.1
@@ -128,6 +131,7 @@ class TitansConfig(ModelConfig):
         check_choice(self, "rule", tuple(RULES))
         check_choice(self, "objective", ("l2", "dot"))
         check_choice(self, "memory_path", ("dual", "chunked"))
+        check_choice(self, "memory_read", ("online", "prior"))
         check_choice(self, "memory_impl", MEMORY_IMPLS)
         if self.d_ff < 0:
             fail("d_ff", self.d_ff, "must be >= 0 (0 picks 8/3 * d_model rounded to 256)")
@@ -174,7 +178,8 @@ class TitansConfig(ModelConfig):
         rule = RULES[self.rule]
         if self.normalized_step and not rule.dgd:
             rule = dataclasses.replace(rule, normalized=True)
-        return nm.Level(self.memory_module(), self.objective, rule, "online", self.stop_grad)
+        return nm.Level(self.memory_module(), self.objective, rule, self.memory_read,
+                        self.stop_grad)
 
 
 class BlockState(NamedTuple):

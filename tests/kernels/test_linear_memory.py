@@ -82,6 +82,13 @@ def test_scan_impl_matches_engine_float64(x64, seed, rule, obj, self_target):
     check(level, inputs(level, seed, T=40, dtype=jnp.float64), 16, "auto", TOL64, impl="scan")
 
 
+def test_prior_read_matches_engine_float64(x64, seed):
+    """read="prior" (o_t = M_{t-1}(q_t)): the kernel path shifts the queries like the engine;
+    the stream oracle reads its carried state directly (an independent implementation)."""
+    level = nm.Level(nm.LinearMemory(8, 8), "l2", nm.DELTA, "prior")
+    check(level, inputs(level, seed, T=40, dtype=jnp.float64), 16, "mosaic", TOL64)
+
+
 def test_scan_impl_any_chunk_and_head_dims(x64, seed):
     """impl="scan" has no tiling rules: C = 6, dk = 5, dv = 3, T = 23 (ragged tail)."""
     level = nm.Level(nm.LinearMemory(5, 3), "l2", nm.DGD)

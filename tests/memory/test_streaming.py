@@ -10,7 +10,7 @@ from tests.memory.helpers import inputs, max_diff
 D = 6
 
 
-@pytest.mark.parametrize("read", ["online", "boundary"])
+@pytest.mark.parametrize("read", ["online", "prior", "boundary"])
 @pytest.mark.parametrize("mem", ["linear", "mlp"])
 @pytest.mark.parametrize("C", [1, 4])
 def test_stream_equals_dual(x64, read, mem, C):

@@ -212,6 +212,7 @@ ABLATIONS = {
     "adaptive_q": (True, lambda m: m.blocks[0].mixer.cfg.coupled[0] == "q"),
     "stop_grad": (True, lambda m: m.blocks[0].mixer.level("online").stop_grad
                   and m.blocks[0].cms.spec.stop_grad),
+    "memory_read": ("prior", lambda m: m.blocks[0].mixer.cfg.memory_read == "prior"),
 }
 
 

@@ -64,7 +64,8 @@ def reference(layer, x_BxTxD):
 
     Chunk semantics (decision #2): the coupled memories' read-outs (k, v, gates) and every inner
     gradient are taken at the state of the last C-boundary; DGD, retention and momentum act on the
-    current state token by token; M_memory is read after the update of the token.
+    current state token by token; M_memory is read after the update of the token (before it
+    with memory_read="prior").
     """
     cfg = layer.cfg
     p = lambda v: np.asarray(v[...], np.float64)
@@ -108,6 +109,7 @@ def reference(layer, x_BxTxD):
         eta = eta * (1.0 - beta) if cfg.ema_momentum else eta  # beta = 0 without momentum
         alpha = (_sigmoid(ro("alpha", 1)) if cfg.weight_decay else np.ones((B, H)))[..., None, None]
         rule = cfg.inner_rule if cfg.dgd else "gd"
+        prior = _mlp(w1["memory"], w2["memory"], q)  # M_{t-1}(q_t), before token t's write
         for n in names:
             b1, b2 = bound[n]
             vhat = _mlp(b1, b2, v)  # eq. 84: self-generated target from the boundary memory
@@ -130,7 +132,7 @@ def reference(layer, x_BxTxD):
                     if rule in ("delta", "dgd_all") else 0.0)
             w1[n] = alpha * w1[n] - e1 * dgd1 + s1[n]  # W1 (alpha I - eta' h h^T) + S (all layers)
             w2[n] = alpha * w2[n] - e2 * dgd2 + s2[n]  # eq. 88: W2 (alpha I - eta k k^T) + S
-        outs.append(_mlp(w1["memory"], w2["memory"], q))
+        outs.append(prior if cfg.memory_read == "prior" else _mlp(w1["memory"], w2["memory"], q))
     o = np.stack(outs, axis=1)  # [B, T, H, K]
     o = o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + cfg.norm_eps) * p(layer.out_norm.scale)
     gate = _silu(x @ p(layer.gate_proj.kernel))
@@ -148,6 +150,8 @@ CASES = {
                                     chunk_memory=4),
     "delta-eta-max-20-C6-C4": dict(eta_max=20.0, chunk_memory=6, chunk_other=4),
     "shared-conv-C2-C3": dict(separate_conv=False, chunk_memory=2, chunk_other=3),
+    "prior-read-per-token": dict(memory_read="prior"),
+    "prior-read-C5-C2": dict(memory_read="prior", chunk_memory=5, chunk_other=2),
     "static-k-gd-no-ema-C4-C2": dict(static_k=True, dgd=False, ema_momentum=False,
                                      chunk_memory=4, chunk_other=2),
     "static-v-no-momentum-no-wd-C5-C3-chunked-path": dict(

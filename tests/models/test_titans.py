@@ -62,9 +62,10 @@ def test_batch_independence():
 @pytest.mark.parametrize("overrides", [
     {},
     {"memory": "linear"},  # nested_jax.kernels.linear_memory (its XLA plan on CPU)
+    {"memory_read": "prior"},  # o_t = M_{t-1}(q_t): decode reads its state before the write
     pytest.param({"rule": "dgd", "memory_path": "chunked", "memory_depth": 3},
                  marks=pytest.mark.slow),
-], ids=["mlp-titans-dual", "linear-kernel", "mlp3-dgd-chunked"])
+], ids=["mlp-titans-dual", "linear-kernel", "prior-read", "mlp3-dgd-chunked"])
 def test_decode_matches_forward(overrides):
     """Token-by-token decoding with the engine's stream state == the chunked parallel forward."""
     model = _model(**overrides)

@@ -1,23 +1,13 @@
-"""Synthetic in-context-learning tasks, generated on the fly from a seed (no downloads).
-
-Every task returns ``Batch(tokens_BxT1, mask_BxT)``: the model reads ``tokens[:, :-1]`` and is
-scored on predicting ``tokens[:, 1:]`` only where ``mask`` is true (the recall positions).
-Token ids below ``RESERVED`` are separators; each task documents its layout.
-"""
+"""Multi-query associative recall, the task the in-context-learning experiments started with."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar
 
 import numpy as np
 
-RESERVED = 2  # 0: pad / filler, 1: separator
-
-
-class Batch(NamedTuple):
-    tokens: np.ndarray  # int32 [B, T + 1]
-    mask: np.ndarray  # bool [B, T]: score the prediction of tokens[:, 1:] here
+from experiments.icl.tasks.base import RESERVED, Batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +20,8 @@ class MQAR:
     a value can be predicted only by recalling the pair it was stored in.  Scored: the value
     after each query key (N positions per sequence); chance is 1 / (vocab / 2).
     """
+
+    scoring: ClassVar[str] = "token"
 
     n_pairs: int = 8
     seq_len: int = 64
@@ -51,6 +43,10 @@ class MQAR:
     def chance(self) -> float:
         return 1.0 / (self.vocab // 2)
 
+    def at_length(self, seq_len: int) -> MQAR:
+        """The same pairs with more filler after the queries (the recall itself is unchanged)."""
+        return dataclasses.replace(self, seq_len=seq_len)
+
     def sample(self, rng: np.random.Generator, batch: int) -> Batch:
         N, half = self.n_pairs, self.vocab // 2
         keys = np.argsort(rng.random((batch, half)), axis=1)[:, :N] + RESERVED
@@ -64,12 +60,3 @@ class MQAR:
         mask = np.zeros((batch, self.seq_len), bool)
         mask[:, 2 * N:4 * N:2] = True  # position of query key j predicts its value
         return Batch(tokens, mask)
-
-
-TASKS = {"mqar": MQAR}
-
-
-def make(name: str, **kwargs) -> MQAR:
-    if name not in TASKS:
-        raise ValueError(f"--task={name!r} is unknown; choose one of {sorted(TASKS)}.")
-    return TASKS[name](**kwargs)
