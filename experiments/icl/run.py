@@ -69,7 +69,7 @@ SUITES = {
                      "small", 4000, 64, overrides=dict(vocab_size=2050)),
     },
     "mad": {
-        "cpu": Scale(_mad(), "tiny", 1000, 32),
+        "cpu": Scale(_mad(), "tiny", 600, 32),
         "gpu": Scale(_mad(), "small", 4000, 64),
     },
     "formal": {

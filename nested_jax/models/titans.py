@@ -59,7 +59,8 @@ class TitansConfig(ModelConfig):
       memory: "mlp" (Titans' deep memory) or "linear" (matrix memory, the ablation row).
       memory_hidden: hidden width of the MLP memory per head; 0 means 2 * head_dim.
       memory_depth: layers of the MLP memory (>= 2; 2 is residual z + W1 s(W2 z)).
-      rule: inner update rule: "titans" (momentum + weight decay), "gd", "dgd", "dgd_all".
+      rule: inner update rule: "titans" (momentum + weight decay), "gd", "dgd", "dgd_all", or
+        "delta" (Hope's delta-form DGD, ``memory.DELTA``).
       objective: inner objective, "l2" (||M(k) - v||^2) or "dot".
       chunk_size: tokens per chunk of the memory (gradients at the chunk boundary).
       memory_path: engine path, "dual" (matmul form) or "chunked" (generic, any memory).
@@ -77,9 +78,13 @@ class TitansConfig(ModelConfig):
         "dgd_all" rule has it already, plain "dgd" does not), so no single write overshoots.
       ema_momentum: eta carries a factor (1 - beta), so a write's total effect through the
         momentum, eta / (1 - beta), stays eta_max-bounded.
-        Both are off by default: with them (eta_max = 1) TitansLM still diverged on MQAR, its
-        outer gradients turning NaN near step 100-180 even at chunk_size = 1, so they did not
-        remove the cause (experiments/results/icl_mqar.md; decisions #19 is open for TitansLM).
+        Both are on by default (decisions #19).  Without them the MLP memory's forward pass
+        diverged on MQAR within ~130 steps: the hidden layer's input s(W2 k) is not normalised,
+        so W1's step eta ||s(W2 k)||^2 grows with W2, and momentum multiplies it by up to
+        1 / (1 - beta) = 25 -- the state reached 1e24 while the per-head output norm kept the
+        loss finite, until the backward pass overflowed.  With both, tiny TitansLM trains
+        finite and recalls 36.6% on MQAR against 3.3% with its memory frozen
+        (experiments/results/icl_mqar.md).
       eta_init, alpha_init, beta_init: gate values at initialisation (set through the biases).
       stop_grad: engine ablation: outer gradients skip the inner updates (decision #4).
       norm_eps: RMSNorm epsilon.
@@ -99,8 +104,8 @@ class TitansConfig(ModelConfig):
     conv_width: int = 4
     eta_max: float = 0.1
     eta_init: float = 0.1
-    normalized_step: bool = False
-    ema_momentum: bool = False
+    normalized_step: bool = True
+    ema_momentum: bool = True
     alpha_init: float = 0.99
     beta_init: float = 0.9
     stop_grad: bool = False

@@ -21,12 +21,20 @@ def test_hope_self_modifying_memories_learn_recall():
     assert r.accuracy > r.accuracy_frozen_eval + 0.05, r
 
 
-@pytest.mark.xfail(strict=True, reason="TitansLM's outer gradients still turn NaN on MQAR "
-                   "(experiments/results/icl_mqar.md); decisions #19 is open for TitansLM")
 def test_titans_trains_finite_and_learns_recall():
-    r = train.run(MQAR, "titans", "tiny", "all", seed=0, steps=300)
+    """TitansLM with its defaults (normalised step, EMA momentum; decisions #19): no skipped
+    step, and its memory lifts recall far above the same weights with the memory frozen
+    (measured at 1000 steps: 36.6% against 3.3%; 2 min on 2 cores)."""
+    r = train.run(MQAR, "titans", "tiny", "all", seed=0, steps=1000)
     assert r.skipped == 0, r
-    assert r.accuracy > r.accuracy_frozen_eval + 0.015, r
+    assert r.accuracy > r.accuracy_frozen_eval + 0.15, r
+
+
+def test_titans_bf16_trains_finite():
+    """The same recall training in bfloat16 compute (memory state in float32) stays finite."""
+    r = train.run(MQAR, "titans", "tiny", "all", seed=0, steps=300,
+                  overrides=dict(dtype="bfloat16"))
+    assert r.skipped == 0, r
 
 
 def test_hope_bf16_training_stays_finite_at_16k_tokens():

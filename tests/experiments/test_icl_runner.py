@@ -1,0 +1,36 @@
+"""The ICL suite runner refuses bad names and lengths before any training, naming the option."""
+
+import pytest
+
+from experiments.icl import run, tasks, train
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["nosuch"], "suite='nosuch' is unknown"),
+    (["mad", "--tasks", "mqar"], "--tasks: 'mqar' is not in suite 'mad'"),
+    (["mqar", "--models", "gpt"], "--models: 'gpt' is unknown"),
+    (["mqar", "--models", "transformer", "--variants", "sm_only"],
+     "--variants: 'sm_only' does not exist for transformer"),
+    (["mqar", "--scale", "tpu"], "--scale='tpu' is unknown"),
+])
+def test_bad_names_fail_with_the_option(capsys, argv, needle):
+    with pytest.raises(SystemExit):
+        run.parse(argv)
+    assert needle in capsys.readouterr().err
+
+
+def test_length_beyond_max_seq_len_fails_before_training():
+    task = tasks.make("mqar", n_pairs=8, seq_len=64, vocab=64)
+    long = {"T=512": task.at_length(512)}
+    with pytest.raises(ValueError, match="seq_len=512 exceeds transformer's max_seq_len=256"):
+        train.run(task, "transformer", "tiny", steps=1, eval_tasks=long)
+
+
+def test_every_suite_builds_its_tasks_and_lengths():
+    """Each scale's tasks and evaluation lengths construct (a wrong length fails here)."""
+    for suite, scales in run.SUITES.items():
+        for name, scale in scales.items():
+            built = run.build(scale, list(scale.tasks))
+            for task, evals in built.values():
+                assert set(evals) == {f"T={n}" for n in scale.eval_lengths}, (suite, name)
+                assert all(t.seq_len > task.seq_len for t in evals.values())
