@@ -13,8 +13,19 @@ if [ "${NUM_SLICES}" -gt 1 ]; then
     --zone="${ZONE}" --accelerator-type="${ACCELERATOR}" --runtime-version="${RUNTIME}" \
     --node-count="${NUM_SLICES}" --node-prefix="${TPU_NAME}" "${spot[@]}"
   echo "waiting for the queued resource ${TPU_NAME} to become ACTIVE ..."
-  until [ "$(gcloud compute tpus queued-resources describe "${TPU_NAME}" --project="${PROJECT}" \
-             --zone="${ZONE}" --format='value(state.state)')" = "ACTIVE" ]; do sleep 30; done
+  while :; do
+    state="$(gcloud compute tpus queued-resources describe "${TPU_NAME}" --project="${PROJECT}" \
+             --zone="${ZONE}" --format='value(state.state)')"
+    case "${state}" in
+      ACTIVE) break ;;
+      FAILED|SUSPENDED|SUSPENDING)  # never turns ACTIVE by itself: stop instead of waiting forever
+        echo "queued resource ${TPU_NAME} is ${state}; see: gcloud compute tpus queued-resources" \
+             "describe ${TPU_NAME} --zone=${ZONE}; delete it with tpu_scripts/teardown.sh and" \
+             "retry (another ZONE or SPOT=1 if capacity is short)" >&2
+        exit 1 ;;
+    esac
+    sleep "${POLL_SECONDS:-30}"
+  done
 else
   gcloud compute tpus tpu-vm create "${TPU_NAME}" --project="${PROJECT}" --zone="${ZONE}" \
     --accelerator-type="${ACCELERATOR}" --version="${RUNTIME}" "${spot[@]}"

@@ -10,8 +10,11 @@ source "$(dirname "$0")/env.sh"
 : "${RUN:?set RUN=<name> (the run directory under ${BUCKET}/runs/)}"
 workdir="${BUCKET}/runs/${RUN}"
 args=$(printf ' %q' "$@")
-on_all_workers "mkdir -p ~/logs && nohup python3 -m nested_jax.cli train --workdir ${workdir} \
-  --no-progress --distributed on ${args} > ~/logs/${RUN}.log 2>&1 &
+# The exit status lands in ~/logs/${RUN}.exit once train ends (spot_loop.sh reads it: 0 is
+# done, anything else a failure to report rather than relaunch).
+on_all_workers "mkdir -p ~/logs && rm -f ~/logs/${RUN}.exit && nohup sh -c '${VENV}/bin/python \
+  -m nested_jax.cli train --workdir ${workdir} --no-progress --distributed on ${args} \
+  > ~/logs/${RUN}.log 2>&1; echo \$? > ~/logs/${RUN}.exit' > /dev/null 2>&1 &
   sleep 5; tail -n 5 ~/logs/${RUN}.log"
 echo "launched ${RUN} on $(tpu_nodes | tr '\n' ' '); follow it with:"
 echo "  gcloud compute tpus tpu-vm ssh $(tpu_nodes | head -1) --zone=${ZONE} --worker=0 \\"

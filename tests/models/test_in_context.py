@@ -23,11 +23,12 @@ def test_hope_self_modifying_memories_learn_recall():
 
 def test_titans_trains_finite_and_learns_recall():
     """TitansLM with its defaults (normalised step, EMA momentum; decisions #19): no skipped
-    step, and its memory lifts recall far above the same weights with the memory frozen
-    (measured at 1000 steps: 36.6% against 3.3%; 2 min on 2 cores)."""
+    step, and its memory lifts recall above the same weights with the memory frozen
+    (measured at 1000 steps, seeds 0 and 1: 36.6% and 10.8% against 3.3% and 4.4%; 2 min on
+    2 cores)."""
     r = train.run(MQAR, "titans", "tiny", "all", seed=0, steps=1000)
     assert r.skipped == 0, r
-    assert r.accuracy > r.accuracy_frozen_eval + 0.15, r
+    assert r.accuracy > r.accuracy_frozen_eval + 0.05, r
 
 
 def test_titans_bf16_trains_finite():
