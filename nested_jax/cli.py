@@ -9,16 +9,65 @@
 A train config is built in this order: `--config FILE[:VARIANT]` (or the saved
 config of an existing --workdir, or the defaults), then the flags given, then each
 `--set key=value` (dotted, e.g. --set optim.learning_rate=3e-4 --set model.d_model=256).
+
+Exit status (docs/training.md):
+  0    done (or stopped by SIGTERM with a checkpoint saved)
+  1    internal error (a bug: the traceback is printed)
+  2    config or usage error: a bad flag or config field, a workdir holding another run
+  3    numeric: training diverged (the guard rejected max_bad_steps updates in a row)
+  4    data error: unreadable or binary data, no documents, a bad downloaded file
+  5    I/O error: a workdir or checkpoint directory that cannot be read or written
+  6    the workdir is in use by another training run (its host and PID are named)
+  130  stopped by SIGINT (Ctrl-C) with a checkpoint saved
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 log = logging.getLogger("nested_jax")
+
+EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_NUMERIC, EXIT_DATA, EXIT_IO, EXIT_BUSY = range(7)
+EXIT_SIGINT = 130
+
+
+# ---- argument types: every numeric option is checked where it is parsed ----------------------
+
+
+def _number(text: str, kind, low, low_ok: bool, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
+    if value < low or (value == low and not low_ok):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be {'>=' if low_ok else '>'} {low}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 1, True, "an integer")
+
+
+def count(text: str) -> int:
+    """A non-negative integer."""
+    return _number(text, int, 0, True, "an integer")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, 0.0, False, "a number")
+
+
+def nonneg_float(text: str) -> float:
+    return _number(text, float, 0.0, True, "a number")
 
 # flag -> config key; a flag left out keeps the config's value.
 TRAIN_FLAGS = {
@@ -36,8 +85,11 @@ TRAIN_FLAGS = {
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+    """The console shows INFO (WARNING with -q); train.log always gets INFO."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("nested_jax").setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -72,14 +124,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nested_jax.train import trainer
 
     cfg = _train_config(args)
-    try:
-        summary = trainer.train(cfg, args.workdir, progress=not args.no_progress)
-    except trainer.NonFiniteError as e:
-        log.error("%s", e)
-        return 3
+    summary = trainer.train(cfg, args.workdir, progress=not (args.no_progress or args.quiet),
+                            restart=args.restart, reschedule=args.reschedule)
     if summary["preempted"]:
-        print(f"stopped by SIGTERM at step {summary['final_step']}; checkpoint saved")
-        return 0
+        name = summary["stopped_by"] or "preemption"
+        saved = summary["last_checkpoint"] == summary["final_step"]
+        newest = summary["last_checkpoint"]
+        print(f"stopped by {name} at step {summary['final_step']}; "
+              + ("checkpoint saved" if saved else
+                 f"not saved inside a bad streak (newest checkpoint: {newest})"))
+        return EXIT_SIGINT if name == "SIGINT" else EXIT_OK
     before, after = summary["ppl_before"], summary["ppl_after"]
     if before is not None and after is not None:
         print(f"held-out perplexity: {before:.3f} (step {summary['start_step']}) -> "
@@ -137,26 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", required=True, help="checkpoints, logs and metrics go here")
     t.add_argument("--data", help="text file, directory, JSONL, ArrayRecord, glob, or "
                    "builtin:wikipedia (the default)")
-    t.add_argument("--steps", type=int, help="total optimizer steps (larger than before: resume)")
+    t.add_argument("--steps", type=positive_int,
+                   help="total optimizer steps (larger than before: resume)")
     t.add_argument("--model", help="hope, hope_attention, titans, transformer, ... (registered)")
     t.add_argument("--preset", help="tiny, small, 125M, 340M, 760M, 1.3B")
     t.add_argument("--optimizer", help="adamw (default), muon, m3, delta_momentum, deep_momentum, "
                    "any optax alias, or module:factory")
     t.add_argument("--tokenizer", help="byte, mistral, sentencepiece:PATH, sentencepiece-train:V")
-    t.add_argument("--batch-size", type=int, help="global batch size in sequences")
-    t.add_argument("--seq-len", type=int, help="tokens per sequence")
-    t.add_argument("--lr", type=float, help="peak learning rate")
-    t.add_argument("--seed", type=int)
+    t.add_argument("--batch-size", type=positive_int, help="global batch size in sequences")
+    t.add_argument("--seq-len", type=positive_int, help="tokens per sequence")
+    t.add_argument("--lr", type=positive_float, help="peak learning rate")
+    t.add_argument("--seed", type=count)
     t.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 parameters)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set optim.grad_accum=4")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--restart", action="store_true", help="a workdir with a config but no "
+                   "checkpoint trains again from step 0 (refused without this flag)")
+    t.add_argument("--reschedule", action="store_true", help="resume with another learning "
+                   "rate or schedule (--lr, --set optim.schedule/warmup_steps/min_lr_ratio)")
     t.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                    help="jax.distributed.initialize(): auto = on TPU pods or with --coordinator")
     t.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process without a "
                    "cluster manager)")
-    t.add_argument("--num-processes", type=int)
-    t.add_argument("--process-id", type=int)
+    t.add_argument("--num-processes", type=positive_int)
+    t.add_argument("--process-id", type=count)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="perplexity of the latest checkpoint")
@@ -165,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("auto", "heldout", "all"), default="auto",
                    help="auto: held-out documents of the training data, all documents of other "
                    "data")
-    e.add_argument("--batches", type=int, help="batches to score (default: the run's "
-                   "eval_batches)")
+    e.add_argument("--batches", type=positive_int, help="batches to score (default: the "
+                   "run's eval_batches)")
     e.add_argument("--freeze", action="append", default=[], choices=("self_modifying", "cms"),
                    help="score with these in-context memories frozen (inner learning rates 0); "
                    "repeatable")
@@ -175,10 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a continuation of a prompt")
     g.add_argument("--workdir", required=True)
     g.add_argument("--prompt", default="")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    g.add_argument("--top-k", type=int, default=40, help="0 for the full distribution")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=count, default=200)
+    g.add_argument("--temperature", type=nonneg_float, default=0.8,
+                   help="0 for greedy decoding")
+    g.add_argument("--top-k", type=count, default=40, help="0 for the full distribution")
+    g.add_argument("--seed", type=count, default=0)
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("presets", help="print the parameter count of every model preset")
@@ -187,17 +247,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def exit_code(e: BaseException) -> int:
+    """The documented exit status of an error (see the module docstring)."""
+    from nested_jax.data import DataError
     from nested_jax.data.fetch import FetchError
+    from nested_jax.train.trainer import NonFiniteError
+    from nested_jax.train.workdir import WorkdirBusyError
 
+    for kinds, code in (((WorkdirBusyError,), EXIT_BUSY), ((NonFiniteError,), EXIT_NUMERIC),
+                        ((DataError, FetchError), EXIT_DATA), ((OSError,), EXIT_IO),
+                        ((ValueError, ImportError), EXIT_CONFIG)):
+        if isinstance(e, kinds):
+            return code
+    return EXIT_INTERNAL
+
+
+def _append_to_train_log(args: argparse.Namespace, message: str) -> None:
+    """The failure line also goes to WORKDIR/train.log (an existing local workdir only)."""
+    workdir = getattr(args, "workdir", None)
+    if args.command != "train" or not workdir or "://" in workdir or not os.path.isdir(workdir):
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with open(os.path.join(workdir, "train.log"), "a") as f:
+            f.write(f"{stamp},000 ERROR nested_jax.cli: {message}\n")
+    except OSError:
+        pass  # a read-only workdir: the console line is all there is
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(not args.quiet)
     try:
         return args.func(args)
-    except (ValueError, FetchError) as e:  # config/data errors: the field and the fix
-        log.error("%s", e)
+    except KeyboardInterrupt:
+        message = "interrupted before training started: nothing was saved"
+        code = EXIT_SIGINT
+    except Exception as e:
+        code = exit_code(e)
+        if code == EXIT_INTERNAL:
+            log.error("internal error (a bug; please report it): %s: %s", type(e).__name__, e,
+                      exc_info=True)
+            _append_to_train_log(args, f"internal error: {type(e).__name__}: {e}")
+            return code
+        message = str(e)
+        if isinstance(e, OSError) and not message.startswith(("--", "checkpoint")) and (
+                e.filename is not None):
+            message = f"I/O error on {e.filename}: {e.strerror or e}"
         log.debug("traceback", exc_info=True)
-        return 2
+    log.error("%s", message)
+    _append_to_train_log(args, message)
+    return code
 
 
 if __name__ == "__main__":

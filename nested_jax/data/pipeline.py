@@ -25,6 +25,7 @@ import numpy as np
 
 from nested_jax.data import fallback
 from nested_jax.data.fallback import SPLIT_SEED  # fixed: the held-out set never moves
+from nested_jax.data.sources import DataError
 from nested_jax.data.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def heldout_size(n_docs: int, eval_fraction: float) -> int:
     if eval_fraction <= 0:
         return 0
     if n_docs < 2:
-        raise ValueError(f"data: only {n_docs} document(s), too few for a held-out split; add "
+        raise DataError(f"data: only {n_docs} document(s), too few for a held-out split; add "
                          "documents (blank lines split text files) or set data.eval_fraction=0")
     return min(n_docs - 1, max(1, round(n_docs * eval_fraction)))
 
@@ -119,7 +120,7 @@ def train_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, ba
             seq_len=seq_len, batch_size=batch_size, seed=seed, shard=(shard.index, shard.count))
     ds = _split(docs, eval_fraction, "train")[shard.index::shard.count]
     if len(ds) == 0:
-        raise ValueError(f"data: process {shard.index} of {shard.count} got no documents; use "
+        raise DataError(f"data: process {shard.index} of {shard.count} got no documents; use "
                          "more documents than processes")
     ds = ds.shuffle(seed).repeat(None)
     return iter(_packed_batches(ds, tokenizer, seq_len, batch_size, num_threads))
@@ -148,6 +149,6 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, bat
         log.warning("the %s split has %d documents for %d processes; each reads all of them",
                     split, len(ds), shard.count)
     if len(ds) == 0:
-        raise ValueError(f"data: the {split} split has no documents")
+        raise DataError(f"data: the {split} split has no documents")
     it = iter(_packed_batches(ds.repeat(None), tokenizer, seq_len, batch_size, num_threads=1))
     return [next(it) for _ in range(num_batches)]

@@ -13,6 +13,11 @@ stays on disk and is read record by record, so it is the format for data larger 
 
 Paths go through `etils.epath`, so gs:// works for text and JSONL (with gcsfs installed);
 ArrayRecord readers want a local or gcsfuse-mounted path.
+
+Text must be UTF-8 without NUL bytes: a binary file or undecodable text is a DataError
+naming the file, the line and the byte offset (`decode_errors="replace"` reads it lossily
+instead: bad bytes become U+FFFD and NULs, which the byte tokenizer uses as the document
+end, are dropped).
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from collections.abc import Sequence
 from etils import epath
 
 from nested_jax.data import corpus
+
+
+class DataError(ValueError):
+    """The data cannot be read as documents (names the file and where)."""
+
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -63,19 +73,39 @@ def _text_from_json(obj, text_field: str, where: str) -> str:
         return obj
     if isinstance(obj, dict) and isinstance(obj.get(text_field), str):
         return obj[text_field]
-    raise ValueError(f"{where}: no string field {text_field!r}; set data.text_field to the field "
-                     "holding the text")
+    raise DataError(f"{where}: no string field {text_field!r}; set data.text_field to the field "
+                    "holding the text")
 
 
-def _read_jsonl(path: epath.Path, text_field: str) -> list[str]:
+def decode(raw: bytes, where: str, errors: str = "strict") -> str:
+    """UTF-8 text without NULs, or a DataError naming `where`, the line and the byte offset."""
+    if errors == "replace":
+        return raw.decode("utf-8", errors="replace").replace("\0", "")
+    nul = raw.find(b"\0")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start if nul < 0 else min(nul, e.start)
+    else:
+        if nul < 0:
+            return text
+        bad = nul
+    what = "a NUL byte (binary data?)" if bad == nul else "bytes that are not UTF-8"
+    line = raw.count(b"\n", 0, bad) + 1
+    raise DataError(f"data.path: {where} has {what} at byte offset {bad} (line {line}): "
+                    f"{raw[bad:bad + 8]!r}; give UTF-8 text, or read it lossily with "
+                    "--set data.decode_errors=replace")
+
+
+def _read_jsonl(path: epath.Path, text_field: str, errors: str = "strict") -> list[str]:
     docs = []
-    for i, line in enumerate(path.read_bytes().decode("utf-8").splitlines()):
+    for i, line in enumerate(decode(path.read_bytes(), str(path), errors).splitlines()):
         if line.strip():
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"data.path: {path}:{i + 1} is not JSON lines ({e.msg}); "
-                                 "give one JSON object or string per line") from e
+                raise DataError(f"data.path: {path}:{i + 1} is not JSON lines ({e.msg}); "
+                                "give one JSON object or string per line") from e
             docs.append(_text_from_json(obj, text_field, f"{path}:{i + 1}"))
     return [d for d in docs if d.strip()]
 
@@ -83,18 +113,20 @@ def _read_jsonl(path: epath.Path, text_field: str) -> list[str]:
 class _ArrayRecordDocuments(Sequence):
     """Lazy documents of ArrayRecord files (grain's ArrayRecordDataSource underneath)."""
 
-    def __init__(self, paths: list[epath.Path], text_field: str):
+    def __init__(self, paths: list[epath.Path], text_field: str, errors: str = "strict"):
         import grain
 
         self._source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
         self._text_field = text_field
+        self._errors = errors
+        self._where = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)"
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, i):
         record = self._source[i]
-        text = record.decode("utf-8", errors="replace")
+        text = decode(record, f"{self._where} record {i}", self._errors)
         if text.lstrip().startswith("{"):
             try:
                 return _text_from_json(json.loads(text), self._text_field, f"record {i}")
@@ -150,29 +182,33 @@ def _walk(directory: epath.Path):
             yield child
 
 
-def load_documents(path: str, *, text_field: str = "text") -> Documents:
-    """All documents at `path` (see the module docstring); ValueError naming data.path if none."""
+def load_documents(path: str, *, text_field: str = "text",
+                   decode_errors: str = "strict") -> Documents:
+    """All documents at `path` (see the module docstring); DataError naming data.path if none.
+
+    `decode_errors`: "strict" refuses binary or non-UTF-8 files; "replace" reads them lossily.
+    """
     if path == corpus.NAME:
         return Documents([_read_jsonl(corpus.wikipedia_path(), "text")], corpus.NAME)
     if not path:
-        raise ValueError("data.path='': empty; pass --data PATH (text, JSONL, ArrayRecord, "
+        raise DataError("data.path='': empty; pass --data PATH (text, JSONL, ArrayRecord, "
                          f"a directory) or {corpus.NAME}")
     files = _files(path)
     if not _path(path).is_dir() and not all(f.exists() for f in files):
-        raise ValueError(f"data.path={path!r}: no such file or directory; pass --data with an "
-                         f"existing path or {corpus.NAME}")
+        raise DataError(f"data.path={path!r}: no such file or directory; pass --data with an "
+                        f"existing path or {corpus.NAME}")
     parts: list[Sequence[str]] = []
     records = [f for f in files if _is_array_record(f)]
     for f in files:
         if f.suffix in JSONL_SUFFIXES:
-            parts.append(_read_jsonl(f, text_field))
+            parts.append(_read_jsonl(f, text_field, decode_errors))
         elif f.suffix in TEXT_SUFFIXES or (len(files) == 1 and not records):
-            parts.append(split_paragraphs(f.read_bytes().decode("utf-8", errors="replace")))
+            parts.append(split_paragraphs(decode(f.read_bytes(), str(f), decode_errors)))
     if records:
-        parts.append(_ArrayRecordDocuments(records, text_field))
+        parts.append(_ArrayRecordDocuments(records, text_field, decode_errors))
     docs = Documents(parts, path)
     if len(docs) == 0:
-        raise ValueError(f"data.path={path!r}: contains no documents (found {len(files)} files; "
+        raise DataError(f"data.path={path!r}: contains no documents (found {len(files)} files; "
                          "supported: .txt/.md, .jsonl, ArrayRecord); point --data at non-empty "
                          "data")
     return docs

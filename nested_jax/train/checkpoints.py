@@ -1,19 +1,35 @@
-"""Orbax checkpoints of the train state and the data iterator, with fallback on corruption.
+"""Orbax checkpoints of the train state and the data iterator, restored without losing any.
 
-One `ocp.CheckpointManager` step holds two items:
-  state  the train-state pytree (`ocp.args.StandardSave`, async, sharded arrays)
-  data   the grain iterator (grain's orbax handler: one JSON file per process), or the
-         numpy fallback iterator's state as JSON
+One `ocp.CheckpointManager` step holds two items and orbax's per-step custom metadata:
+  state     the train-state pytree (`ocp.args.StandardSave`, async, sharded arrays)
+  data      the grain iterator (grain's orbax handler: one JSON file per process), or the
+            numpy fallback iterator's state as JSON
+  metadata  what the step belongs to (model, preset, tokenizer, model config, train config),
+            in orbax's `_CHECKPOINT_METADATA`, so a step can be checked without config.json
 so a restore puts the model, the optimizer and the exact position in the data stream
 back together. Orbax writes to a temporary directory and commits by renaming, so a
-run killed mid-save leaves no half checkpoint in `all_steps()`. A committed checkpoint
-that fails to load (corrupted on disk) is moved aside to `<dir>.corrupt/<step>` with a
-warning, and the previous one is tried.
+run killed mid-save leaves no half checkpoint in `all_steps()`.
+
+Restoring never loses a good checkpoint:
+  - before reading any array, the step's metadata (its own, and the array shapes orbax
+    stored with the state) is compared with what the caller expects; a difference is a
+    `CheckpointMismatchError` naming the fields, and nothing is touched;
+  - a step is set aside (renamed to `<dir>.corrupt/<step>`, never deleted) only on
+    positive evidence that its own files are corrupt: a decode error on a file that
+    is there (bad JSON, a damaged tensorstore chunk or manifest, a missing file inside
+    a step directory that exists);
+  - an I/O error (permission, unavailable, timeout) is retried, then reported as a
+    `CheckpointIOError` with nothing moved;
+  - a step that disappears while it is read (a trainer's keep-N deleted it) is skipped;
+  - a read-only instance (eval, generate) moves, deletes and writes nothing at all.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,6 +37,33 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 log = logging.getLogger(__name__)
+
+# tensorstore reports a damaged or truncated file with these status codes (measured on
+# garbage, truncated and missing files of a committed step); these are the only failures
+# that set a step aside.
+CORRUPT_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND")
+# ... and storage trouble that may pass with these: retried, then reported, never moved.
+IO_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+            "ABORTED", "CANCELLED")
+IO_RETRIES = 3
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's per-step metadata (custom_metadata)
+IO_BACKOFF_S = 0.5
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint belongs to another model, preset, tokenizer or parameter shapes."""
+
+
+class CheckpointIOError(OSError):
+    """The checkpoint directory could not be read or written (after retries)."""
+
+
+class _Vanished(Exception):
+    """The step directory disappeared while it was read."""
+
+
+class _Corrupt(Exception):
+    """The step's own files failed to decode."""
 
 
 def _is_grain_iterator(it: Any) -> bool:
@@ -47,66 +90,216 @@ def _data_restore_args(it: Any):
     return ocp.args.JsonRestore()
 
 
-class Checkpoints:
-    """Save/restore (train state, data iterator) pairs under `directory`."""
+def _causes(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
-    def __init__(self, directory: epath.PathLike, *, keep: int = 3, use_async: bool = True):
+
+def classify(e: BaseException) -> str:
+    """'corrupt', 'io' or 'unknown': what an exception raised while reading a step says."""
+    for x in _causes(e):
+        if isinstance(x, json.JSONDecodeError | UnicodeDecodeError | FileNotFoundError):
+            return "corrupt"  # a file of the step is garbled, or missing from its directory
+        if isinstance(x, OSError):
+            return "io"
+        code = str(x).split(":", 1)[0].strip()
+        if code in CORRUPT_CODES:
+            return "corrupt"
+        if code in IO_CODES:
+            return "io"
+    return "unknown"
+
+
+def normalize(metadata: Any) -> Any:
+    """JSON round trip (tuples -> lists, dtypes -> str), as the metadata reads back."""
+    return json.loads(json.dumps(metadata, default=str))
+
+
+def tree_signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{"params/embed/embedding": (shape, dtype)} of every array leaf."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for path, leaf in leaves:
+        key = jax.tree_util.keystr(path, simple=True, separator="/")
+        key = key.removesuffix("/value")  # nnx Variables flatten with a trailing .value
+        out[key] = (tuple(leaf.shape), str(leaf.dtype))
+    return out
+
+
+def shape_differences(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
+    """Lines naming the arrays whose presence, shape or dtype differ."""
+    lines = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if a == b:
+            continue
+        if a is None:
+            lines.append(f"{key}: not in the checkpoint, this run has {b[0]} {b[1]}")
+        elif b is None:
+            lines.append(f"{key}: in the checkpoint ({a[0]} {a[1]}), not in this run")
+        else:
+            lines.append(f"{key}: checkpoint {a[0]} {a[1]}, this run {b[0]} {b[1]}")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
+
+
+class Checkpoints:
+    """Save/restore (train state, data iterator) pairs under `directory`.
+
+    `read_only=True` (eval, generate): never creates, moves, deletes or writes anything.
+    """
+
+    def __init__(self, directory: epath.PathLike, *, keep: int = 3, use_async: bool = True,
+                 read_only: bool = False):
         self.directory = epath.Path(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=use_async)
+        self.read_only = read_only
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                   max_to_keep=None, save_interval_steps=0)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                   enable_async_checkpointing=use_async)
+        # No item_handlers: orbax picks each item's handler from the save/restore args
+        # (grain's or JSON for the data), which a fixed registry would refuse.
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False
-             ) -> bool:
-        """Start saving; returns once arrays are copied off the device (the write is async)."""
+    def all_steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False,
+             metadata: dict | None = None) -> bool:
+        """Start saving; returns once arrays are copied off the device (the write is async).
+
+        `metadata` (JSON) is stored with the step and handed to `restore`'s `check`.
+        """
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = _data_save_args(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                                 custom_metadata=normalize(metadata) if metadata else None)
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-host preemption sync point (all hosts agree on the step to save at)."""
         return self.manager.reached_preemption(step)
 
-    def restore(self, abstract_state: Any, data_iterator: Any = None
-                ) -> tuple[int, Any] | None:
+    def step_metadata(self, step: int) -> dict:
+        """The metadata saved with `step` ({} for checkpoints written before it existed).
+
+        Read from orbax's step-metadata file directly: `manager.metadata(step)` would also
+        open every item with handlers this manager has not registered yet, and it treats
+        an undecodable file as empty, where here that is evidence of corruption.
+        """
+        path = self._step_dir(step) / STEP_METADATA_FILE
+        if not path.exists():
+            return {}
+        return dict(json.loads(path.read_text()).get("custom_metadata") or {})
+
+    def restore(self, abstract_state: Any, data_iterator: Any = None, *,
+                check: Callable[[int, dict], None] | None = None) -> tuple[int, Any] | None:
         """(step, state) of the newest readable checkpoint, also restoring the iterator in place.
 
-        Returns None when there is no checkpoint; raises when none of them can be read.
+        `check(step, metadata)` raises CheckpointMismatchError when the step belongs to
+        another run; array shapes are always compared with `abstract_state`. Returns None
+        when there is no checkpoint; raises when none of them can be read.
         """
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        steps = self.all_steps()
         for step in steps:
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if data_iterator is not None:
-                items["data"] = _data_restore_args(data_iterator)
             try:
-                out = self.manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as e:  # any failure to read means this checkpoint is unusable
-                log.warning("checkpoint at step %d could not be read (%s: %s); falling back to "
-                            "the previous one", step, type(e).__name__, str(e)[:300])
-                self._move_aside(step)
+                self._attempt(step, lambda s=step: self._check(s, abstract_state, check))
+                out = self._attempt(step, lambda s=step: self._read(s, abstract_state,
+                                                                    data_iterator))
+            except _Vanished:
+                log.info("checkpoint at step %d disappeared while it was read (deleted by the "
+                         "training run's keep_checkpoints); trying the previous one", step)
+                continue
+            except _Corrupt as e:
+                cause = e.__cause__
+                log.warning("checkpoint at step %d could not be read: its files are corrupt "
+                            "(%s: %s); falling back to the previous one", step,
+                            type(cause).__name__, str(cause)[:300])
+                if not self.read_only:
+                    self._move_aside(step)
                 continue
             if data_iterator is not None and not _is_grain_iterator(data_iterator):
                 data_iterator.set_state(out["data"])
             return step, out["state"]
         if steps:
-            raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be "
-                               f"read; see the warnings above, or start a new --workdir")
+            where = "" if self.read_only else f" (set aside in {self._corrupt_dir()})"
+            raise CheckpointIOError(f"none of the checkpoints {steps} in {self.directory} could be "
+                               f"read{where}; see the warnings above, or start a new --workdir")
         return None
 
+    def _step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def _check(self, step: int, abstract_state: Any, check) -> None:
+        metadata = self.step_metadata(step)
+        if check is not None:
+            check(step, metadata)
+        saved = ocp.StandardCheckpointHandler().metadata(self._step_dir(step) / "state")
+        diff = shape_differences(tree_signature(saved.tree), tree_signature(abstract_state))
+        if diff:
+            raise CheckpointMismatchError(
+                f"checkpoint {self._step_dir(step)} holds other parameter or optimizer "
+                "shapes than this run:\n  " + "\n  ".join(diff) + "\nUse the model, preset, "
+                "model overrides and optimizer it was trained with, or a new --workdir")
+
+    def _read(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = _data_restore_args(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))
+
+    def _attempt(self, step: int, fn: Callable[[], Any]) -> Any:
+        """fn(), retrying I/O errors; maps failures to _Vanished / _Corrupt / CheckpointIOError."""
+        for attempt in range(IO_RETRIES):
+            try:
+                return fn()
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:
+                if not self._step_dir(step).exists():
+                    raise _Vanished() from e
+                kind = classify(e)
+                if kind == "corrupt":
+                    raise _Corrupt() from e
+                if kind == "unknown":
+                    raise CheckpointIOError(
+                        f"checkpoint {self._step_dir(step)} could not be restored "
+                        f"({type(e).__name__}: {str(e)[:500]}); nothing was moved") from e
+                if attempt + 1 == IO_RETRIES:
+                    raise CheckpointIOError(
+                        f"checkpoint {self._step_dir(step)}: I/O error after {IO_RETRIES} "
+                        f"attempts ({type(e).__name__}: {str(e)[:300]}); nothing was moved. "
+                        "Check the storage (permissions, mount, space) and retry") from e
+                log.warning("reading checkpoint %d failed (%s); retrying", step, str(e)[:200])
+                time.sleep(IO_BACKOFF_S * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _corrupt_dir(self) -> epath.Path:
+        return self.directory.parent / (self.directory.name + ".corrupt")
+
     def _move_aside(self, step: int) -> None:
+        """Rename the step to <dir>.corrupt/<step>[.N]: kept for inspection, never deleted."""
         if jax.process_index() == 0:
-            src = self.directory / str(step)
+            src = self._step_dir(step)
             if src.exists():
-                dst = self.directory.parent / (self.directory.name + ".corrupt") / str(step)
+                dst = self._corrupt_dir() / str(step)
+                n = 1
+                while dst.exists():
+                    dst = self._corrupt_dir() / f"{step}.{n}"
+                    n += 1
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                if dst.exists():
-                    dst.rmtree()
                 src.rename(dst)
-                log.warning("moved the unreadable checkpoint to %s", dst)
+                log.warning("moved the corrupt checkpoint to %s", dst)
         self.manager.reload()
 
     def wait(self) -> None:

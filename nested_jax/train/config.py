@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import pathlib
 import types
 import typing
@@ -18,6 +19,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nested_jax.models.config import fail
+
+
+def _finite(obj: Any, prefix: str) -> None:
+    """Every float field must be a finite number (nan and inf pass `x <= 0` checks)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(prefix + f.name, value, "must be a finite number")
 
 
 def _positive(obj: Any, prefix: str, *fields: str) -> None:
@@ -39,6 +48,8 @@ class DataConfig:
       eval_fraction: share of documents held out for perplexity (0 disables evaluation).
       text_field: the JSON field holding the text in JSONL / ArrayRecord records.
       num_threads: grain reader threads per process.
+      decode_errors: "strict" refuses a file that is not UTF-8 text (naming the file and
+        the byte offset); "replace" decodes it lossily (U+FFFD for bad bytes, NULs dropped).
     """
 
     path: str = "builtin:wikipedia"
@@ -48,9 +59,13 @@ class DataConfig:
     eval_fraction: float = 0.01
     text_field: str = "text"
     num_threads: int = 2
+    decode_errors: str = "strict"
 
     def __post_init__(self):
+        _finite(self, "data.")
         _positive(self, "data.", "seq_len", "batch_size", "num_threads")
+        if self.decode_errors not in ("strict", "replace"):
+            fail("data.decode_errors", self.decode_errors, "must be strict or replace")
         if not 0.0 <= self.eval_fraction < 1.0:
             fail("data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
 
@@ -88,6 +103,7 @@ class OptimConfig:
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        _finite(self, "optim.")
         _positive(self, "optim.", "grad_accum")
         if self.schedule not in ("cosine", "linear", "constant"):
             fail("optim.schedule", self.schedule, "must be cosine, linear or constant")
@@ -128,7 +144,10 @@ class TrainConfig:
       eval_batches: held-out batches per evaluation.
       keep_checkpoints: how many recent checkpoints to keep.
       async_checkpoints: write checkpoints in a background thread.
-      max_bad_steps: abort after this many consecutive steps with a NaN/Inf loss or gradient.
+      max_bad_steps: abort after this many consecutive rejected updates (the guard: a
+        NaN/Inf loss, gradient or result, or a parameter-norm jump; see train/step.py).
+      max_norm_jump: reject an update that changes the global parameter norm by more than
+        this factor, up or down (0 disables; legitimate steps change it by ~1%).
       peak_flops: one device's peak FLOP/s for MFU (0: look it up from the device kind).
     """
 
@@ -148,9 +167,15 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     max_bad_steps: int = 5
+    max_norm_jump: float = 2.0
     peak_flops: float = 0.0
 
     def __post_init__(self):
+        _finite(self, "")
+        if self.max_norm_jump != 0 and self.max_norm_jump <= 1:
+            fail("max_norm_jump", self.max_norm_jump, "must be > 1 (or 0 to disable)")
+        if self.peak_flops < 0:
+            fail("peak_flops", self.peak_flops, "must be >= 0 (0: look it up)")
         _positive(self, "", "steps", "log_every", "eval_batches", "keep_checkpoints",
                   "max_bad_steps")
         for name in ("eval_every", "checkpoint_every"):
@@ -181,8 +206,13 @@ class TrainConfig:
 
 # Fields a resumed run may change; anything else must match the saved run.
 RESUMABLE_FIELDS = ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                    "keep_checkpoints", "async_checkpoints", "max_bad_steps", "peak_flops",
-                    "data.path", "data.num_threads", "mesh.data", "mesh.fsdp", "mesh.tensor")
+                    "keep_checkpoints", "async_checkpoints", "max_bad_steps", "max_norm_jump",
+                    "peak_flops", "data.path", "data.num_threads", "data.decode_errors",
+                    "mesh.data", "mesh.fsdp", "mesh.tensor")
+# Fields a resumed run may also change when asked explicitly (`train --reschedule`): the
+# learning-rate schedule is a function of the step count, not part of the optimizer state.
+SCHEDULE_FIELDS = ("optim.learning_rate", "optim.schedule", "optim.warmup_steps",
+                   "optim.min_lr_ratio")
 
 
 def _build(cls, d: Mapping[str, Any], prefix: str):

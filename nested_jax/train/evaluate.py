@@ -57,9 +57,9 @@ def evaluate_checkpoint(workdir: str, *, data_path: str | None = None,
     ("self_modifying", "cms") scored with their inner learning rates at 0: the gap to the
     unfrozen score is what in-context learning contributes (docs/decisions.md #19).
     """
-    from nested_jax.train.config import TrainConfig
-
-    saved = TrainConfig.load(trainer.workdir_path(workdir) / "config.json")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"--batches {num_batches}: must be a positive number of batches")
+    saved = trainer.saved_config(workdir)
     path = data_path or saved.data.path
     if split == "auto":
         split = "heldout" if _same_path(path, saved.data.path) else "all"
@@ -71,8 +71,8 @@ def evaluate_checkpoint(workdir: str, *, data_path: str | None = None,
     cfg = run.cfg
     batches = data_lib.eval_batches(
         run.documents, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-        num_batches=num_batches or cfg.eval_batches, eval_fraction=cfg.data.eval_fraction,
-        split=split)
+        num_batches=cfg.eval_batches if num_batches is None else num_batches,
+        eval_fraction=cfg.data.eval_fraction, split=split)
     loss, ppl = trainer.perplexity(run, state, batches, trainer.make_eval_fn(run))
     log.info("step %d, %s split of %s: loss %.4f", step, split, path, loss)
     return {"step": step, "loss": loss, "perplexity": ppl}

@@ -6,13 +6,17 @@ The train state is a dict (what orbax saves):
   rest        nnx.State of every other model variable (kept as is)
   opt_state   the optax state
   step        int32 [], optimizer steps taken (skipped ones included)
-  bad_streak  int32 [], consecutive steps whose loss or gradients were not finite
+  bad_streak  int32 [], consecutive steps whose update the guard rejected
   bad_total   int32 [], all such steps
 
-A step whose loss or any gradient entry is NaN/Inf leaves params and opt_state
-untouched and counts itself (the guard). `optax.apply_if_finite` is not used: it
-looks only at gradients and applies the update anyway after too many failures,
-where the trainer must stop instead.
+The guard judges the update's result before it is applied: a step is rejected,
+leaving params and opt_state untouched and counting itself, when the loss, a gradient,
+the new parameters or the new optimizer state hold a NaN/Inf, or when the parameters'
+global norm would change by more than a factor `max_norm_jump` (either way). A huge
+learning rate gives finite gradients at step 1 and a finite but blown-up result; that
+step is rejected here instead of poisoning every later one. `optax.apply_if_finite` is
+not used: it looks only at gradients and applies the update anyway after too many
+failures, where the trainer must stop instead.
 """
 
 from __future__ import annotations
@@ -43,9 +47,13 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
-                    ) -> Callable[[dict, jax.Array], tuple[dict, dict]]:
-    """step(state, batch_AxBxT1) -> (state, metrics); A microbatches are averaged."""
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
+                    max_norm_jump: float = 0.0) -> Callable[[dict, jax.Array], tuple[dict, dict]]:
+    """step(state, batch_AxBxT1) -> (state, metrics); A microbatches are averaged.
+
+    `max_norm_jump` > 0 rejects an update that multiplies or divides the global parameter
+    norm by more than that factor (0 disables the check).
+    """
 
     def loss_fn(params, rest, tokens):
         return next_token_loss(nnx.merge(graphdef, params, rest), tokens)[0]
@@ -66,19 +74,27 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         loss = losses.mean()
         finite = jnp.isfinite(loss) & all_finite(grads)
 
-        def apply(operands):
-            params, opt_state = operands
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+        updates, cand_opt_state = tx.update(grads, state["opt_state"], params)
+        cand_params = optax.apply_updates(params, updates)
+        old_norm, new_norm = _norm(params), _norm(cand_params)
+        ratio = jnp.where(old_norm > 0, new_norm / jnp.where(old_norm > 0, old_norm, 1.0), 1.0)
+        jump_ok = jnp.asarray(True)
+        if max_norm_jump > 0:
+            jump_ok = (ratio <= max_norm_jump) & (ratio >= 1.0 / max_norm_jump)
+        accepted = (finite & all_finite(cand_params) & all_finite(cand_opt_state)
+                    & jnp.isfinite(ratio) & jump_ok)
 
-        new_params, new_opt_state = jax.lax.cond(
-            finite, apply, lambda operands: operands, (params, state["opt_state"]))
-        bad = (~finite).astype(jnp.int32)
-        new_state = dict(state, params=new_params, opt_state=new_opt_state,
+        def keep(new, old):
+            return jnp.where(accepted, new, old)
+
+        bad = (~accepted).astype(jnp.int32)
+        new_state = dict(state, params=jax.tree.map(keep, cand_params, params),
+                         opt_state=jax.tree.map(keep, cand_opt_state, state["opt_state"]),
                          step=state["step"] + 1,
                          bad_streak=(state["bad_streak"] + 1) * bad,
                          bad_total=state["bad_total"] + bad)
-        metrics = dict(loss=loss, grad_norm=_norm(grads), finite=finite,
+        metrics = dict(loss=loss, grad_norm=_norm(grads), finite=finite, accepted=accepted,
+                       norm_ratio=ratio, param_norm=jnp.where(accepted, new_norm, old_norm),
                        bad_streak=new_state["bad_streak"], bad_total=new_state["bad_total"])
         return new_state, metrics
 

@@ -4,7 +4,9 @@
 vocabulary, sequence length, mesh, batch split) before anything is compiled.
 `train()` then runs the loop and writes, under the working directory:
 
-  config.json      the TrainConfig (a resumed run must match it; see RESUMABLE_FIELDS)
+  train.lock       held while a run trains (one run per workdir; see train/workdir.py)
+  config.json      the TrainConfig (a resumed run must match it; see RESUMABLE_FIELDS),
+                   written once the checkpoint is restored (or for a fresh run)
   run.json         what was resolved from it: tokenizer spec, vocabulary, sizes, devices
   checkpoints/     orbax: train state + data-iterator state per saved step
   metrics.jsonl    one record per logged step; tensorboard/ has the same scalars
@@ -38,19 +40,24 @@ from nested_jax.data import tokenizers
 from nested_jax.models.config import ModelConfig, fail
 from nested_jax.train import optimizers, sharding
 from nested_jax.train import step as step_lib
-from nested_jax.train.checkpoints import Checkpoints
-from nested_jax.train.config import RESUMABLE_FIELDS, TrainConfig, differences
+from nested_jax.train import workdir as workdir_lib
+from nested_jax.train.checkpoints import CheckpointMismatchError, Checkpoints, normalize
+from nested_jax.train.config import RESUMABLE_FIELDS, SCHEDULE_FIELDS, TrainConfig, differences
 from nested_jax.train.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had a NaN/Inf loss or gradient."""
+    """Too many consecutive updates were rejected by the guard (NaN/Inf or a norm jump)."""
 
 
 class ConfigMismatchError(ValueError):
     """The working directory holds a run with an incompatible config."""
+
+
+class RestartRefusedError(ValueError):
+    """The working directory holds a run's config but no checkpoint to resume from."""
 
 
 @dataclasses.dataclass
@@ -171,7 +178,8 @@ def prepare(cfg: TrainConfig, workdir: epath.PathLike,
     workdir = workdir_path(workdir)
     documents: Sequence[str] = ()
     if for_training:
-        documents = data_lib.load_documents(cfg.data.path, text_field=cfg.data.text_field)
+        documents = data_lib.load_documents(cfg.data.path, text_field=cfg.data.text_field,
+                                             decode_errors=cfg.data.decode_errors)
         if cfg.data.eval_fraction > 0:
             data_lib.pipeline.heldout_size(len(documents), cfg.data.eval_fraction)
     tokenizer = resolve_tokenizer(cfg, workdir, documents)
@@ -201,19 +209,71 @@ def prepare(cfg: TrainConfig, workdir: epath.PathLike,
     return run
 
 
-def check_resumable(cfg: TrainConfig, workdir: epath.Path) -> None:
-    """A config may differ from the saved run's only in RESUMABLE_FIELDS."""
-    saved_path = workdir / "config.json"
-    if not saved_path.exists():
-        return
-    diff = differences(TrainConfig.load(saved_path), cfg)
-    bad = {k: v for k, v in diff.items() if k not in RESUMABLE_FIELDS}
+def check_resumable(cfg: TrainConfig, workdir: epath.Path, *, reschedule: bool = False,
+                    saved: TrainConfig | None = None, source: str = "config.json") -> None:
+    """A config may differ from the saved run's only in RESUMABLE_FIELDS (and, with
+    `reschedule`, SCHEDULE_FIELDS). `saved` defaults to WORKDIR/config.json."""
+    if saved is None:
+        saved_path = workdir / "config.json"
+        if not saved_path.exists():
+            return
+        saved = TrainConfig.load(saved_path)
+    allowed = RESUMABLE_FIELDS + (SCHEDULE_FIELDS if reschedule else ())
+    bad = {k: v for k, v in differences(saved, cfg).items() if k not in allowed}
     if bad:
         lines = "".join(f"\n  {k}: saved {a!r}, now {b!r}" for k, (a, b) in bad.items())
+        hint = ""
+        if set(bad) <= set(SCHEDULE_FIELDS):
+            hint = " To change the learning rate or schedule of this run, pass --reschedule."
         raise ConfigMismatchError(
-            f"{workdir} holds a run with a different config:{lines}\nResume with the saved "
-            f"config (only {', '.join(RESUMABLE_FIELDS[:4])}, ... may change) or use a new "
-            "--workdir")
+            f"{workdir} holds a run ({source}) with a different config:{lines}\nResume with "
+            f"the saved config (only {', '.join(RESUMABLE_FIELDS[:4])}, ... may change) or "
+            f"use a new --workdir.{hint}")
+
+
+# What a checkpoint step records about its run, checked before any of its arrays is read.
+IDENTITY = ("model", "preset", "tokenizer", "vocab_size")
+
+
+def run_metadata(run: Run) -> dict[str, Any]:
+    """Saved with every checkpoint step (orbax custom metadata)."""
+    return normalize(dict(model=run.cfg.model, preset=run.cfg.preset,
+                          tokenizer=run.cfg.data.tokenizer, vocab_size=run.tokenizer.vocab_size,
+                          model_config=dataclasses.asdict(run.model_cfg),
+                          config=run.cfg.to_dict()))
+
+
+def checkpoint_check(run: Run, *, model_config: bool, config: bool, reschedule: bool = False):
+    """check(step, saved_metadata) for Checkpoints.restore: raise naming what differs.
+
+    `model_config` also compares every model config field (training; eval --freeze changes
+    some on purpose); `config` compares the saved train config (when config.json is gone).
+    """
+    mine = run_metadata(run)
+    keys = IDENTITY + (("model_config",) if model_config else ())
+
+    def check(step: int, saved: dict) -> None:
+        lines = []
+        for key in keys:
+            if key not in saved or saved[key] == mine[key]:
+                continue
+            if isinstance(mine[key], dict):
+                lines += [f"model.{k}: checkpoint {saved[key].get(k)!r}, this run {v!r}"
+                          for k, v in mine[key].items() if saved[key].get(k) != v]
+            else:
+                lines.append(f"{key}: checkpoint {saved[key]!r}, this run {mine[key]!r}")
+        if lines:
+            where = run.workdir / "checkpoints" / str(step)
+            raise CheckpointMismatchError(
+                f"checkpoint {where} belongs to another run:\n  " + "\n  ".join(lines)
+                + "\nTrain with the settings it was saved with (e.g. --model/--preset as "
+                "above), or use a new --workdir; nothing was changed")
+        if config and "config" in saved:
+            check_resumable(run.cfg, run.workdir, reschedule=reschedule,
+                            saved=TrainConfig.from_dict(saved["config"]),
+                            source=f"checkpoint {step}; config.json is missing")
+
+    return check
 
 
 # ---- arrays in and out --------------------------------------------------------------------------
@@ -247,21 +307,32 @@ def make_eval_fn(run: Run):
 
 
 class _StopFlag:
-    """SIGTERM (TPU preemption, `kill`) asks the loop to checkpoint and exit cleanly."""
+    """SIGTERM (TPU preemption, `kill`) and SIGINT (Ctrl-C) ask the loop to checkpoint and
+    exit cleanly. A second SIGINT interrupts at once (the default handler is back)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.event = threading.Event()
-        self._old = None
+        self.name: str | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, _frame):
+        self.name = signal.Signals(signum).name
+        self.event.set()
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
             # Multi-process jobs leave SIGTERM to JAX's preemption notifier instead.
-            self._old = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _write_run_info(run: Run) -> None:
@@ -293,29 +364,60 @@ def _console_through(bar):
 
 
 def train(cfg: TrainConfig, workdir: epath.PathLike, *,
-          devices: Sequence[jax.Device] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run in `workdir` up to `cfg.steps`; returns a summary dict."""
+          devices: Sequence[jax.Device] | None = None, progress: bool = True,
+          restart: bool = False, reschedule: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir` up to `cfg.steps`; returns a summary dict.
+
+    `restart`: a workdir holding a config but no checkpoint trains again from step 0
+    (refused otherwise). `reschedule`: the learning rate and schedule may differ from the
+    saved run's (SCHEDULE_FIELDS).
+    """
     workdir = workdir_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
-    handler = _add_log_file(workdir) if primary and "://" not in str(workdir) else None
+    local = workdir_lib.is_local(workdir)
+    if primary:
+        workdir_lib.ensure_writable_dir(workdir, "--workdir")
+    handler = _add_log_file(workdir) if primary and local else None
+    lock = workdir_lib.WorkdirLock(workdir) if primary and local else None
     try:
-        return _train(cfg, workdir, devices, progress and primary, primary)
+        if lock is not None:
+            lock.acquire()
+        return _train(cfg, workdir, devices, progress and primary, primary,
+                      restart=restart, reschedule=reschedule)
     finally:
+        if lock is not None:
+            lock.release()
         if handler is not None:
             logging.getLogger("nested_jax").removeHandler(handler)
             handler.close()
 
 
-def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
-    check_resumable(cfg, workdir)
+def _restore_or_init(run: Run, ckpt: Checkpoints, data_it, *, restart: bool,
+                     reschedule: bool) -> tuple[int, dict, bool]:
+    """(start step, state, restored?) for the loop; refuses a silent restart from step 0."""
+    has_config = (run.workdir / "config.json").exists()
+    check = checkpoint_check(run, model_config=True, config=not has_config,
+                             reschedule=reschedule)
+    restored = ckpt.restore(run.abstract_state, data_it, check=check)
+    if restored is not None:
+        log.info("resumed from the checkpoint at step %d", restored[0])
+        return restored[0], restored[1], True
+    if has_config and not restart:
+        aside = ckpt.directory.parent / (ckpt.directory.name + ".corrupt")
+        raise RestartRefusedError(
+            f"{run.workdir} holds a run (config.json) but no checkpoint in {ckpt.directory}"
+            + (f" (corrupt ones were set aside in {aside})" if aside.exists() else "")
+            + "; refusing to start it again from step 0 silently. Pass --restart to train it "
+            "from step 0 (metrics.jsonl is cut back to match), or use a new --workdir")
+    if has_config:
+        log.warning("--restart: training %s again from step 0", run.workdir)
+    return 0, run.init_state(), False
+
+
+def _train(cfg, workdir, devices, progress, primary, *, restart=False,
+           reschedule=False) -> dict[str, Any]:
+    check_resumable(cfg, workdir, reschedule=reschedule)
     run = prepare(cfg, workdir, devices)
-    if primary:
-        (workdir / "config.json").write_text(cfg.to_json())
-        _write_run_info(run)
-    log.info("%s/%s: %.2fM parameters, mesh %s, tokenizer %s (vocab %d)", cfg.model, cfg.preset,
-             run.n_params / 1e6, dict(run.mesh.shape), run.tokenizer.spec,
-             run.tokenizer.vocab_size)
 
     shard = data_lib.Shard(jax.process_index(), jax.process_count())
     local_batch = cfg.data.batch_size // jax.process_count()
@@ -329,18 +431,29 @@ def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
             run.documents, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=local_batch,
             num_batches=cfg.eval_batches, eval_fraction=cfg.data.eval_fraction, shard=shard)
 
+    if primary:  # a read-only or full checkpoint disk fails here, before any compilation
+        workdir_lib.ensure_writable_dir(workdir / "checkpoints", "checkpoint directory")
     ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints,
                        use_async=cfg.async_checkpoints)
-    restored = ckpt.restore(run.abstract_state, data_it)
-    if restored is not None:
-        start, state = restored
-        log.info("resumed from the checkpoint at step %d", start)
-    else:
-        start, state = 0, run.init_state()
-    metrics = MetricsLog(workdir, resume_step=start if restored else None, enabled=primary)
+    try:
+        start, state, restored = _restore_or_init(run, ckpt, data_it, restart=restart,
+                                                  reschedule=reschedule)
+    except BaseException:
+        ckpt.close()
+        raise
+    if primary:  # only now: a refused or failed restore leaves the saved config as it was
+        (workdir / "config.json").write_text(cfg.to_json())
+        _write_run_info(run)
+    log.info("%s/%s: %.2fM parameters, mesh %s, tokenizer %s (vocab %d)", cfg.model, cfg.preset,
+             run.n_params / 1e6, dict(run.mesh.shape), run.tokenizer.spec,
+             run.tokenizer.vocab_size)
+    # Always cut metrics.jsonl back to the start step: a step is never logged twice.
+    metrics = MetricsLog(workdir, resume_step=start, enabled=primary)
+    meta = run_metadata(run)
 
     repl = sharding.replicated(run.mesh)
-    train_step = jax.jit(step_lib.make_train_step(run.graphdef, run.tx),
+    train_step = jax.jit(step_lib.make_train_step(run.graphdef, run.tx,
+                                                  max_norm_jump=cfg.max_norm_jump),
                          in_shardings=(run.state_shardings, run.batch_sharding),
                          out_shardings=(run.state_shardings, repl), donate_argnums=0)
     eval_fn = make_eval_fn(run)
@@ -359,7 +472,8 @@ def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
 
     ppl_before = evaluate(start, state)
     summary = dict(start_step=start, final_step=start, params=run.n_params,
-                   ppl_before=ppl_before, ppl_after=ppl_before, preempted=False)
+                   ppl_before=ppl_before, ppl_after=ppl_before, preempted=False,
+                   stopped_by=None, last_checkpoint=start if restored else None)
     if start >= cfg.steps:
         log.info("already at step %d of %d: nothing to train", start, cfg.steps)
         ckpt.close()
@@ -380,13 +494,21 @@ def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
         """Host side of a finished step: guard, logs, progress (one step behind dispatch)."""
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if m["bad_streak"] >= cfg.max_bad_steps:
+            last = summary["last_checkpoint"]
             raise NonFiniteError(
-                f"step {step}: the loss or gradients were NaN/Inf in {int(m['bad_streak'])} "
-                f"consecutive steps (max_bad_steps={cfg.max_bad_steps}); those updates were "
-                "skipped. Lower optim.learning_rate, enable optim.grad_clip, or check the data.")
-        if not m["finite"]:
-            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)",
-                        step, int(m["bad_streak"]))
+                f"step {step}: the guard rejected the update in {int(m['bad_streak'])} "
+                f"consecutive steps (max_bad_steps={cfg.max_bad_steps}): non-finite loss, "
+                f"gradients or result, or a parameter-norm jump beyond max_norm_jump="
+                f"{cfg.max_norm_jump}. None of them was applied, and no checkpoint was saved "
+                f"inside the streak (newest: step {last}). Resume from it with a lower rate: "
+                f"nested-jax train --workdir {workdir} --lr <smaller> --reschedule (or set "
+                "optim.grad_clip, or check the data)")
+        if not m["accepted"]:
+            why = ("non-finite loss or gradient" if not m["finite"] else
+                   f"parameter norm x{m['norm_ratio']:.3g}" if math.isfinite(m["norm_ratio"])
+                   else "non-finite result")
+            log.warning("step %d: update rejected (%s); %d in a row", step, why,
+                        int(m["bad_streak"]))
         now = time.time()
         if timer["t"] is None:  # the first step includes compilation
             timer["t"], timer["step"] = now, step
@@ -413,7 +535,19 @@ def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
         if bar is not None:
             bar.update(step - bar.n)
 
+    def save(step: int, state: dict) -> bool:
+        """Save unless the step is inside a streak of rejected updates (then: not yet)."""
+        streak = int(jax.device_get(state["bad_streak"]))  # a save waits for the step anyway
+        if streak:
+            log.warning("step %d: not saving a checkpoint inside a streak of %d rejected "
+                        "updates; the next accepted step saves", step, streak)
+            return False
+        ckpt.save(step, state, data_it, force=True, metadata=meta)
+        summary["last_checkpoint"] = step
+        return True
+
     stop = _StopFlag()
+    save_due = False
     try:
         with stop, _console_through(bar):
             for step in range(start + 1, cfg.steps + 1):
@@ -423,15 +557,19 @@ def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
                 pending = (step, m)
                 preempted = stop.event.is_set() or (jax.process_count() > 1
                                                     and ckpt.reached_preemption(step))
-                if preempted or step == cfg.steps or (
-                        cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                    ckpt.save(step, state, data_it, force=True)
+                save_due = save_due or preempted or step == cfg.steps or bool(
+                    cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                if save_due:
+                    save_due = not save(step, state)
                 summary["final_step"] = step
                 if preempted:
                     handle(*pending)
                     pending = None
-                    log.warning("SIGTERM: saved a checkpoint at step %d; exiting cleanly", step)
-                    summary["preempted"] = True
+                    name = stop.name or "preemption"
+                    log.warning("%s: %s at step %d; exiting cleanly", name,
+                                "saved a checkpoint" if not save_due else "did not save "
+                                "(inside a bad streak)", step)
+                    summary["preempted"], summary["stopped_by"] = True, name
                     break
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     handle(*pending)
@@ -462,30 +600,67 @@ def _train(cfg, workdir, devices, progress, primary) -> dict[str, Any]:
     return summary
 
 
+def _saved_config(workdir: epath.Path, ckpt: Checkpoints) -> TrainConfig:
+    """config.json, else the train config saved with the newest checkpoint step."""
+    cfg_path = workdir / "config.json"
+    if cfg_path.exists():
+        return TrainConfig.load(cfg_path)
+    for step in ckpt.all_steps():
+        try:
+            saved = ckpt.step_metadata(step).get("config")
+        except (OSError, ValueError):
+            continue
+        if saved:
+            log.info("%s has no config.json; using the config saved with checkpoint %d",
+                     workdir, step)
+            return TrainConfig.from_dict(saved)
+    raise ValueError(f"--workdir {workdir}: no config.json and no checkpoint carrying its "
+                     "config; train a run there first")
+
+
+def saved_config(workdir: epath.PathLike) -> TrainConfig:
+    """The config of the run in `workdir` (read-only; clear errors for a missing run)."""
+    workdir = workdir_path(workdir)
+    if not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir}: no such directory; pass the --workdir of a "
+                         "trained run")
+    ckpt = Checkpoints(workdir / "checkpoints", read_only=True)
+    try:
+        return _saved_config(workdir, ckpt)
+    finally:
+        ckpt.close()
+
+
 def load_run(workdir: epath.PathLike, *, devices: Sequence[jax.Device] | None = None,
              data_path: str | None = None, for_training: bool = True,
              model_overrides: dict | None = None) -> tuple[Run, dict, int]:
-    """(run, state, step) of the latest readable checkpoint in `workdir` (eval / generate).
+    """(run, state, step) of the newest readable checkpoint in `workdir` (eval / generate).
 
+    Read-only: nothing in the workdir is created, moved, deleted or written, so it is safe
+    against a run that is training there (a step deleted mid-read is skipped).
     Runs on `devices` (default: the first device) whatever mesh trained the checkpoint.
     `model_overrides` change model config fields that leave the parameters' shapes alone
     (e.g. inner learning rates at 0: the trained model with its memories frozen).
     """
     workdir = workdir_path(workdir)
-    cfg_path = workdir / "config.json"
-    if not cfg_path.exists():
-        raise ValueError(f"--workdir {workdir}: no config.json; train a run there first")
-    cfg = TrainConfig.load(cfg_path)
-    overrides = {"mesh": dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1)}
-    if data_path is not None:
-        overrides["data"] = dataclasses.replace(cfg.data, path=data_path)
-    if model_overrides:
-        overrides["model_overrides"] = {**cfg.model_overrides, **model_overrides}
-    cfg = dataclasses.replace(cfg, **overrides)
-    run = prepare(cfg, workdir, devices or jax.devices()[:1], for_training=for_training)
-    ckpt = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints, use_async=False)
+    if not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir}: no such directory; pass the --workdir of a "
+                         "trained run")
+    ckpt = Checkpoints(workdir / "checkpoints", read_only=True)
     try:
-        restored = ckpt.restore(run.abstract_state)
+        cfg = _saved_config(workdir, ckpt)
+        if cfg.data.tokenizer.startswith("sentencepiece-train:") and not (
+                workdir / "tokenizer.model").exists():
+            raise ValueError(f"--workdir {workdir}: the run's tokenizer.model is missing")
+        overrides = {"mesh": dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1)}
+        if data_path is not None:
+            overrides["data"] = dataclasses.replace(cfg.data, path=data_path)
+        if model_overrides:
+            overrides["model_overrides"] = {**cfg.model_overrides, **model_overrides}
+        cfg = dataclasses.replace(cfg, **overrides)
+        run = prepare(cfg, workdir, devices or jax.devices()[:1], for_training=for_training)
+        restored = ckpt.restore(run.abstract_state,
+                                check=checkpoint_check(run, model_config=False, config=False))
     finally:
         ckpt.close()
     if restored is None:
@@ -494,4 +669,5 @@ def load_run(workdir: epath.PathLike, *, devices: Sequence[jax.Device] | None = 
     return run, state, step
 
 
-__all__ = ["ConfigMismatchError", "NonFiniteError", "Run", "load_run", "prepare", "train"]
+__all__ = ["ConfigMismatchError", "NonFiniteError", "RestartRefusedError", "Run", "load_run",
+           "prepare", "train"]

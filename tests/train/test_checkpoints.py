@@ -10,7 +10,7 @@ import pytest
 
 from nested_jax.data import pipeline
 from nested_jax.data.tokenizers import ByteTokenizer
-from nested_jax.train.checkpoints import Checkpoints
+from nested_jax.train.checkpoints import CheckpointIOError, Checkpoints
 
 DOCS = [f"document number {i} " * (1 + i % 5) for i in range(50)]
 
@@ -93,7 +93,7 @@ def test_all_unreadable_is_an_error(tmp_path):
     for f in (tmp_path / "ck" / "2").rglob("*"):
         if f.is_file():
             f.write_bytes(b"x")
-    with pytest.raises(RuntimeError, match="could be read"):
+    with pytest.raises(CheckpointIOError, match="could be read"):
         Checkpoints(tmp_path / "ck").restore(_abstract(), _iterator())
 
 

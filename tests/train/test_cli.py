@@ -106,7 +106,7 @@ def test_missing_or_empty_data(tmp_path, caplog, make, message):
     empty.mkdir()
     rc = cli.main(["train", "--workdir", str(tmp_path / "run"), "--data", str(make(empty)),
                    *TINY])
-    assert rc == 2 and re.search(message, caplog.text)
+    assert rc == cli.EXIT_DATA and re.search(message, caplog.text)
 
 
 def test_presets_prints_parameter_counts(capsys):
