@@ -269,9 +269,12 @@ def checkpoint_check(run: Run, *, model_config: bool, config: bool, reschedule: 
                 + "\nTrain with the settings it was saved with (e.g. --model/--preset as "
                 "above), or use a new --workdir; nothing was changed")
         if config and "config" in saved:
-            check_resumable(run.cfg, run.workdir, reschedule=reschedule,
-                            saved=TrainConfig.from_dict(saved["config"]),
-                            source=f"checkpoint {step}; config.json is missing")
+            try:
+                check_resumable(run.cfg, run.workdir, reschedule=reschedule,
+                                saved=TrainConfig.from_dict(saved["config"]),
+                                source=f"checkpoint {step}; config.json is missing")
+            except ConfigMismatchError as e:
+                raise CheckpointMismatchError(str(e)) from None
 
     return check
 
