@@ -48,6 +48,7 @@ IO_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "RESOURCE_E
 IO_RETRIES = 3
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's per-step metadata (custom_metadata)
 IO_BACKOFF_S = 0.5
+MAX_LISTINGS = 5  # a reader's directory listings before it gives up on a live run
 
 
 class CheckpointMismatchError(ValueError):
@@ -210,8 +211,9 @@ class Checkpoints:
         another run; array shapes are always compared with `abstract_state`. Returns None
         when there is no checkpoint; raises when none of them can be read.
         """
-        steps = self.all_steps()
-        for step in steps:
+        tried: list[int] = []
+        for step in self._candidates(tried):
+            tried.append(step)
             try:
                 self._attempt(step, lambda s=step: self._check(s, abstract_state, check))
                 out = self._attempt(step, lambda s=step: self._read(s, abstract_state,
@@ -231,11 +233,20 @@ class Checkpoints:
             if data_iterator is not None and not _is_grain_iterator(data_iterator):
                 data_iterator.set_state(out["data"])
             return step, out["state"]
-        if steps:
+        if tried:
             where = "" if self.read_only else f" (set aside in {self._corrupt_dir()})"
-            raise CheckpointIOError(f"none of the checkpoints {steps} in {self.directory} could be "
+            raise CheckpointIOError(f"none of the checkpoints {tried} in {self.directory} could be "
                                f"read{where}; see the warnings above, or start a new --workdir")
         return None
+
+    def _candidates(self, tried: list[int]):
+        """Steps newest first; a reader lists again when it runs out, because a live run
+        may have saved a newer step while deleting the ones it was reading (keep-N)."""
+        for _ in range(MAX_LISTINGS if self.read_only else 1):
+            fresh = [s for s in self.all_steps() if s not in tried]
+            if not fresh:
+                return
+            yield from fresh
 
     def _step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)

@@ -123,3 +123,52 @@ def test_corrupt_latest_checkpoint_falls_back_and_stays_exact(reference):
     assert "step 12 could not be read" in log and "falling back" in log
     assert "resumed from the checkpoint at step 8" in log
     assert _losses(workdir) == want
+
+
+def test_sigint_saves_like_sigterm_and_quiet_shows_no_info(tmp_path):
+    """Ctrl-C checkpoints and exits 130 (no traceback); -q keeps INFO off the console."""
+    data = write_corpus(tmp_path / "data")
+    workdir = tmp_path / "run"
+    args = _args(data, workdir, 100_000)
+    args.insert(args.index("train"), "-q")
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while not (workdir / "metrics.jsonl").exists() or len(_losses_safe(workdir)) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    stopped = int(out.split("stopped by SIGINT at step ")[1].split(";")[0])
+    assert "checkpoint saved" in out and (workdir / "checkpoints" / str(stopped)).is_dir()
+    assert " INFO " not in err and "Traceback" not in err, err[-3000:]
+    assert "resumed" not in err and "INFO" in (workdir / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_eval_and_generate_never_disturb_a_live_run(tmp_path):
+    """The issue's case 2: eval/generate against a run saving every step, keeping one."""
+    from nested_jax import cli
+
+    data = write_corpus(tmp_path / "data")
+    workdir = tmp_path / "run"
+    args = _args(data, workdir, 100_000)
+    args[args.index("checkpoint_every=4")] = "checkpoint_every=1"
+    args += ["--set", "keep_checkpoints=1"]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 240
+        while not list((workdir / "checkpoints").glob("[0-9]*")):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        for _ in range(4):
+            assert cli.main(["eval", "--workdir", str(workdir), "--batches", "1"]) == 0
+            assert cli.main(["generate", "--workdir", str(workdir), "--max-new-tokens", "4"]) == 0
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert not (workdir / "checkpoints.corrupt").exists()
