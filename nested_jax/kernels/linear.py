@@ -78,9 +78,12 @@ def _kernel_part(level: Level, pl_: plan.Plan, state: MemoryState, q, k, v, gate
     fl = flags_for(level)
     k, v, gates = maybe_stop(level, k, v, gates)
     eta, beta = gates.eta, gates.beta
-    if level.rule.dgd_all_layers or level.rule.normalized:
+    if level.rule.dgd_all_layers:
         eta = jnp.vectorize(lambda e, x: effective_eta(level.rule, e, x),
                             signature="(),(d)->()")(eta, k)
+    if level.rule.normalized:  # a linear memory's write gain ||k||^2 reads no state
+        eta = jnp.vectorize(lambda e, x: level.step_eta(None, x, e), signature="(),(d)->()")(
+            eta, k)
     if not fl.momentum:
         beta = jnp.zeros_like(beta)
     seq = lambda x: jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:]).astype(acc)

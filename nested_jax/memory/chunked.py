@@ -20,6 +20,8 @@ from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
 def chunk_step(level: Level, state: MemoryState, q, k, v, gates: Gates):
     """One chunk. q, k: f[C, dk]; v: f[C, dv]; gates f[C]. Returns (state, o f[C, dv])."""
     boundary = state.params
+    eta = jax.vmap(level.step_eta, in_axes=(None, 0, 0))(boundary, k, gates.eta)
+    gates = Gates(eta, gates.alpha, gates.beta)
     if level.read == "boundary" and not level.rule.momentum and not level.rule.dgd:
         v = level.target(boundary, v)
         return _boundary_gd_chunk(level, state, q, k, v, gates)

@@ -79,6 +79,9 @@ class Level:
         objectives.check(self.objective)
         if not isinstance(self.rule, Rule):
             raise ValueError(f"rule={self.rule!r} must be a nested_jax.memory.Rule.")
+        if self.rule.normalized and not hasattr(self.memory, "write_gain"):
+            raise ValueError(f"Rule.normalized=True needs memory.write_gain(params, x); "
+                             f"{self.memory} has none: add it, or use Rule(normalized=False).")
         if self.read not in READS:
             raise ValueError(f"read={self.read!r} is unknown; use one of {READS}.")
         if self.rule.delta:
@@ -114,8 +117,15 @@ class Level:
         return vhat
 
     def layer_inputs(self, params, k):
-        return self.memory.layer_inputs(params, k,
-                                        self.rule.dgd_all_layers or self.rule.normalized)
+        return self.memory.layer_inputs(params, k, self.rule.dgd_all_layers)
+
+    def step_eta(self, boundary, k, eta):
+        """The token's step: eta, or under ``Rule.normalized`` eta / (1 + eta G) with
+        G = ``memory.write_gain(boundary, k)`` (normalised LMS for the whole memory, rules.py).
+        Taken at the chunk boundary, like the gradient it scales."""
+        if not self.rule.normalized:
+            return eta
+        return eta / (1.0 + eta * self.memory.write_gain(boundary, k))
 
     def writes(self, boundary, k, v):
         """(inner gradients, DGD layer inputs) of one token, both at the boundary state.

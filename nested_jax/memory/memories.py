@@ -62,6 +62,12 @@ class LinearMemory:
         del params, all_layers
         return {"W": x}
 
+    def write_gain(self, params, x):
+        """||d M(x) / d W||^2 = ||x||^2: a gradient step of size eta moves M(x) by
+        eta ||x||^2 times the error (``Rule.normalized`` divides by 1 + eta * this)."""
+        del params
+        return jnp.sum(x * x)
+
     @property
     def output_layer(self) -> str:
         """The matrix whose product W x adds linearly to the read-out (``Rule.delta``)."""
@@ -138,6 +144,31 @@ class MLPMemory:
     def apply(self, params, x):
         y, _ = self._forward(params, x)
         return x + y if self.residual else y
+
+    def write_gain(self, params, x):
+        """An upper bound on ||J J^T||, J = d M(x) / d(all matrices): a gradient step of size
+        eta on every matrix moves M(x) by at most eta * this times the error.
+
+        J J^T = sum_l ||x_l||^2 B_l B_l^T, with x_l layer l's input and B_l = d y / d z_l the
+        back-propagation matrix from its output (the identity for the output layer,
+        W_{l+1} diag(s'(z_l)) ... further in); each ||B_l||^2 is bounded by its Frobenius norm.
+        Per-matrix normalisation (||x_l||^2 alone) misses the B_l factor: with a large output
+        layer the input-side step overshoots by ||W1 diag(s')||^2 (TitansLM diverged so).
+        """
+        act = activation(self.activation)
+        inputs, derivs, h = [], [], x
+        for i, name in enumerate(self.names):
+            inputs.append(h)
+            z = params[name] @ h
+            if i < self.depth - 1:
+                h, d = jax.jvp(act, (z,), (jnp.ones_like(z),))
+                derivs.append(d)
+        gain, back = jnp.sum(inputs[-1] ** 2), None  # output layer: B = I, ||B||_2 = 1
+        for i in range(self.depth - 1, 0, -1):  # B_{i-1} = B_i W_i diag(s'(z_{i-1}))
+            w = params[self.names[i]]
+            back = (w if back is None else back @ w) * derivs[i - 1][None, :]
+            gain = gain + jnp.sum(inputs[i - 1] ** 2) * jnp.sum(back * back)
+        return gain
 
     def layer_inputs(self, params, x, all_layers: bool = False):
         _, inputs = self._forward(params, x)

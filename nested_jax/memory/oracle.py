@@ -17,6 +17,7 @@ from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
 def token_step(level: Level, state: MemoryState, boundary, q, k, v, eta, alpha, beta):
     """One token with the inner gradient taken at ``boundary`` (the shared step of all paths)."""
     grads, inputs = level.writes(boundary, k, v)
+    eta = level.step_eta(boundary, k, eta)
     params, mom = rules.step(level.rule, state.params, state.mom, grads, inputs, eta, alpha, beta)
     return MemoryState(params, mom)
 

@@ -11,9 +11,11 @@ with inner gradient g taken at the chunk-boundary state and data-dependent gates
 x_t is the matrix's input (k_t for the input-side matrix).  ``momentum=False`` forces beta=0,
 ``dgd=False`` drops the rank-1 term.  With ``dgd_all_layers`` every matrix gets the DGD factor
 with its own input and the exact step size eta' = eta / (1 + eta ||x||^2) (Sherman-Morrison),
-used for both the factor and the gradient term (paper §2, DGD row).  ``normalized`` takes that
-step on every matrix without DGD's factor: normalised LMS, whose write eta' ||x||^2 < 1 cannot
-overshoot however large the matrix's input grows (Titans' rule diverged without it, #19).
+used for both the factor and the gradient term (paper §2, DGD row).  ``normalized`` (rules
+without DGD) is normalised LMS for the whole memory: every matrix steps with
+eta' = eta / (1 + eta G), G = ``memory.write_gain(M_b, k)`` >= ||J J^T|| (J the Jacobian of M(k)
+in all matrices), so one write moves M(k) by less than its error however large the layers grow
+(``Level.step_eta``; TitansLM's MLP memory diverged without it, decisions #19).
 
 ``delta`` (decisions #19, the "delta form" of DGD with the l2 objective).  The l2 error of a
 memory, u = y_b - t, contains the output-side matrix's own product W_o,b x.  DGD's factor
@@ -50,9 +52,9 @@ class Rule:
                 raise ValueError(f"Rule.{f}={getattr(self, f)!r} must be a bool.")
         if self.dgd_all_layers and not self.dgd:
             raise ValueError("Rule.dgd_all_layers=True needs dgd=True.")
-        if self.normalized and self.dgd and not self.dgd_all_layers:
-            raise ValueError("Rule.normalized=True with dgd=True needs dgd_all_layers=True (its "
-                             "Sherman-Morrison step already normalises every layer).")
+        if self.normalized and self.dgd:
+            raise ValueError("Rule.normalized=True is for rules without DGD; with dgd=True use "
+                             "dgd_all_layers=True (a Sherman-Morrison step on every layer).")
         if self.delta and not self.dgd:
             raise ValueError("Rule.delta=True needs dgd=True: it removes the decay that the l2 "
                              "gradient adds on top of DGD's factor.")
@@ -66,9 +68,9 @@ DELTA = Rule(momentum=True, dgd=True, dgd_all_layers=True, delta=True)
 
 
 def effective_eta(rule: Rule, eta, x):
-    """Per-matrix step: eta' = eta / (1 + eta ||x||^2) under ``dgd_all_layers`` or
-    ``normalized``, else eta."""
-    if (rule.dgd_all_layers or rule.normalized) and x is not None:
+    """Per-matrix step: eta' = eta / (1 + eta ||x||^2) under ``dgd_all_layers``, else eta
+    (``normalized`` scales eta for the whole memory before this: ``Level.step_eta``)."""
+    if rule.dgd_all_layers and x is not None:
         return eta / (1.0 + eta * jnp.sum(x * x))
     return eta
 

@@ -73,18 +73,17 @@ class TitansConfig(ModelConfig):
         switches the memory's writes off (with alpha = 1 the network is then static).  Stale
         chunk gradients with momentum amplify the step: at chunk 64, beta 0.9, the tiny MLP
         memory diverged from eta = 0.05 on, hence the bound 0.1 and the init 0.01.
-      normalized_step: every matrix of the memory takes the Sherman-Morrison step
-        eta / (1 + eta ||x||^2) on its own input x (``Rule.normalized``, normalised LMS; the
-        "dgd_all" rule has it already, plain "dgd" does not), so no single write overshoots.
+      normalized_step: normalised LMS for the whole memory (``Rule.normalized``): every matrix
+        steps with eta / (1 + eta G), G = ``memory.write_gain(M_b, k)`` >= ||J J^T|| for the
+        Jacobian J of M(k) in all its matrices, so no write moves M(k) past its target however
+        large the layers grow (DGD rules have their own per-layer step and ignore this).
       ema_momentum: eta carries a factor (1 - beta), so a write's total effect through the
         momentum, eta / (1 - beta), stays eta_max-bounded.
         Both are on by default (decisions #19).  Without them the MLP memory's forward pass
-        diverged on MQAR within ~130 steps: the hidden layer's input s(W2 k) is not normalised,
-        so W1's step eta ||s(W2 k)||^2 grows with W2, and momentum multiplies it by up to
-        1 / (1 - beta) = 25 -- the state reached 1e24 while the per-head output norm kept the
-        loss finite, until the backward pass overflowed.  With both, tiny TitansLM trains
-        finite and recalls 36.6% on MQAR against 3.3% with its memory frozen
-        (experiments/results/icl_mqar.md).
+        diverged on MQAR within ~130 steps (state 1e24, hidden by the per-head output norm until
+        the backward pass overflowed); normalising each matrix by its own input alone was not
+        enough: the input-side step is amplified by ||W1 diag(s')||^2, and on MAD recall W2
+        still reached 4e30 (tests/memory/test_write_gain.py shows the contrast).
       eta_init, alpha_init, beta_init: gate values at initialisation (set through the biases).
       stop_grad: engine ablation: outer gradients skip the inner updates (decision #4).
       norm_eps: RMSNorm epsilon.
