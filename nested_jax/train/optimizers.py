@@ -6,6 +6,7 @@ linear or constant) and, first in the chain, global-norm gradient clipping.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable
@@ -77,13 +78,35 @@ def _nested_optimizer(name: str) -> Callable[..., optax.GradientTransformation]:
     return factory
 
 
+# Factory arguments that carry an OptimConfig field (the rest are structural: masks, dims).
+_FIELD_OF = {"b1": "b1", "b2": "b2", "eps": "eps", "weight_decay": "weight_decay",
+             "momentum": "b1", "beta": "b1", "adam_b1": "b1", "adam_b2": "b2",
+             "adam_weight_decay": "weight_decay"}
+_SHARED_FIELDS = ("b1", "b2", "eps", "weight_decay")
+
+
+def _check_used(cfg: Any, used: set[str]) -> None:
+    """A shared field set away from its default that this optimizer does not take is an error
+    (it used to be dropped silently, e.g. optim.b1 under m3), naming the way to reach the
+    optimizer's own parameters."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for field in _SHARED_FIELDS:
+        value = getattr(cfg, field)
+        if field not in used and field not in cfg.kwargs and value != defaults[field]:
+            fail(f"optim.{field}", value, f"optim.name={cfg.name!r} does not take it; leave it at "
+                 f"{defaults[field]} and pass the optimizer's own arguments through optim.kwargs "
+                 f"(e.g. --set optim.kwargs='{{\"<argument>\": ...}}')")
+
+
 def _call(factory: Callable, lr: optax.Schedule, cfg: Any, **defaults: Any):
-    """factory(learning_rate=lr, **defaults it accepts, **cfg.kwargs)."""
+    """factory(learning_rate=lr, **defaults it accepts, **cfg.kwargs); a shared OptimConfig
+    field the factory does not take is refused when set (``_check_used``)."""
     try:
         accepted = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         accepted = {}
     kwargs = {k: v for k, v in defaults.items() if k in accepted}
+    _check_used(cfg, {_FIELD_OF[k] for k in kwargs if k in _FIELD_OF})
     kwargs.update(cfg.kwargs)
     return factory(learning_rate=lr, **kwargs)
 

@@ -83,3 +83,21 @@ def test_gradients_are_clipped_first():
     unclipped = optimizers.build(dataclasses.replace(cfg, grad_clip=0.0), 10)
     updates, _ = unclipped.update(grads, unclipped.init(PARAMS), PARAMS)
     assert float(optax.tree.norm(updates)) > 100
+
+
+@pytest.mark.parametrize("name,field,value", [
+    ("m3", "b1", 0.5), ("delta_momentum", "b2", 0.9), ("deep_momentum", "eps", 1e-6),
+    ("sgd", "eps", 1e-6), ("lion", "eps", 1e-6),
+])
+def test_a_shared_field_the_optimizer_ignores_is_refused(name, field, value):
+    """optim.b1 / b2 / eps used to be dropped silently by optimizers that do not take them."""
+    with pytest.raises(ValueError, match=rf"optim\.{field}.*does not take it.*optim\.kwargs"):
+        optimizers.build(OptimConfig(name=name, **{field: value}), total_steps=10)
+
+
+def test_shared_fields_still_reach_the_optimizers_that_take_them():
+    a = _one_update(OptimConfig(name="adam", warmup_steps=0, b1=0.5, eps=1e-3))
+    b = _one_update(OptimConfig(name="adam", warmup_steps=0))
+    assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                      strict=True))
+    optimizers.build(OptimConfig(name="m3"), total_steps=10)  # defaults are never refused
