@@ -621,13 +621,18 @@ def _saved_config(workdir: epath.Path, ckpt: Checkpoints) -> TrainConfig:
                      "config; train a run there first")
 
 
-def saved_config(workdir: epath.PathLike) -> TrainConfig:
-    """The config of the run in `workdir` (read-only; clear errors for a missing run)."""
+def _open_trained(workdir: epath.PathLike) -> tuple[epath.Path, Checkpoints]:
+    """The workdir of a trained run and its checkpoints, opened read-only."""
     workdir = workdir_path(workdir)
     if not workdir.is_dir():
         raise ValueError(f"--workdir {workdir}: no such directory; pass the --workdir of a "
                          "trained run")
-    ckpt = Checkpoints(workdir / "checkpoints", read_only=True)
+    return workdir, Checkpoints(workdir / "checkpoints", read_only=True)
+
+
+def saved_config(workdir: epath.PathLike) -> TrainConfig:
+    """The config of the run in `workdir` (read-only; clear errors for a missing run)."""
+    workdir, ckpt = _open_trained(workdir)
     try:
         return _saved_config(workdir, ckpt)
     finally:
@@ -645,11 +650,7 @@ def load_run(workdir: epath.PathLike, *, devices: Sequence[jax.Device] | None = 
     `model_overrides` change model config fields that leave the parameters' shapes alone
     (e.g. inner learning rates at 0: the trained model with its memories frozen).
     """
-    workdir = workdir_path(workdir)
-    if not workdir.is_dir():
-        raise ValueError(f"--workdir {workdir}: no such directory; pass the --workdir of a "
-                         "trained run")
-    ckpt = Checkpoints(workdir / "checkpoints", read_only=True)
+    workdir, ckpt = _open_trained(workdir)
     try:
         cfg = _saved_config(workdir, ckpt)
         if cfg.data.tokenizer.startswith("sentencepiece-train:") and not (

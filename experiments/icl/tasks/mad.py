@@ -143,8 +143,31 @@ class NoisyRecall(InContextRecall):
     frac_noise: float = 0.2
 
 
+class _KeyValueVocab:
+    """MAD's vocabulary for tasks with one special token (fuzzy recall's pad, memorization's
+    insert token): the rest splits into keys, then values; chance is one value in n."""
+
+    vocab: int
+
+    @property
+    def n_keys(self) -> int:
+        return (self.vocab - 1) // 2
+
+    @property
+    def n_values(self) -> int:
+        return self.vocab - 1 - self.n_keys
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab - 1 + RESERVED
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.n_values
+
+
 @dataclasses.dataclass(frozen=True)
-class FuzzyRecall:
+class FuzzyRecall(_KeyValueVocab):
     """MAD fuzzy in-context recall: keys and values are motifs of 1..``k_motif`` and
     1..``v_motif`` distinct tokens, so a model must recall spans, not single tokens.
 
@@ -191,22 +214,6 @@ class FuzzyRecall:
         require(self.seq_len >= 3 * span,
                 f"FuzzyRecall seq_len={self.seq_len} must be >= 3 * (k_motif + v_motif) = "
                 f"{3 * span}: room for the stored pair, one more pair and the query.")
-
-    @property
-    def n_keys(self) -> int:
-        return (self.vocab - 1) // 2
-
-    @property
-    def n_values(self) -> int:
-        return self.vocab - 1 - self.n_keys
-
-    @property
-    def vocab_size(self) -> int:
-        return self.vocab - 1 + RESERVED
-
-    @property
-    def chance(self) -> float:
-        return 1.0 / self.n_values
 
     def at_length(self, seq_len: int) -> FuzzyRecall:
         return dataclasses.replace(self, seq_len=seq_len)
@@ -366,7 +373,7 @@ class Compression:
 
 
 @dataclasses.dataclass(frozen=True)
-class Memorization:
+class Memorization(_KeyValueVocab):
     """MAD memorization: a fixed key -> value map, the same for every sample, so a value can
     only come from the weights, never from the context.
 
@@ -398,22 +405,6 @@ class Memorization:
                 f"Memorization seq_len={self.seq_len} holds {self.seq_len // 2} pairs but there "
                 f"are only {self.n_keys} keys (distinct per sequence): lower seq_len to <= "
                 f"{2 * self.n_keys} or raise vocab.")
-
-    @property
-    def n_keys(self) -> int:
-        return (self.vocab - 1) // 2
-
-    @property
-    def n_values(self) -> int:
-        return self.vocab - 1 - self.n_keys
-
-    @property
-    def vocab_size(self) -> int:
-        return self.vocab - 1 + RESERVED
-
-    @property
-    def chance(self) -> float:
-        return 1.0 / self.n_values
 
     def value_of(self) -> np.ndarray:
         """int [n_keys]: each key's value id (before the RESERVED shift), fixed by map_seed."""
