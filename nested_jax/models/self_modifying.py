@@ -129,6 +129,13 @@ class SelfModifyingConfig:
         default 0.1: with the delta rule every write is contractive at any eta, but outer
         gradients explode with the context at large eta (module notes).  inner_rule="dgd" keeps
         eta_max <= 1.
+      memory_eta_scale: M_memory's inner learning rate is memory_eta_scale times the coupled
+        memories' eta (same gate): the memory that answers queries takes near-full delta-rule
+        steps while the coupled memories, which generate k, v and the gates, stay at eta_max
+        (module notes; decisions.md #21).  eta_max = 0 still freezes every memory.
+      memory_self_target: M_memory's target is its self-generated l2(M_memory,b(v_t)) (paper,
+        eq. 84) if True, or v_t itself (Titans' target) if False.  The coupled memories always
+        generate their own targets.
       inner_rule: "delta" (default: delta-form DGD, Sherman-Morrison step on every layer),
         "dgd_all" (factor and step on every layer, full l2 error) or "dgd" (decision #5: the
         factor on the input-side matrix only, the paper-literal reading).
@@ -164,6 +171,8 @@ class SelfModifyingConfig:
     chunk_other: int = 8
     conv_width: int = 4
     eta_max: float = 0.1
+    memory_eta_scale: float = 100.0
+    memory_self_target: bool = False
     inner_rule: str = "delta"
     dgd: bool = True
     momentum: bool = True
@@ -228,15 +237,24 @@ def validate_fields(cfg) -> None:
     if not (isinstance(cfg.eta_max, (int, float)) and 0 <= cfg.eta_max <= ETA_MAX_LIMIT):
         fail("eta_max", cfg.eta_max, f"must lie in [0, {ETA_MAX_LIMIT}] (the default is "
              f"{SelfModifyingConfig.eta_max})")
-    if cfg.inner_rule == "dgd" and cfg.dgd and cfg.eta_max > 1:
-        fail("eta_max", cfg.eta_max, "must be <= 1 with inner_rule='dgd': its l2 write decays "
+    if not (isinstance(cfg.memory_eta_scale, (int, float)) and cfg.memory_eta_scale >= 0):
+        fail("memory_eta_scale", cfg.memory_eta_scale, "must be a float >= 0 (M_memory's eta is "
+             "memory_eta_scale * the coupled memories' eta; freeze every memory with eta_max=0)")
+    if cfg.inner_rule == "dgd" and cfg.dgd and cfg.eta_max * max(1, cfg.memory_eta_scale) > 1:
+        name = "eta_max" if cfg.eta_max > 1 else "memory_eta_scale"
+        fail(name, getattr(cfg, name), "must keep every memory's eta bound (eta_max, and eta_max "
+             "* memory_eta_scale for M_memory) <= 1 with inner_rule='dgd': its l2 write decays "
              "along k twice and diverges at large eta; use inner_rule='delta' for larger steps")
+    if not (cfg.eta_max * cfg.memory_eta_scale <= ETA_MAX_LIMIT):
+        fail("memory_eta_scale", cfg.memory_eta_scale, f"gives M_memory an eta bound eta_max * "
+             f"memory_eta_scale = {cfg.eta_max * cfg.memory_eta_scale:g} above {ETA_MAX_LIMIT}; "
+             "lower it")
     if not (isinstance(cfg.memory_init_scale, (int, float)) and cfg.memory_init_scale >= 0):
         fail("memory_init_scale", cfg.memory_init_scale, "must be a float >= 0 (0: identity "
              "memories at init, whose self-generated targets give no signal)")
     for name in ("dgd", "momentum", "weight_decay", "stop_grad", "static_k", "static_v",
                  "adaptive_q", "normalize_v", "normalize_target", "separate_conv",
-                 "ema_momentum"):
+                 "ema_momentum", "memory_self_target"):
         if not isinstance(getattr(cfg, name), bool):
             fail(name, getattr(cfg, name), "must be a bool")
     check_choice(cfg, "memory_path", PATHS)
@@ -343,9 +361,15 @@ class SelfModifyingTitans(nnx.Module):
         return nm.MLPMemory(self.cfg.head_dim, self.cfg.head_dim, hidden=self.cfg.hidden)
 
     def level(self, read: str) -> nm.Level:
-        """read="boundary": the coupled memories; "online"/"prior": M_memory (self-targets both)."""
+        """read="boundary": the coupled memories; "online"/"prior": M_memory."""
+        self_target = read == "boundary" or self.cfg.memory_self_target
         return nm.Level(self.memory_module, "l2", self.cfg.rule, read, stop_grad=self.cfg.stop_grad,
-                        self_target=True, normalize_target=self.cfg.normalize_target)
+                        self_target=self_target,
+                        normalize_target=self_target and self.cfg.normalize_target)
+
+    def _memory_gates(self, gates: nm.Gates) -> nm.Gates:
+        """M_memory's gates: the coupled memories' with eta scaled by ``memory_eta_scale``."""
+        return gates._replace(eta=gates.eta * self.cfg.memory_eta_scale)
 
     def initial_states(self, batch_size: int) -> tuple[nm.MemoryState, nm.MemoryState]:
         """(coupled [B, N*H, ...], memory [B, H, ...]) MemoryStates from the meta-learned inits."""
@@ -513,6 +537,7 @@ class SelfModifyingTitans(nnx.Module):
         fit = lambda a: pad(a[:, :T], Tm)
         noop = lambda a, value: a[:, :T] if Tm == T else jnp.concatenate(
             [a[:, :T], jnp.full((B, Tm - T, *a.shape[2:]), value, a.dtype)], axis=1)
+        gates = self._memory_gates(gates)
         gates = nm.Gates(noop(gates.eta, 0.0), noop(gates.alpha, 1.0), noop(gates.beta, 0.0))
         o_BxTxHxK, _ = nm.apply(self.level(cfg.memory_read), memory0, fit(q), fit(k), fit(v),
                                 gates, chunk_size=cfg.chunk_memory, path=cfg.memory_path)
@@ -545,7 +570,8 @@ class SelfModifyingTitans(nnx.Module):
                                     tile(k), tile(v), nm.Gates(*map(tile, gates)),
                                     chunk_size=cfg.chunk_other)
         o_BxHxK, memory = nm.stream_step(self.level(cfg.memory_read), state.memory, first(q),
-                                         first(k), first(v), nm.Gates(*map(first, gates)),
+                                         first(k), first(v),
+                                         self._memory_gates(nm.Gates(*map(first, gates))),
                                          chunk_size=cfg.chunk_memory)
         y_BxD = self._output(o_BxHxK[:, None], x_Bx1xD)[:, 0]
         return y_BxD, LayerState(conv, coupled, memory)

@@ -112,8 +112,12 @@ def reference(layer, x_BxTxD):
         prior = _mlp(w1["memory"], w2["memory"], q)  # M_{t-1}(q_t), before token t's write
         for n in names:
             b1, b2 = bound[n]
-            vhat = _mlp(b1, b2, v)  # eq. 84: self-generated target from the boundary memory
-            vhat = _l2(vhat) if cfg.normalize_target else vhat
+            own_target = n != "memory" or cfg.memory_self_target
+            # eq. 84: self-generated target from the boundary memory (M_memory: v itself unless
+            # memory_self_target); M_memory's eta is memory_eta_scale times the others'.
+            vhat = _mlp(b1, b2, v) if own_target else v
+            vhat = _l2(vhat) if own_target and cfg.normalize_target else vhat
+            eta_n = eta * cfg.memory_eta_scale if n == "memory" else eta
             z = np.einsum("bhfk,bhk->bhf", b2, k)
             h = _silu(z)
             own = np.einsum("bhkf,bhf->bhk", b1, h)  # W1_b h, the output layer's own term
@@ -123,8 +127,8 @@ def reference(layer, x_BxTxD):
             g1 = np.einsum("bhk,bhf->bhkf", u, h)
             g2 = np.einsum("bhf,bhk->bhfk", e, k)
             # Sherman-Morrison steps eta / (1 + eta ||x||^2) on every layer (dgd_all, delta).
-            sm = lambda x: eta / (1.0 + eta * np.sum(x * x, -1)[..., None, None])
-            e1, e2 = (sm(h), sm(k)) if rule in ("delta", "dgd_all") else (eta, eta)
+            sm = lambda x: eta_n / (1.0 + eta_n * np.sum(x * x, -1)[..., None, None])
+            e1, e2 = (sm(h), sm(k)) if rule in ("delta", "dgd_all") else (eta_n, eta_n)
             s1[n] = beta * s1[n] - e1 * g1
             s2[n] = beta * s2[n] - e2 * g2
             dgd2 = np.einsum("bhfk,bhk,bhj->bhfj", w2[n], k, k) if rule != "gd" else 0.0
@@ -147,9 +151,13 @@ CASES = {
     "dgd-all-raw-target-C3-C2": dict(inner_rule="dgd_all", normalize_target=False,
                                      chunk_memory=3, chunk_other=2),
     "paper-literal-dgd-C4-C1": dict(inner_rule="dgd", normalize_target=False, eta_max=0.5,
-                                    chunk_memory=4),
-    "delta-eta-max-20-C6-C4": dict(eta_max=20.0, chunk_memory=6, chunk_other=4),
+                                    memory_self_target=True, memory_eta_scale=2.0, chunk_memory=4),
+    "delta-eta-max-20-C6-C4": dict(eta_max=20.0, memory_eta_scale=5.0, chunk_memory=6,
+                                   chunk_other=4),
     "shared-conv-C2-C3": dict(separate_conv=False, chunk_memory=2, chunk_other=3),
+    "memory-plain-target-scale-30-C4-C2": dict(memory_self_target=False, memory_eta_scale=30.0,
+                                               chunk_memory=4, chunk_other=2),
+    "memory-self-target-scale-3-per-token": dict(memory_self_target=True, memory_eta_scale=3.0),
     "prior-read-per-token": dict(memory_read="prior"),
     "prior-read-C5-C2": dict(memory_read="prior", chunk_memory=5, chunk_other=2),
     "static-k-gd-no-ema-C4-C2": dict(static_k=True, dgd=False, ema_momentum=False,
@@ -208,6 +216,7 @@ def test_eta_zero_is_a_static_network(x64):
 
 def _extreme(gate_bias, T=2048, **overrides):
     """Max |layer output| with every gate pinned (gate_w = 0) over a strongly correlated input."""
+    overrides = {"memory_eta_scale": 1.0, **overrides}
     layer = _layer(perturb=0.0, d_model=64, n_heads=4, memory_hidden=0, chunk_memory=16,
                    chunk_other=4, **overrides)
     shape = layer.gate_b[...].shape
@@ -223,12 +232,13 @@ EXTREME = {"beta-0.5": [30.0, 30.0, 0.0], "beta-0.99": [30.0, 30.0, 4.6],
 
 
 @pytest.mark.parametrize("gates", list(EXTREME))
-@pytest.mark.parametrize("eta_max", [10.0, 100.0])
-def test_inner_loop_stays_finite_at_extreme_gates(gates, eta_max):
+@pytest.mark.parametrize("eta_max, scale", [(10.0, 1.0), (100.0, 1.0), (1.0, 100.0)])
+def test_inner_loop_stays_finite_at_extreme_gates(gates, eta_max, scale):
     """Module notes, in-context learning and stability: the default layer (delta rule,
-    normalised self-targets) stays finite for the worst gates the outer loop could learn:
-    eta = eta_max up to 100, alpha = 1 (no decay), beta up to 0.999, T = 2048, float32."""
-    assert np.isfinite(_extreme(EXTREME[gates], eta_max=eta_max))
+    normalised self-targets, M_memory on v) stays finite for the worst gates the outer loop
+    could learn: eta = 100 on the coupled memories or on M_memory (memory_eta_scale), alpha = 1
+    (no decay), beta up to 0.999, T = 2048, float32."""
+    assert np.isfinite(_extreme(EXTREME[gates], eta_max=eta_max, memory_eta_scale=scale))
 
 
 @pytest.mark.parametrize("rule", ["dgd_all", "delta"])
@@ -315,6 +325,10 @@ def test_gradients_match_finite_differences(x64):
     ({"conv_width": 0}, "conv_width"),
     ({"eta_max": 300.0}, "eta_max"),
     ({"inner_rule": "dgd", "eta_max": 3.0}, "eta_max"),
+    ({"inner_rule": "dgd", "eta_max": 0.1, "memory_eta_scale": 100.0}, "memory_eta_scale"),
+    ({"eta_max": 10.0, "memory_eta_scale": 100.0}, "memory_eta_scale"),
+    ({"memory_eta_scale": -1.0}, "memory_eta_scale"),
+    ({"memory_self_target": 0}, "memory_self_target"),
     ({"inner_rule": "delta2"}, "inner_rule"),
     ({"normalize_target": 1}, "normalize_target"),
     ({"memory_hidden": -1}, "memory_hidden"),
