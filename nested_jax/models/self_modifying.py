@@ -79,6 +79,16 @@ Readings of points the paper leaves open (recorded in docs/paper_map/models.md):
     at 10 and 6.2% for the static network (experiments/results/icl_mqar*.md).
     Memories start as identity plus W1 ~ N(0, 0.25/F) (``memory_init_scale``): with W1 = 0 all
     memories are the identity and every target error M(k) - M(v) is (v - k) alone;
+  * M_memory, the memory that answers the queries, is not bound by that cap (decisions.md #21).
+    The explosion comes from self-referential writes: with M_memory trained toward v_t (as in
+    Titans) instead of its self-generated l2(M_memory,b(v_t)), tiny Hope's outer gradient norm
+    on periodic text at init (T = 1024, CMS frozen) is 1.34 with M_memory's eta bound at 10
+    (0.1 x ``memory_eta_scale`` = 100), against 547 with the self-generated target.  So M_memory
+    takes near-full Sherman-Morrison delta steps on unit keys while the coupled memories, which
+    generate k, v and the gates, keep eta_max = 0.1.  MQAR with CMS frozen, 400 steps, seed 0:
+    5.9% (scale 1, self-target), 16.1% (10, self-target), 24.8% (10, v), 34.6% (100, v; seed 1:
+    36.2%), 20.0% (1000, v).  ``memory_self_target=True, memory_eta_scale=1`` is the
+    paper-literal reading (eq. 84 for every memory, one eta);
   * the output gate is silu(x W_g) of the block's (normalised, pre-conv) input, as in GatedDeltaNet;
   * the conv starts as the identity (current-token tap 1, others ~N(0, 0.02)).
 """
