@@ -67,7 +67,3 @@ def backward(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, op_dtype):
     grads = {name: (x if name == "dve" else x[:, None])
              for name, x in g._asdict().items() if x is not None}
     return grads, dw0, ds0
-
-
-def zeros_like_chunk(ch: Chunk) -> Chunk:
-    return jax.tree.map(jnp.zeros_like, ch)

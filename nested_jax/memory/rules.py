@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 
@@ -91,7 +90,3 @@ def step(rule: Rule, params, mom, grads, inputs, eta, alpha, beta):
     names = list(params)
     new = {n: one(params[n], mom[n], grads[n], inputs[n]) for n in names}
     return {n: new[n][0] for n in names}, {n: new[n][1] for n in names}
-
-
-def zeros_like_tree(tree):
-    return jax.tree.map(jnp.zeros_like, tree)

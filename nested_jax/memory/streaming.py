@@ -36,7 +36,3 @@ def step(level: Level, st: StreamState, q, k, v, eta, alpha, beta, chunk_size: i
     done = pos == chunk_size
     boundary = jax.tree.map(lambda n, b: jnp.where(done, n, b), new.params, st.boundary)
     return o, StreamState(new.params, new.mom, boundary, jnp.where(done, 0, pos))
-
-
-def to_memory_state(st: StreamState) -> MemoryState:
-    return MemoryState(st.params, st.mom)

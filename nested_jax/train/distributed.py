@@ -42,7 +42,3 @@ def initialize(mode: str = "auto", *, coordinator: str | None = None,
     log.info("jax.distributed: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(),
              jax.device_count())
-
-
-def is_primary() -> bool:
-    return jax.process_index() == 0
