@@ -52,9 +52,10 @@ class HopeConfig(CMSFields, ModelConfig):
     Self-modifying Titans (see ``SelfModifyingConfig`` for each): memory_hidden (F, 0 = head
     dim), chunk_memory (C_memory, 64), chunk_other (C_other, 8), conv_width (4), eta_max (0.1),
     memory_eta_scale (100), memory_self_target (False), inner_rule ("delta"), dgd, momentum,
-    weight_decay, stop_grad, static_k, static_v, adaptive_q, normalize_v, normalize_target, separate_conv, ema_momentum, memory_init_scale
-    (0.5), memory_path ("dual"), memory_read ("online"; "prior" reads before the write),
-    remat_group (0 = sqrt segments), memory_dtype ("float32"), norm_eps.
+    weight_decay, stop_grad, static_k, static_v, adaptive_q, normalize_v, normalize_target,
+    separate_conv, ema_momentum, memory_init_scale (0.5), memory_path ("dual"), memory_read
+    ("online"; "prior" reads before the write), remat_group (0 = sqrt segments), memory_dtype
+    ("float32"), norm_eps.
 
     Attributes:
       d_ff: the MLP width budget of a block; with ``cms_d_ff=0`` each of the K CMS levels gets
