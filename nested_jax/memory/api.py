@@ -26,53 +26,94 @@ def _concrete(x):
         return None
 
 
-def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size, path: str):
-    """Raise ValueError naming the argument before any work is done."""
-    if path not in PATHS:
-        raise ValueError(f"path={path!r} is unknown; use one of {PATHS}.")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+def check_chunk_size(chunk_size) -> int:
+    """A positive Python or NumPy integer, as int (a bool is refused)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+            or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int.")
+    return int(chunk_size)
+
+
+def _check_inputs(level: Level, q, k, v, lead: tuple[str, ...]):
+    """q, k f[*lead, dk] and v f[*lead, dv] of one floating dtype; returns the lead sizes."""
+    mem, names = level.memory, ", ".join(lead)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must have shape [B, T, H, D], got {getattr(x, 'shape', x)}.")
+        if getattr(x, "ndim", None) != len(lead) + 1:
+            raise ValueError(f"{name} must have shape [{names}, D], got "
+                             f"{getattr(x, 'shape', x)}.")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got dtype {x.dtype}.")
-    B, T, H, dk = k.shape
-    mem = level.memory
+        if x.dtype != k.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but k has {k.dtype}; cast the inputs "
+                             "to one dtype (the memory runs in it).")
+    size, dk = k.shape[:-1], k.shape[-1]
     if q.shape != k.shape:
         raise ValueError(f"q shape {q.shape} must equal k shape {k.shape}.")
-    if v.shape[:3] != (B, T, H):
-        raise ValueError(f"v shape {v.shape} must start with [B, T, H] = {(B, T, H)}.")
+    if v.shape[:-1] != size:
+        raise ValueError(f"v shape {v.shape} must start with [{names}] = {size}.")
     if dk != mem.dk:
         raise ValueError(f"k last dim {dk} must equal the memory's dk={mem.dk}.")
-    if v.shape[3] != mem.dv:
-        raise ValueError(f"v last dim {v.shape[3]} must equal the memory's dv={mem.dv}.")
-    if T < 1:
-        raise ValueError("the sequence (axis 1 of q, k, v) must hold at least one token.")
+    if v.shape[-1] != mem.dv:
+        raise ValueError(f"v last dim {v.shape[-1]} must equal the memory's dv={mem.dv}.")
+    return size
+
+
+def _check_gates(gates: Gates, size: tuple, names: str):
     for name, g, lo, hi in (("eta", gates.eta, 0.0, np.inf), ("alpha", gates.alpha, 0.0, 1.0),
                             ("beta", gates.beta, 0.0, 1.0)):
-        if getattr(g, "shape", None) != (B, T, H):
-            raise ValueError(f"gates.{name} must have shape [B, T, H] = {(B, T, H)}, "
+        if getattr(g, "shape", None) != size:
+            raise ValueError(f"gates.{name} must have shape [{names}] = {size}, "
                              f"got {getattr(g, 'shape', g)}.")
         val = _concrete(g)
         if val is not None and not (np.all(val >= lo) and np.all(val <= hi)):
             raise ValueError(f"gates.{name} must lie in [{lo}, {hi}]; got values in "
                              f"[{np.nanmin(val)}, {np.nanmax(val)}] (or NaN).")
-    want = jax.eval_shape(lambda: mem.init(jax.random.key(0), k.dtype))  # shapes only
-    for part, tree in (("params", state.params), ("mom", state.mom)):
+
+
+def _check_state(level: Level, parts: dict, B: int, H: int, dtype, fix: str):
+    """Every state leaf is [B, H, *memory shape] in the inputs' dtype."""
+    want = jax.eval_shape(lambda: level.memory.init(jax.random.key(0), dtype))  # shapes only
+    for part, tree in parts.items():
         got = jax.tree.map(lambda x: tuple(x.shape), tree)
         exp = jax.tree.map(lambda x: (B, H, *x.shape), want)
         if got != exp:
-            raise ValueError(f"state.{part} shapes {got} must be {exp} (leading [B, H]); "
-                             "use nested_jax.memory.broadcast_state.")
+            raise ValueError(f"state.{part} shapes {got} must be {exp} (leading [B, H]); {fix}.")
+        dts = {str(x.dtype) for x in jax.tree.leaves(tree)}
+        if dts != {str(jnp.dtype(dtype))}:
+            raise ValueError(f"state.{part} has dtype {sorted(dts)} but the inputs are {dtype}; "
+                             "cast the state or the inputs so they match (the memory runs in "
+                             "one dtype).")
+
+
+def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size, path: str):
+    """Raise ValueError naming the argument before any work is done."""
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is unknown; use one of {PATHS}.")
+    check_chunk_size(chunk_size)
+    if path == "oracle" and chunk_size != 1:
+        raise ValueError(f"path='oracle' is the per-token definition; chunk_size={chunk_size!r} "
+                         "must be 1 there (use path='chunked' or 'dual' for chunks).")
+    B, T, H = _check_inputs(level, q, k, v, ("B", "T", "H"))
+    if T < 1:
+        raise ValueError("the sequence (axis 1 of q, k, v) must hold at least one token.")
+    _check_gates(gates, (B, T, H), "B, T, H")
+    _check_state(level, {"params": state.params, "mom": state.mom}, B, H, k.dtype,
+                 "use nested_jax.memory.broadcast_state")
     if path == "dual" and not dual.supports(level):
-        raise ValueError(f"path='dual' does not support {mem}; use path='chunked'.")
+        raise ValueError(f"path='dual' does not support {level.memory}; use path='chunked'.")
+
+
+def validate_stream(level: Level, st: streaming.StreamState, q, k, v, gates: Gates, chunk_size):
+    """``validate`` for one decode step: q, k f[B, H, dk], v f[B, H, dv], gates f[B, H]."""
+    check_chunk_size(chunk_size)
+    B, H = _check_inputs(level, q, k, v, ("B", "H"))
+    _check_gates(gates, (B, H), "B, H")
+    _check_state(level, {"params": st.params, "mom": st.mom, "boundary": st.boundary}, B, H,
+                 k.dtype, "build it with nested_jax.memory.stream_init")
 
 
 def _single(level, path, chunk_size, remat=True):
     if path == "oracle":
-        if level.read == "boundary" and chunk_size != 1:
-            raise ValueError("path='oracle' is per token; boundary reads need chunk_size=1 there.")
         return lambda st, q, k, v, g: oracle.run(level, st, q, k, v, g)
     fn = chunked.run if path == "chunked" else dual.run
     return lambda st, q, k, v, g: fn(level, st, q, k, v, g, chunk_size, remat)
@@ -103,6 +144,7 @@ def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size
     checkpointed scan) passes False, so the chunk is not recomputed twice.
     """
     validate(level, state, q, k, v, gates, chunk_size, path)
+    chunk_size = int(chunk_size)
     if level.read == "prior" and path != "oracle":  # the oracle reads M_{t-1} itself
         run = lambda lv, st, q, k, v, g: apply(lv, st, q, k, v, g, chunk_size=chunk_size,
                                                path=path, remat=remat)
@@ -134,5 +176,7 @@ def stream_init(state: MemoryState) -> streaming.StreamState:
 def stream_step(level: Level, st: streaming.StreamState, q, k, v, gates: Gates, *,
                 chunk_size: int = 1):
     """One token for a batch: q, k f[B, H, dk]; v f[B, H, dv]; gates f[B, H]."""
+    validate_stream(level, st, q, k, v, gates, chunk_size)
+    chunk_size = int(chunk_size)
     fn = lambda s, q, k, v, e, a, b: streaming.step(level, s, q, k, v, e, a, b, chunk_size)
     return jax.vmap(jax.vmap(fn))(st, q, k, v, *gates)

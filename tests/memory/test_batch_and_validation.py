@@ -46,6 +46,10 @@ def _good():
         (lambda a: {**a, "C": 2.0}, "chunk_size"),
         (lambda a: {**a, "path": "fast"}, "path"),
         (lambda a: {**a, "st": jax.tree.map(lambda x: x[0], a["st"])}, "state.params"),
+        (lambda a: {**a, "st": jax.tree.map(lambda x: x.astype(jnp.bfloat16), a["st"])},
+         "state.params has dtype"),
+        (lambda a: {**a, "q": a["q"].astype(jnp.bfloat16)}, "q has dtype"),
+        (lambda a: {**a, "C": 4, "path": "oracle"}, "chunk_size=4 must be 1"),
     ],
 )
 def test_bad_input_names_the_argument(mutate, match):
@@ -72,3 +76,42 @@ def test_bad_input_names_the_argument(mutate, match):
 def test_bad_config_names_the_field(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_numpy_integer_chunk_sizes_work():
+    st, q, k, v, g = _good()
+    want = nm.apply(LEVEL, st, q, k, v, g, chunk_size=2)
+    got = nm.apply(LEVEL, st, q, k, v, g, chunk_size=np.int64(2))
+    assert max_diff(got, want) == 0.0
+    stream = nm.stream_init(st)
+    first = lambda x: x[:, 0]
+    o, _ = nm.stream_step(LEVEL, stream, first(q), first(k), first(v),
+                          nm.Gates(*map(first, g)), chunk_size=np.int32(2))
+    assert max_diff(o, want[0][:, 0]) < 1e-6
+
+
+def _stream_args():
+    st, q, k, v, g = _good()
+    first = lambda x: x[:, 0]
+    return {"st": nm.stream_init(st), "q": first(q), "k": first(k), "v": first(v),
+            "g": nm.Gates(*map(first, g)), "C": 2}
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: {**a, "C": 0}, "chunk_size"),
+        (lambda a: {**a, "g": a["g"]._replace(alpha=a["g"].alpha + 1.0)}, "gates.alpha"),
+        (lambda a: {**a, "g": a["g"]._replace(eta=a["g"].eta[:, :1])}, "gates.eta"),
+        (lambda a: {**a, "q": a["q"][..., :3]}, "q shape"),
+        (lambda a: {**a, "v": a["v"][None]}, "v must have shape"),
+        (lambda a: {**a, "st": a["st"]._replace(
+            boundary=jax.tree.map(lambda x: x.astype(jnp.bfloat16), a["st"].boundary))},
+         "state.boundary has dtype"),
+    ],
+)
+def test_stream_step_bad_input_names_the_argument(mutate, match):
+    """stream_step checks what apply checks (chunk_size 0 would mean "never refresh")."""
+    a = mutate(_stream_args())
+    with pytest.raises(ValueError, match=match):
+        nm.stream_step(LEVEL, a["st"], a["q"], a["k"], a["v"], a["g"], chunk_size=a["C"])
