@@ -164,8 +164,18 @@ def linear_memory(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk
         and ``triton._launch``).
     """
     memory.validate(level, state, q, k, v, gates, chunk_size, "dual")
+    chunk_size = int(chunk_size)
+    opts = dict(impl=impl, kernel=kernel, mesh=mesh, batch_axes=batch_axes, head_axis=head_axis,
+                block_dv=block_dv, num_warps=num_warps, num_stages=num_stages)
+    run = lambda st, q, k, v, g: _linear_memory(level, st, q, k, v, g, chunk_size, **opts)
+    return memory.causal_nonfinite(run, level, chunk_size, state, q, k, v, gates)
+
+
+def _linear_memory(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int,
+                   impl, *, kernel, mesh, batch_axes, head_axis, block_dv, num_warps,
+                   num_stages):
     if level.read == "prior":  # the kernels read online; the engine shifts the queries
-        run = lambda lv, st, q, k, v, g: linear_memory(
+        run = lambda lv, st, q, k, v, g: _linear_memory(
             lv, st, q, k, v, g, chunk_size, impl, kernel=kernel, mesh=mesh,
             batch_axes=batch_axes, head_axis=head_axis, block_dv=block_dv,
             num_warps=num_warps, num_stages=num_stages)

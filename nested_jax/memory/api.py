@@ -135,19 +135,57 @@ def prior_read(run, level: Level, state: MemoryState, q, k, v, gates: Gates):
     return jnp.concatenate([read0[:, None].astype(o.dtype), o[:, :-1]], axis=1), final
 
 
+def causal_nonfinite(run, level: Level, chunk_size: int, state: MemoryState, q, k, v,
+                     gates: Gates):
+    """``run(state, q, k, v, gates)`` with non-finite inputs kept causal on every path.
+
+    A NaN or inf in k, v or a gate at token t makes the per-token definition non-finite from
+    the first read of a state that token wrote (t for the online read, t + 1 for the prior
+    read, the next chunk boundary for boundary reads) -- and never earlier.  The matmul paths
+    would leak it backwards inside a chunk (masked products: 0 * NaN = NaN).  So such a token is
+    replaced by a no-op write (k = v = 0, eta = 0, alpha = 1, beta = 0), which leaves every
+    earlier output exactly as it was, and the outputs from its first reader on, and the final
+    state, are set to NaN.  Bad queries need nothing: a query only reaches its own output.
+    """
+    ok_BxTxH = jnp.all(jnp.isfinite(k), -1) & jnp.all(jnp.isfinite(v), -1)
+    for g in gates:
+        ok_BxTxH = ok_BxTxH & jnp.isfinite(g)
+    keep = lambda x, fill: jnp.where(ok_BxTxH.reshape(x.shape[:3] + (1,) * (x.ndim - 3)), x,
+                                     jnp.asarray(fill, x.dtype))
+    eta, alpha, beta = gates
+    o, final = run(state, q, keep(k, 0), keep(v, 0),
+                   Gates(keep(eta, 0), keep(alpha, 1), keep(beta, 0)))
+    B, T, H = ok_BxTxH.shape
+    clean = jax.lax.cummin(ok_BxTxH.astype(jnp.int8), axis=1)  # 1 while tokens <= t are finite
+    clean = jnp.concatenate([jnp.ones((B, 1, H), jnp.int8), clean], axis=1)  # [t] = tokens < t
+    t = np.arange(T)
+    sees = {"online": t + 1, "prior": t}.get(level.read, t // chunk_size * chunk_size)
+    nan = lambda x, keep_: jnp.where(keep_.astype(bool), x, jnp.asarray(jnp.nan, x.dtype))
+    o = nan(o, clean[:, sees][..., None])
+    last = clean[:, -1]  # [B, H]
+    final = jax.tree.map(lambda x: nan(x, last.reshape(B, H, *(1,) * (x.ndim - 2))), final)
+    return o, final
+
+
 def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size: int = 1,
           path: str = "dual", remat: bool = True):
     """Run a level over its context flow. Returns (o f[B, T, H, dv], final MemoryState).
 
     ``remat`` rematerialises each chunk body in the backward pass (one stored state per chunk);
     a caller that already rematerialises around this call (one chunk inside its own
-    checkpointed scan) passes False, so the chunk is not recomputed twice.
+    checkpointed scan) passes False, so the chunk is not recomputed twice.  Non-finite inputs
+    stay causal (``causal_nonfinite``).
     """
     validate(level, state, q, k, v, gates, chunk_size, path)
     chunk_size = int(chunk_size)
+    run = lambda st, q, k, v, g: _apply(level, st, q, k, v, g, chunk_size, path, remat)
+    return causal_nonfinite(run, level, chunk_size, state, q, k, v, gates)
+
+
+def _apply(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int, path: str,
+           remat: bool):
     if level.read == "prior" and path != "oracle":  # the oracle reads M_{t-1} itself
-        run = lambda lv, st, q, k, v, g: apply(lv, st, q, k, v, g, chunk_size=chunk_size,
-                                               path=path, remat=remat)
+        run = lambda lv, st, q, k, v, g: _apply(lv, st, q, k, v, g, chunk_size, path, remat)
         return prior_read(run, level, state, q, k, v, gates)
     fn = _single(level, path, chunk_size, remat)
     seq = lambda x: jnp.moveaxis(x, 2, 1)  # [B, T, H, ...] -> [B, H, T, ...]

@@ -10,6 +10,7 @@ rounding; float32 and bfloat16 tolerances are documented at their tests.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from nested_jax import memory as nm
@@ -150,3 +151,20 @@ def test_bfloat16(seed):
     xla16 = nm.apply(level, *args16, chunk_size=16, path="dual")
     assert rel_err(got, want) < 2e-2, named_errs(got, want)
     assert rel_err(xla16, want) < 2e-2, named_errs(xla16, want)
+
+
+def test_nonfinite_input_stays_causal(x64, seed):
+    """A NaN key at token 20 (inside the second kernel chunk): the kernel path leaves tokens
+    0-19 exactly as in the clean run and returns non-finite outputs from token 20 on, like the
+    per-token definition (memory.causal_nonfinite; tests/memory/test_nonfinite.py)."""
+    level = nm.Level(nm.LinearMemory(8, 8), "l2", nm.DGD)
+    st, q, k, v, g = inputs(level, seed, T=40, dtype=jnp.float64)
+    run = jax.jit(lambda *a: linear_memory(level, *a, chunk_size=16, impl="interpret",
+                                           kernel="mosaic"))
+    clean, _ = run(st, q, k, v, g)
+    o, final = run(st, q, k.at[0, 20, 1, 3].set(jnp.nan), v, g)
+    o, clean = np.asarray(o), np.asarray(clean)
+    np.testing.assert_array_equal(o[:, :20], clean[:, :20])
+    np.testing.assert_array_equal(o[:, 20:, 0], clean[:, 20:, 0])  # the other head
+    assert np.all(~np.isfinite(o[:, 20:, 1]))
+    assert np.all(~np.isfinite(np.asarray(final.params["W"])[:, 1]))
