@@ -13,12 +13,13 @@ MQAR = tasks.MQAR(n_pairs=8, seq_len=64, vocab=64)
 
 
 def test_hope_self_modifying_memories_learn_recall():
-    """Hope with CMS frozen (cms_lr = 0), the experiment's 1000 steps (~15 min on 2 cores):
-    the self-modifying memories alone lift recall well above the frozen-memory score of the same
-    weights (measured: 18.6% at eta_max = 0.1 where the static network scores 6.2%)."""
-    r = train.run(MQAR, "hope", "tiny", "sm_only", seed=0, steps=1000)
+    """Hope with CMS frozen (cms_lr = 0), 400 steps (~5 min on 2 cores): the self-modifying
+    memories alone lift recall far above the frozen-memory score of the same weights (measured
+    with the defaults of decisions #21: 34.6% / 36.2% against 3.1% / 3.0%, seeds 0 and 1; with
+    one shared eta bound of 0.1 and M_memory on its self-generated target it was 5.9%)."""
+    r = train.run(MQAR, "hope", "tiny", "sm_only", seed=0, steps=400)
     assert r.skipped == 0
-    assert r.accuracy > r.accuracy_frozen_eval + 0.05, r
+    assert r.accuracy > r.accuracy_frozen_eval + 0.15, r
 
 
 def test_titans_trains_finite_and_learns_recall():
@@ -39,8 +40,8 @@ def test_titans_bf16_trains_finite():
 
 
 def test_hope_bf16_training_stays_finite_at_16k_tokens():
-    """decisions #19: the new defaults (delta rule, eta_max = 0.1, ten times the old cap) stay
-    finite in bfloat16 at 16K tokens: forward, backward and a few optimizer steps on repeated
+    """decisions #19, #21: the defaults (delta rule, eta_max = 0.1 on the coupled memories,
+    M_memory trained toward v with an eta bound of 10) stay finite in bfloat16 at 16K tokens: forward, backward and a few optimizer steps on repeated
     text (the worst case for self-referential writes), gates free to move."""
     import jax
     import jax.numpy as jnp
