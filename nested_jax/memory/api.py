@@ -43,9 +43,6 @@ def _check_inputs(level: Level, q, k, v, lead: tuple[str, ...]):
                              f"{getattr(x, 'shape', x)}.")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got dtype {x.dtype}.")
-        if x.dtype != k.dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but k has {k.dtype}; cast the inputs "
-                             "to one dtype (the memory runs in it).")
     size, dk = k.shape[:-1], k.shape[-1]
     if q.shape != k.shape:
         raise ValueError(f"q shape {q.shape} must equal k shape {k.shape}.")
@@ -71,18 +68,20 @@ def _check_gates(gates: Gates, size: tuple, names: str):
 
 
 def _check_state(level: Level, parts: dict, B: int, H: int, dtype, fix: str):
-    """Every state leaf is [B, H, *memory shape] in the inputs' dtype."""
+    """Every state leaf is [B, H, *memory shape], at least as precise as the inputs."""
     want = jax.eval_shape(lambda: level.memory.init(jax.random.key(0), dtype))  # shapes only
     for part, tree in parts.items():
         got = jax.tree.map(lambda x: tuple(x.shape), tree)
         exp = jax.tree.map(lambda x: (B, H, *x.shape), want)
         if got != exp:
             raise ValueError(f"state.{part} shapes {got} must be {exp} (leading [B, H]); {fix}.")
-        dts = {str(x.dtype) for x in jax.tree.leaves(tree)}
-        if dts != {str(jnp.dtype(dtype))}:
-            raise ValueError(f"state.{part} has dtype {sorted(dts)} but the inputs are {dtype}; "
-                             "cast the state or the inputs so they match (the memory runs in "
-                             "one dtype).")
+        narrow = sorted({str(x.dtype) for x in jax.tree.leaves(tree)
+                         if jnp.promote_types(x.dtype, dtype) != x.dtype})
+        if narrow:
+            raise ValueError(f"state.{part} has dtype {narrow}, narrower than the inputs' "
+                             f"{jnp.dtype(dtype)}: the state would change dtype on its first "
+                             "write.  Keep the state at least as precise as q, k, v (e.g. a "
+                             "float32 state with bfloat16 inputs) and cast whichever is off.")
 
 
 def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size, path: str):
@@ -97,7 +96,8 @@ def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size
     if T < 1:
         raise ValueError("the sequence (axis 1 of q, k, v) must hold at least one token.")
     _check_gates(gates, (B, T, H), "B, T, H")
-    _check_state(level, {"params": state.params, "mom": state.mom}, B, H, k.dtype,
+    _check_state(level, {"params": state.params, "mom": state.mom}, B, H,
+                 jnp.result_type(q, k, v),
                  "use nested_jax.memory.broadcast_state")
     if path == "dual" and not dual.supports(level):
         raise ValueError(f"path='dual' does not support {level.memory}; use path='chunked'.")
@@ -109,7 +109,7 @@ def validate_stream(level: Level, st: streaming.StreamState, q, k, v, gates: Gat
     B, H = _check_inputs(level, q, k, v, ("B", "H"))
     _check_gates(gates, (B, H), "B, H")
     _check_state(level, {"params": st.params, "mom": st.mom, "boundary": st.boundary}, B, H,
-                 k.dtype, "build it with nested_jax.memory.stream_init")
+                 jnp.result_type(q, k, v), "build it with nested_jax.memory.stream_init")
 
 
 def _single(level, path, chunk_size, remat=True):

@@ -41,10 +41,6 @@ from nested_jax.models.self_modifying import (
 _LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(SelfModifyingConfig))
 
 
-def _round_up(x: float, multiple: int) -> int:
-    return int(-(-x // multiple) * multiple)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HopeConfig(CMSFields, ModelConfig):
     """HopeLM hyper-parameters: ``ModelConfig`` + the self-modifying layer + the ``cms_*`` fields.
@@ -133,7 +129,7 @@ class HopeConfig(CMSFields, ModelConfig):
 
     @property
     def ff_dim(self) -> int:
-        return self.d_ff or _round_up(8 * self.d_model / 3, 256)
+        return self.d_ff or layers.swiglu_width(self.d_model)
 
     def layer_config(self) -> SelfModifyingConfig:
         """The self-modifying Titans layer's config (same field names)."""

@@ -23,6 +23,21 @@ normal = nnx.initializers.normal
 ModuleList = getattr(nnx, "List", list)
 
 
+def round_up(x: float, multiple: int) -> int:
+    return int(-(-x // multiple) * multiple)
+
+
+def swiglu_width(d_model: int) -> int:
+    """The default MLP width of every model: 8/3 d_model rounded up to a multiple of 256."""
+    return round_up(8 * d_model / 3, 256)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / ||x|| over the last axis (q and k, decisions.md #11), in at least float32."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def param_init(init: Initializer, *logical_axes: str | None) -> Initializer:
     """Tag an initializer with the logical axis name of each parameter dimension."""
     return nnx.with_metadata(init, logical_axes=tuple(logical_axes))

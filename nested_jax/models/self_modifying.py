@@ -117,12 +117,6 @@ GATES = ("eta", "alpha", "beta")
 # decay), beta = sigmoid(0) = 0.5 (momentum).
 GATE_BIAS_INIT = {"eta": 0.0, "alpha": 4.6, "beta": 0.0}
 GATE_SOURCE = {"eta": "eta", "alpha": "alpha", "beta": "alpha"}  # memory each gate is read from
-L2_EPS = 1e-6
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """x / ||x|| over the last axis (q and k, decision #11)."""
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -434,9 +428,9 @@ class SelfModifyingTitans(nnx.Module):
         """q (adaptive only), k, v and Gates from the boundary read-outs (eqs. 76-79, #7)."""
         out = {name: y_BxCxNxHxK[:, :, i] for i, name in enumerate(self.cfg.coupled)}
         mdt = y_BxCxNxHxK.dtype
-        k = l2_normalize(out["k"]) if "k" in out else k_BxCxHxK
+        k = layers.l2_normalize(out["k"]) if "k" in out else k_BxCxHxK
         v = out["v"] if "v" in out else v_BxCxHxK
-        v = l2_normalize(v) if self.cfg.normalize_v else v
+        v = layers.l2_normalize(v) if self.cfg.normalize_v else v
         w_3xHxK, b_3xH = self.gate_w[...].astype(mdt), self.gate_b[...].astype(mdt)
         logit = {g: jnp.einsum("bchk,hk->bch", out[GATE_SOURCE[g]], w_3xHxK[i])
                  + b_3xH[i][None, None] for i, g in enumerate(GATES)}
@@ -445,7 +439,7 @@ class SelfModifyingTitans(nnx.Module):
         beta = jax.nn.sigmoid(logit["beta"])
         if self.cfg.momentum and self.cfg.ema_momentum:
             eta = eta * (1.0 - beta)  # momentum-amplified step eta / (1 - beta) <= eta_max
-        q = l2_normalize(out["q"]) if "q" in out else None
+        q = layers.l2_normalize(out["q"]) if "q" in out else None
         return q, k, v, nm.Gates(eta, alpha, beta)
 
     def _tile(self, x_BxCxHx):
@@ -457,9 +451,9 @@ class SelfModifyingTitans(nnx.Module):
         """Non-adaptive projections: q (unless adaptive) and the static-k/v ablations."""
         out = {}
         if not self.cfg.adaptive_q:
-            out["q"] = l2_normalize(self._heads(self.q_proj(xc_BxTxD)).astype(mdt))
+            out["q"] = layers.l2_normalize(self._heads(self.q_proj(xc_BxTxD)).astype(mdt))
         if self.cfg.static_k:
-            out["k"] = l2_normalize(self._heads(self.k_proj(xc_BxTxD)).astype(mdt))
+            out["k"] = layers.l2_normalize(self._heads(self.k_proj(xc_BxTxD)).astype(mdt))
         if self.cfg.static_v:
             out["v"] = self._heads(self.v_proj(xc_BxTxD)).astype(mdt)
         return out

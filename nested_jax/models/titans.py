@@ -42,10 +42,6 @@ RULES = {"titans": nm.TITANS, "gd": nm.GD, "dgd": nm.DGD,
 MEMORY_IMPLS = ("auto", "pallas", "interpret", "xla")
 
 
-def _round_up(x: float, multiple: int) -> int:
-    return int(-(-x // multiple) * multiple)
-
-
 def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
@@ -166,7 +162,7 @@ class TitansConfig(ModelConfig):
 
     @property
     def ff_dim(self) -> int:
-        return self.d_ff or _round_up(8 * self.d_model / 3, 256)
+        return self.d_ff or layers.swiglu_width(self.d_model)
 
     @property
     def hidden_dim(self) -> int:
@@ -214,11 +210,6 @@ def causal_conv(x_BxTxC: jax.Array, w_WxC: jax.Array, prev_BxW1xC: jax.Array | N
     for j in range(1, W):
         out = out + padded[:, j:j + T] * w[j][None, None, :]
     return out
-
-
-def _l2_normalize(x, eps=1e-6):
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 class NeuralMemory(nnx.Module):
@@ -272,7 +263,7 @@ class NeuralMemory(nnx.Module):
         pre = self.qkv(h_BxTxD)
         mixed = jax.nn.silu(causal_conv(pre, self.conv[...], conv_prev))
         q, k, v = (z.reshape(B, T, H, K) for z in jnp.split(mixed, 3, axis=-1))
-        q, k = _l2_normalize(q), _l2_normalize(k)
+        q, k = layers.l2_normalize(q), layers.l2_normalize(k)
         eta_l, alpha_l, beta_l = jnp.split(self.gates(h_BxTxD.astype(jnp.float32)), 3, axis=-1)
         beta = jax.nn.sigmoid(beta_l)
         eta = cfg.eta_max * jax.nn.sigmoid(eta_l)

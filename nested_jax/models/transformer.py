@@ -18,10 +18,6 @@ from nested_jax.models.config import ModelConfig, Preset, check_choice, check_di
 from nested_jax.models.registry import count_params, register
 
 
-def _round_up(x: float, multiple: int) -> int:
-    return int(-(-x // multiple) * multiple)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TransformerConfig(ModelConfig):
     """Transformer++ hyper-parameters (fields of `ModelConfig` plus these).
@@ -81,7 +77,7 @@ class TransformerConfig(ModelConfig):
 
     @property
     def ff_dim(self) -> int:
-        return self.d_ff or _round_up(8 * self.d_model / 3, 256)
+        return self.d_ff or layers.swiglu_width(self.d_model)
 
     @property
     def kv_heads(self) -> int:

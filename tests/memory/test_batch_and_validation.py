@@ -48,7 +48,6 @@ def _good():
         (lambda a: {**a, "st": jax.tree.map(lambda x: x[0], a["st"])}, "state.params"),
         (lambda a: {**a, "st": jax.tree.map(lambda x: x.astype(jnp.bfloat16), a["st"])},
          "state.params has dtype"),
-        (lambda a: {**a, "q": a["q"].astype(jnp.bfloat16)}, "q has dtype"),
         (lambda a: {**a, "C": 4, "path": "oracle"}, "chunk_size=4 must be 1"),
     ],
 )

@@ -31,7 +31,6 @@ def test_named_optimizers_build_and_update(name):
 
 @pytest.mark.parametrize("name", optimizers.NESTED_OPTIMIZERS)
 def test_deep_optimizers_from_nested_jax_optim(name):
-    pytest.importorskip("nested_jax.optim")
     updates = _one_update(OptimConfig(name=name, warmup_steps=0))
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
