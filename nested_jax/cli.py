@@ -1,10 +1,11 @@
-"""`nested-jax`: train, eval, generate and presets.
+"""`nested-jax`: train, eval, generate, presets and compile.
 
   nested-jax train --config lm:cpu_demo --workdir runs/demo
   nested-jax train --workdir runs/demo --steps 600          # resumes, to step 600
   nested-jax eval --workdir runs/demo [--data PATH]         # prints "perplexity: <number>"
   nested-jax generate --workdir runs/demo --prompt "The river" --max-new-tokens 200
   nested-jax presets                                        # parameter count of every preset
+  nested-jax compile --topology v5e:4x4 --model hope --preset 760M   # AOT for TPU (libtpu)
 
 A train config is built in this order: `--config FILE[:VARIANT]` (or the saved
 config of an existing --workdir, or the defaults), then the flags given, then each
@@ -100,10 +101,10 @@ def _train_config(args: argparse.Namespace):
 
     from nested_jax.train import config as config_lib
 
-    saved = epath.Path(args.workdir) / "config.json"
+    saved = epath.Path(args.workdir) / "config.json" if getattr(args, "workdir", None) else None
     if args.config:
         cfg = config_lib.from_file(args.config)
-    elif saved.exists():
+    elif saved is not None and saved.exists():
         cfg = config_lib.TrainConfig.load(saved)
         log.info("using the saved config of %s", args.workdir)
     else:
@@ -167,6 +168,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    import json
+
+    from nested_jax.train import aot
+
+    cfg = _train_config(args)
+    report = aot.compile_for(cfg, args.topology, args.num_slices, tuple(args.programs))
+    print(report.text())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(aot.as_record(report), f, indent=1)
+    return 0 if all(r.compiled for r in report.steps) else EXIT_CONFIG
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from nested_jax import models
 
@@ -179,6 +194,28 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that build a train config (``_train_config``), shared by train and compile."""
+    p.add_argument("--config", help="PATH.py[:VARIANT] defining get_config(variant), or a "
+                   "packaged config such as lm:cpu_demo")
+    p.add_argument("--data", help="text file, directory, JSONL, ArrayRecord, glob, or "
+                   "builtin:wikipedia (the default)")
+    p.add_argument("--steps", type=positive_int,
+                   help="total optimizer steps (larger than before: resume)")
+    p.add_argument("--model", help="hope, hope_attention, titans, transformer, ... (registered)")
+    p.add_argument("--preset", help="tiny, small, 125M, 340M, 760M, 1.3B")
+    p.add_argument("--optimizer", help="adamw (default), muon, m3, delta_momentum, deep_momentum, "
+                   "any optax alias, or module:factory")
+    p.add_argument("--tokenizer", help="byte, mistral, sentencepiece:PATH, sentencepiece-train:V")
+    p.add_argument("--batch-size", type=positive_int, help="global batch size in sequences")
+    p.add_argument("--seq-len", type=positive_int, help="tokens per sequence")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate")
+    p.add_argument("--seed", type=count)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 parameters)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set optim.grad_accum=4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nested-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,25 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train, or resume the run in --workdir")
-    t.add_argument("--config", help="PATH.py[:VARIANT] defining get_config(variant), or a "
-                   "packaged config such as lm:cpu_demo")
     t.add_argument("--workdir", required=True, help="checkpoints, logs and metrics go here")
-    t.add_argument("--data", help="text file, directory, JSONL, ArrayRecord, glob, or "
-                   "builtin:wikipedia (the default)")
-    t.add_argument("--steps", type=positive_int,
-                   help="total optimizer steps (larger than before: resume)")
-    t.add_argument("--model", help="hope, hope_attention, titans, transformer, ... (registered)")
-    t.add_argument("--preset", help="tiny, small, 125M, 340M, 760M, 1.3B")
-    t.add_argument("--optimizer", help="adamw (default), muon, m3, delta_momentum, deep_momentum, "
-                   "any optax alias, or module:factory")
-    t.add_argument("--tokenizer", help="byte, mistral, sentencepiece:PATH, sentencepiece-train:V")
-    t.add_argument("--batch-size", type=positive_int, help="global batch size in sequences")
-    t.add_argument("--seq-len", type=positive_int, help="tokens per sequence")
-    t.add_argument("--lr", type=positive_float, help="peak learning rate")
-    t.add_argument("--seed", type=count)
-    t.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 parameters)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set optim.grad_accum=4")
+    _config_flags(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--restart", action="store_true", help="a workdir with a config but no "
                    "checkpoint trains again from step 0 (refused without this flag)")
@@ -240,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=count, default=40, help="0 for the full distribution")
     g.add_argument("--seed", type=count, default=0)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("compile", help="compile the train/eval/decode steps for a TPU topology "
+                       "on this machine (needs libtpu: pip install 'jax[tpu]==<jax version>')")
+    c.add_argument("--topology", required=True, help="GEN:AxB[xC] (v5e:4x4, v5p:2x2x4) or a "
+                   "slice name (v5e-16, v6e-8, v5p-32)")
+    c.add_argument("--num-slices", type=positive_int, default=1, help="multislice: slices")
+    c.add_argument("--programs", nargs="+", default=["train", "eval", "decode"],
+                   choices=("train", "eval", "decode"), help="which steps to compile")
+    c.add_argument("--json", help="also write the report as JSON to this path")
+    _config_flags(c)
+    c.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("presets", help="print the parameter count of every model preset")
     p.add_argument("--model")

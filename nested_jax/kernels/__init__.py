@@ -14,6 +14,7 @@
 """
 
 from nested_jax.kernels.linear import flags_for, linear_memory
-from nested_jax.kernels.plan import IMPLS, KERNELS, Plan, make_plan
+from nested_jax.kernels.plan import IMPLS, KERNELS, Plan, make_plan, target_platform
 
-__all__ = ["IMPLS", "KERNELS", "Plan", "flags_for", "linear_memory", "make_plan"]
+__all__ = ["IMPLS", "KERNELS", "Plan", "flags_for", "linear_memory", "make_plan",
+           "target_platform"]

@@ -20,6 +20,8 @@ zero key columns and zero memory rows never mix into the rest), Mosaic uses full
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -51,9 +53,27 @@ def _pow2_at_least(n: int, lo: int) -> int:
     return p
 
 
+_TARGET = contextvars.ContextVar("nested_jax_kernel_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Plan kernels for ``platform`` ("tpu", "gpu") instead of the default backend: ahead-of-time
+    compilation for devices this process does not drive (``nested-jax compile``)."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def _platform() -> str:
+    return _TARGET.get() or jax.default_backend()
+
+
 def _default_kernel() -> str:
-    backend = jax.default_backend()
-    return {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic"}.get(backend, "")
+    return {"gpu": "triton", "cuda": "triton", "rocm": "triton",
+            "tpu": "mosaic"}.get(_platform(), "")
 
 
 def unsupported(level: Level, kernel: str, chunk_size: int, dtype) -> str:
@@ -96,8 +116,8 @@ def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str 
     if not kernel:
         if impl == "pallas":
             raise ValueError(f"impl='pallas' needs a GPU or TPU backend, got "
-                             f"{jax.default_backend()!r}; use impl='interpret' or 'xla'.")
-        return Plan("xla", reason=f"no kernel for backend {jax.default_backend()!r}")
+                             f"{_platform()!r}; use impl='interpret' or 'xla'.")
+        return Plan("xla", reason=f"no kernel for backend {_platform()!r}")
     why = unsupported(level, kernel, chunk_size, dtype)
     if not why and impl == "pallas" and jnp.dtype(dtype) == jnp.float64:
         why = "float64 kernels run in interpret mode only; use impl='interpret' or 'xla'"

@@ -12,8 +12,10 @@ parallelism of every model at once.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -137,6 +139,24 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     if treedef.num_leaves != len(variables):
         raise ValueError("every nnx Variable must hold exactly one array")
     return jax.tree.unflatten(treedef, [one(v) for v in variables])
+
+
+def mesh_context(mesh: Mesh):
+    """``jax.set_mesh(mesh)`` where jax has it: code traced inside sees the mesh, so the Pallas
+    kernels wrap themselves in ``shard_map`` over it (Mosaic calls cannot be auto-partitioned)."""
+    set_mesh = getattr(jax, "set_mesh", None)
+    return set_mesh(mesh) if set_mesh is not None else contextlib.nullcontext()
+
+
+def under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` called (and so traced) inside ``mesh_context(mesh)``."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with mesh_context(mesh):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

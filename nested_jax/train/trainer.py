@@ -299,11 +299,25 @@ def perplexity(run: Run, state: dict, batches: list[np.ndarray], eval_fn) -> tup
     return loss, math.exp(min(loss, 700.0))
 
 
-def make_eval_fn(run: Run):
+def eval_jit(run: Run):
+    """The jitted eval step (call it, or lower it, inside ``sharding.mesh_context``)."""
     return jax.jit(step_lib.make_eval_step(run.graphdef),
                    in_shardings=(run.state_shardings["params"], run.state_shardings["rest"],
                                  run.eval_sharding),
                    out_shardings=sharding.replicated(run.mesh))
+
+
+def train_jit(run: Run):
+    """The jitted train step, state donated (call it, or lower it, inside ``mesh_context``)."""
+    return jax.jit(step_lib.make_train_step(run.graphdef, run.tx,
+                                            max_norm_jump=run.cfg.max_norm_jump),
+                   in_shardings=(run.state_shardings, run.batch_sharding),
+                   out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
+                   donate_argnums=0)
+
+
+def make_eval_fn(run: Run):
+    return sharding.under_mesh(eval_jit(run), run.mesh)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -454,11 +468,7 @@ def _train(cfg, workdir, devices, progress, primary, *, restart=False,
     metrics = MetricsLog(workdir, resume_step=start, enabled=primary)
     meta = run_metadata(run)
 
-    repl = sharding.replicated(run.mesh)
-    train_step = jax.jit(step_lib.make_train_step(run.graphdef, run.tx,
-                                                  max_norm_jump=cfg.max_norm_jump),
-                         in_shardings=(run.state_shardings, run.batch_sharding),
-                         out_shardings=(run.state_shardings, repl), donate_argnums=0)
+    train_step = sharding.under_mesh(train_jit(run), run.mesh)
     eval_fn = make_eval_fn(run)
     schedule = optimizers.schedule(cfg.optim, cfg.steps)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len

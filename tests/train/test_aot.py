@@ -1,0 +1,74 @@
+"""Ahead-of-time compile for TPU topologies (`nested-jax compile`, nested_jax/train/aot.py).
+
+Topology parsing and the missing-libtpu error run everywhere.  Compiling needs libtpu (the
+``tpu`` extra, ~700 MB, not in the default install), so those tests are marked slow and skip
+without it: ``pip install -e ".[tpu,test]" && pytest -m slow tests/train/test_aot.py``.
+"""
+
+import importlib.util
+import os
+
+import pytest
+
+from nested_jax.train import aot, config
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.parametrize("spec, name", [
+    ("v5e:4x4", "v5e:4x4"), ("v5e-16", "v5e:4x4"), ("v5e-256", "v5e:16x16"),
+    ("v6e-8", "v6e:2x4"), ("v5p-32", "v5p:2x2x4"), ("v5p-64", "v5p:2x4x4"),
+    ("v4-8", "v4:2x2x1"), ("v5litepod-4", "v5e:2x2"),
+])
+def test_slice_names_map_to_topologies(spec, name):
+    assert aot.topology_name(spec) == name
+
+
+@pytest.mark.parametrize("spec", ["v5e-3", "v5p-7", "tpu", "v5e:4", "a100-8"])
+def test_bad_topology_names_the_option(spec):
+    with pytest.raises(ValueError, match="--topology="):
+        aot.topology_name(spec)
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed here")
+def test_missing_libtpu_says_what_to_install():
+    with pytest.raises(ImportError, match=r'pip install "jax\[tpu\]=='):
+        aot.topology_devices("v5e:2x2")
+
+
+def _cfg(model, **over):
+    pairs = [("model", model), ("preset", "tiny"), ("data.batch_size", 8), ("data.seq_len", 64)]
+    return config.with_values(config.TrainConfig(), pairs + list(over.items()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+@pytest.mark.parametrize("model", ["transformer", "titans", "hope_attention", "hope"])
+def test_tiny_presets_compile_for_a_v5e_slice(model):
+    """Train, eval and decode steps of every model compile for v5e 2x2 (4 chips, data
+    parallel): XLA reports per-chip memory that fits and a positive FLOP count."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    report = aot.compile_for(_cfg(model), "v5e:2x2")
+    assert report.chips == 4 and report.mesh["data"] == 4
+    for r in report.steps:
+        assert r.compiled, (r.step, r.error)
+        assert 0 < r.total_bytes < report.hbm_bytes and r.flops > 0, r
+    assert 0 < report.mfu_ceiling() < 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+def test_titans_mosaic_kernel_compiles_for_tpu():
+    """The linear-memory Titans runs its memory through the Mosaic kernel on TPU: compiled by
+    libtpu for real (not only lowered), forward and backward."""
+    report = aot.compile_for(_cfg("titans", **{"model.memory": "linear",
+                                               "model.memory_impl": "pallas"}), "v5e:2x2",
+                             steps=("train",))
+    assert report.steps[0].compiled, report.steps[0].error
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+def test_batch_that_does_not_split_is_refused_before_compiling():
+    with pytest.raises(ValueError, match="data.batch_size"):
+        aot.compile_for(_cfg("transformer", **{"data.batch_size": 6}), "v5e:2x2")
