@@ -157,7 +157,9 @@ def causal_nonfinite(run, level: Level, chunk_size: int, state: MemoryState, q, 
                    Gates(keep(eta, 0), keep(alpha, 1), keep(beta, 0)))
     B, T, H = ok_BxTxH.shape
     clean = jax.lax.cummin(ok_BxTxH.astype(jnp.int8), axis=1)  # 1 while tokens <= t are finite
-    clean = jnp.concatenate([jnp.ones((B, 1, H), jnp.int8), clean], axis=1)  # [t] = tokens < t
+    # [t] = tokens < t; pad, not concatenate: under an explicit-axes mesh the two halves would
+    # carry different shardings.
+    clean = jnp.pad(clean, ((0, 0), (1, 0), (0, 0)), constant_values=1)
     t = np.arange(T)
     sees = {"online": t + 1, "prior": t}.get(level.read, t // chunk_size * chunk_size)
     nan = lambda x, keep_: jnp.where(keep_.astype(bool), x, jnp.asarray(jnp.nan, x.dtype))
