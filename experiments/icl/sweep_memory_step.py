@@ -43,12 +43,15 @@ LOG = os.path.join(RESULTS, "icl_mqar_memory_step_runs.jsonl")
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the log")
+    p.add_argument("--settings", nargs="+", type=int, default=None, metavar="I",
+                   help="only these settings (0-based, in SETTINGS order): shards for parallel "
+                   "processes")
     a = p.parse_args(argv)
     if not a.report_only:
         done = {(r["setting"], r["seed"]) for r in _runs()}
-        for name, over in SETTINGS.items():
+        for i, (name, over) in enumerate(SETTINGS.items()):
             for seed in SEEDS:
-                if (name, seed) in done:
+                if (name, seed) in done or (a.settings is not None and i not in a.settings):
                     continue
                 r = train.run(TASK, "hope", "tiny", "sm_only", seed=seed, steps=STEPS,
                               overrides=over)
