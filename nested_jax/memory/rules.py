@@ -28,6 +28,13 @@ layers' output), stable for every eta >= 0 under the Sherman-Morrison step, and 
 layers' gradients no longer feed the memory's own output back through momentum (with it they
 diverged at beta = 0.99: tests/memory/test_storage.py).  A linear memory becomes the gated delta
 rule exactly, for every chunk size (its write reads no boundary state).
+
+``reflect`` (decisions #22, with ``dgd_all_layers``) doubles the Sherman-Morrison step,
+eta' = 2 eta / (1 + eta ||x||^2), so the factor's eigenvalue along x, alpha - eta' ||x||^2, spans
+(alpha - 2, alpha] instead of (alpha - 1, alpha]: eta ||x||^2 = 1 erases along x, larger steps
+reflect.  A recurrence whose transitions have eigenvalues in [0, 1] only cannot count modulo 2
+(Grazzi et al., 2024, "Unlocking state-tracking in linear RNNs through negative eigenvalues");
+with ``reflect`` the memory can flip its state on a token, which parity needs.
 """
 
 from __future__ import annotations
@@ -44,9 +51,10 @@ class Rule:
     dgd_all_layers: bool = False
     delta: bool = False
     normalized: bool = False
+    reflect: bool = False
 
     def __post_init__(self):
-        for f in ("momentum", "dgd", "dgd_all_layers", "delta", "normalized"):
+        for f in ("momentum", "dgd", "dgd_all_layers", "delta", "normalized", "reflect"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"Rule.{f}={getattr(self, f)!r} must be a bool.")
         if self.dgd_all_layers and not self.dgd:
@@ -57,6 +65,9 @@ class Rule:
         if self.delta and not self.dgd:
             raise ValueError("Rule.delta=True needs dgd=True: it removes the decay that the l2 "
                              "gradient adds on top of DGD's factor.")
+        if self.reflect and not self.dgd_all_layers:
+            raise ValueError("Rule.reflect=True doubles the Sherman-Morrison step of "
+                             "dgd_all_layers=True; set dgd=True, dgd_all_layers=True.")
 
 
 GD = Rule(momentum=False, dgd=False)
@@ -67,10 +78,11 @@ DELTA = Rule(momentum=True, dgd=True, dgd_all_layers=True, delta=True)
 
 
 def effective_eta(rule: Rule, eta, x):
-    """Per-matrix step: eta' = eta / (1 + eta ||x||^2) under ``dgd_all_layers``, else eta
-    (``normalized`` scales eta for the whole memory before this: ``Level.step_eta``)."""
+    """Per-matrix step: eta' = eta / (1 + eta ||x||^2) under ``dgd_all_layers`` (twice that
+    under ``reflect``), else eta (``normalized`` scales eta for the whole memory before this:
+    ``Level.step_eta``)."""
     if rule.dgd_all_layers and x is not None:
-        return eta / (1.0 + eta * jnp.sum(x * x))
+        return (2.0 if rule.reflect else 1.0) * eta / (1.0 + eta * jnp.sum(x * x))
     return eta
 
 

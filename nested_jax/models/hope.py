@@ -72,6 +72,7 @@ class HopeConfig(CMSFields, ModelConfig):
     memory_eta_scale: float = 100.0
     memory_self_target: bool = False
     inner_rule: str = "delta"
+    reflect: bool = False
     dgd: bool = True
     momentum: bool = True
     weight_decay: bool = True

@@ -143,6 +143,10 @@ class SelfModifyingConfig:
       inner_rule: "delta" (default: delta-form DGD, Sherman-Morrison step on every layer),
         "dgd_all" (factor and step on every layer, full l2 error) or "dgd" (decision #5: the
         factor on the input-side matrix only, the paper-literal reading).
+      reflect: double the Sherman-Morrison step (``memory.Rule.reflect``, decisions.md #22): a
+        write's eigenvalue along its input spans (alpha - 2, alpha], so M_memory (eta up to
+        eta_max * memory_eta_scale) can reflect its state, as parity needs; the default False
+        keeps every write an erasure-or-less (eigenvalues in (alpha - 1, alpha]).
       normalize_target: the self-generated target is l2(M_b(v)) (default; module notes).
       separate_conv: each coupled memory reads its own causal conv of x (default; module notes).
       dgd: delta gradient descent (alpha I - eta k k^T) on the input-side matrix; False is the
@@ -178,6 +182,7 @@ class SelfModifyingConfig:
     memory_eta_scale: float = 100.0
     memory_self_target: bool = False
     inner_rule: str = "delta"
+    reflect: bool = False
     dgd: bool = True
     momentum: bool = True
     weight_decay: bool = True
@@ -227,7 +232,7 @@ class SelfModifyingConfig:
         if self.inner_rule == "dgd":
             return nm.Rule(momentum=self.momentum, dgd=True)
         return nm.Rule(momentum=self.momentum, dgd=True, dgd_all_layers=True,
-                       delta=self.inner_rule == "delta")
+                       delta=self.inner_rule == "delta", reflect=self.reflect)
 
 
 def validate_fields(cfg) -> None:
@@ -258,9 +263,12 @@ def validate_fields(cfg) -> None:
              "memories at init, whose self-generated targets give no signal)")
     for name in ("dgd", "momentum", "weight_decay", "stop_grad", "static_k", "static_v",
                  "adaptive_q", "normalize_v", "normalize_target", "separate_conv",
-                 "ema_momentum", "memory_self_target"):
+                 "ema_momentum", "memory_self_target", "reflect"):
         if not isinstance(getattr(cfg, name), bool):
             fail(name, getattr(cfg, name), "must be a bool")
+    if cfg.reflect and not (cfg.dgd and cfg.inner_rule in ("delta", "dgd_all")):
+        fail("reflect", cfg.reflect, "doubles the Sherman-Morrison step of inner_rule='delta' or "
+             "'dgd_all' with dgd=True; set those or leave reflect=False")
     check_choice(cfg, "memory_path", PATHS)
     check_choice(cfg, "memory_read", READS)
     check_choice(cfg, "inner_rule", INNER_RULES)

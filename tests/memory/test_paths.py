@@ -15,7 +15,8 @@ MEMORIES = {
     "mlp2_plain": nm.MLPMemory(D, 6, hidden=16, residual=False, activation="gelu"),
 }
 RULES = {"gd": nm.GD, "titans": nm.TITANS, "dgd": nm.DGD, "dgd_all": nm.Rule(True, True, True),
-         "delta": nm.DELTA, "nlms": nm.Rule(momentum=True, normalized=True)}
+         "delta": nm.DELTA, "nlms": nm.Rule(momentum=True, normalized=True),
+         "reflect": nm.Rule(True, True, True, delta=True, reflect=True)}
 
 
 def _case_id(mem, rule, obj, read, st):
@@ -27,7 +28,7 @@ CASES = [
     for m in ("linear", "mlp2")
     for r in RULES
     for o in ("l2", "dot")
-    if r not in ("delta", "nlms")
+    if r not in ("delta", "nlms", "reflect")
     for rd in ("online", "boundary")
 ] + [
     ("linear", "dgd", "l2", "online", True),
@@ -41,7 +42,8 @@ CASES = [
     for rd in ("online", "boundary")
     for st in (False, True)
     if not (st and m == "mlp2_plain")
-] + [(m, "nlms", o, "online", False) for m in ("linear", "mlp2", "mlp2_plain") for o in ("l2", "dot")
+] + [(m, "reflect", "l2", rd, False) for m in ("linear", "mlp2") for rd in ("online", "boundary")
+     ] + [(m, "nlms", o, "online", False) for m in ("linear", "mlp2", "mlp2_plain") for o in ("l2", "dot")
      ] + [("mlp2", "nlms", "l2", "boundary", True)]
 
 

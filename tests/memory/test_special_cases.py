@@ -139,3 +139,27 @@ def test_dgd_all_layers_uses_sherman_morrison_step(x64):
     M0 = np.asarray(st.params["W"][0, 0])
     ref = M0 @ (np.eye(D) - ep * np.outer(kt, kt)) + ep * np.outer(vt, kt)
     np.testing.assert_allclose(final.params["W"][0, 0], ref, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("path,C", [("oracle", 1), ("dual", 1), ("dual", 4)])
+def test_reflect_write_flips_the_memory_along_its_key(x64, path, C):
+    """Rule.reflect: eta' = 2 eta / (1 + eta ||k||^2), so with the delta form and a zero target a
+    write scales M along a unit k by 1 - eta' (-0.8 at eta = 9: a reflection; erasure at
+    eta = 1) and leaves M unchanged on k's orthogonal complement."""
+    rule = nm.Rule(momentum=False, dgd=True, dgd_all_layers=True, delta=True, reflect=True)
+    level = nm.Level(nm.LinearMemory(D, D), "l2", rule)
+    st, q, k, v, g = inputs(level, jax.random.key(7), B=1, T=3, H=1)
+    g = g._replace(alpha=jnp.ones_like(g.alpha), eta=jnp.full_like(g.eta, 9.0))
+    v = jnp.zeros_like(v)
+    _, final = _run(level, st, q, k, v, g, path, C)
+    M = np.asarray(st.params["W"][0, 0])
+    for kt in np.asarray(k[0, :, 0]):  # the same hand recurrence, token by token
+        M = M - 1.8 * np.outer(M @ kt, kt)
+    np.testing.assert_allclose(final.params["W"][0, 0], M, rtol=0, atol=1e-13)
+    k0 = np.asarray(k[0, 0, 0])
+    one = _run(level, st, q[:, :1], k[:, :1], v[:, :1], jax.tree.map(lambda a: a[:, :1], g),
+               path, 1)[1].params["W"][0, 0]
+    W0 = np.asarray(st.params["W"][0, 0])
+    np.testing.assert_allclose(one @ k0, -0.8 * (W0 @ k0), rtol=0, atol=1e-13)
+    perp = np.linalg.svd(k0[None])[2][1:]  # an orthonormal basis of k0's complement
+    np.testing.assert_allclose(one @ perp.T, W0 @ perp.T, rtol=0, atol=1e-13)

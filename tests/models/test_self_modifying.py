@@ -127,7 +127,9 @@ def reference(layer, x_BxTxD):
             g1 = np.einsum("bhk,bhf->bhkf", u, h)
             g2 = np.einsum("bhf,bhk->bhfk", e, k)
             # Sherman-Morrison steps eta / (1 + eta ||x||^2) on every layer (dgd_all, delta).
-            sm = lambda x: eta_n / (1.0 + eta_n * np.sum(x * x, -1)[..., None, None])
+            # reflect (decisions #22) doubles them: eigenvalues along x down to alpha - 2.
+            sm = lambda x: ((2.0 if cfg.reflect else 1.0) * eta_n
+                            / (1.0 + eta_n * np.sum(x * x, -1)[..., None, None]))
             e1, e2 = (sm(h), sm(k)) if rule in ("delta", "dgd_all") else (eta_n, eta_n)
             s1[n] = beta * s1[n] - e1 * g1
             s2[n] = beta * s2[n] - e2 * g2
@@ -159,6 +161,8 @@ CASES = {
                                                chunk_memory=4, chunk_other=2),
     "memory-self-target-scale-3-per-token": dict(memory_self_target=True, memory_eta_scale=3.0),
     "prior-read-per-token": dict(memory_read="prior"),
+    "reflect-scale-20-C4-C2": dict(reflect=True, memory_eta_scale=20.0, chunk_memory=4,
+                                   chunk_other=2),
     "prior-read-C5-C2": dict(memory_read="prior", chunk_memory=5, chunk_other=2),
     "static-k-gd-no-ema-C4-C2": dict(static_k=True, dgd=False, ema_momentum=False,
                                      chunk_memory=4, chunk_other=2),
@@ -232,13 +236,15 @@ EXTREME = {"beta-0.5": [30.0, 30.0, 0.0], "beta-0.99": [30.0, 30.0, 4.6],
 
 
 @pytest.mark.parametrize("gates", list(EXTREME))
-@pytest.mark.parametrize("eta_max, scale", [(10.0, 1.0), (100.0, 1.0), (1.0, 100.0)])
-def test_inner_loop_stays_finite_at_extreme_gates(gates, eta_max, scale):
+@pytest.mark.parametrize("eta_max, scale, reflect", [(10.0, 1.0, False), (100.0, 1.0, False),
+                                                    (1.0, 100.0, False), (1.0, 100.0, True)])
+def test_inner_loop_stays_finite_at_extreme_gates(gates, eta_max, scale, reflect):
     """Module notes, in-context learning and stability: the default layer (delta rule,
     normalised self-targets, M_memory on v) stays finite for the worst gates the outer loop
     could learn: eta = 100 on the coupled memories or on M_memory (memory_eta_scale), alpha = 1
-    (no decay), beta up to 0.999, T = 2048, float32."""
-    assert np.isfinite(_extreme(EXTREME[gates], eta_max=eta_max, memory_eta_scale=scale))
+    (no decay), beta up to 0.999, T = 2048, float32; so does the reflecting step (#22)."""
+    assert np.isfinite(_extreme(EXTREME[gates], eta_max=eta_max, memory_eta_scale=scale,
+                                reflect=reflect))
 
 
 @pytest.mark.parametrize("rule", ["dgd_all", "delta"])
@@ -329,6 +335,9 @@ def test_gradients_match_finite_differences(x64):
     ({"eta_max": 10.0, "memory_eta_scale": 100.0}, "memory_eta_scale"),
     ({"memory_eta_scale": -1.0}, "memory_eta_scale"),
     ({"memory_self_target": 0}, "memory_self_target"),
+    ({"reflect": 1}, "reflect"),
+    ({"reflect": True, "inner_rule": "dgd", "memory_eta_scale": 1.0}, "reflect"),
+    ({"reflect": True, "dgd": False}, "reflect"),
     ({"inner_rule": "delta2"}, "inner_rule"),
     ({"normalize_target": 1}, "normalize_target"),
     ({"memory_hidden": -1}, "memory_hidden"),
