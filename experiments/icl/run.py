@@ -103,6 +103,8 @@ def parse(argv):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="model config overrides for every run, e.g. eta_max=1.0")
+    p.add_argument("--task-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="task overrides for every task, e.g. prefix_labels=true (formal)")
     p.add_argument("--out", default=None, help="results stem (default icl_<suite>)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rewrite the report from the runs already logged")
@@ -115,6 +117,13 @@ def parse(argv):
     for t in a.tasks or ():
         if t not in known:
             p.error(f"--tasks: {t!r} is not in suite {a.suite!r}; choose from {list(known)}")
+    for kv in a.task_set:
+        field = kv.split("=", 1)[0]
+        for t in a.tasks or known:
+            fields = {f.name for f in dataclasses.fields(tasks.TASKS[known[t][0]])}
+            if "=" not in kv or field not in fields:
+                p.error(f"--task-set: {kv!r} must be FIELD=VALUE with FIELD a field of task "
+                        f"{t!r}: one of {sorted(fields)}")
     for m in a.models:
         if m not in MODELS:
             p.error(f"--models: {m!r} is unknown; choose from {list(MODELS)}")
@@ -133,12 +142,12 @@ def literal(text: str):
         return text
 
 
-def build(scale: Scale, names):
+def build(scale: Scale, names, task_set: dict | None = None):
     """name -> (training task, {eval name: task at that length})."""
     out = {}
     for name in names:
         registered, kw = scale.tasks[name]
-        task = tasks.make(registered, **kw)
+        task = tasks.make(registered, **{**kw, **(task_set or {})})
         out[name] = (task, {f"T={n}": task.at_length(n) for n in scale.eval_lengths})
     return out
 
@@ -151,7 +160,8 @@ def main(argv=None) -> None:
     overrides = dict(scale.overrides)
     overrides.update({k: literal(v) for k, v in (kv.split("=", 1) for kv in a.set)})
     names = a.tasks or list(scale.tasks)
-    built = build(scale, names)  # a bad task or length fails here, before any training
+    task_set = {k: literal(v) for k, v in (kv.split("=", 1) for kv in a.task_set)}
+    built = build(scale, names, task_set)  # a bad task or length fails here, before any training
     stem = a.out or f"icl_{a.suite}"
     log = os.path.join(RESULTS, f"{stem}_runs.jsonl")
     setup = dict(preset=scale.preset, steps=steps, batch=batch, lr=a.lr, overrides=overrides)

@@ -53,13 +53,14 @@ class Result:
     curve: list
 
 
-def masked_loss(model, tokens, mask, scoring: str = "token"):
+def masked_loss(model, inputs, targets, mask, scoring: str = "token"):
     """Mean NLL over the masked positions, and accuracy under the task's ``scoring``: "token"
     (the fraction of masked positions predicted right) or "sequence" (the fraction of rows whose
-    masked positions are all right: a needle's value counts only if every digit is right)."""
-    logits = model(tokens[:, :-1]).astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    right = jnp.argmax(logits, -1) == tokens[:, 1:]
+    masked positions are all right: a needle's value counts only if every digit is right).
+    ``inputs``, ``targets`` and ``mask`` are ``Batch.arrays()``."""
+    logits = model(inputs).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    right = jnp.argmax(logits, -1) == targets
     m = mask.astype(jnp.float32)
     if scoring == "sequence":
         acc = jnp.mean(jnp.all(right | ~mask, axis=1).astype(jnp.float32))
@@ -96,14 +97,14 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
                      optax.adamw(sched, b2=0.98, weight_decay=0.1))
     opt = tx.init(params)
 
-    def loss_fn(p, tokens, mask):
-        return masked_loss(nnx.merge(graphdef, p, rest), tokens, mask, scoring)
+    def loss_fn(p, inputs, targets, mask):
+        return masked_loss(nnx.merge(graphdef, p, rest), inputs, targets, mask, scoring)
 
     @jax.jit
-    def step(p, o, tokens, mask):
+    def step(p, o, inputs, targets, mask):
         # The trainer's guard (nested_jax.train.step): a step whose loss or gradients are not
         # finite changes nothing and is counted; the count is reported with the result.
-        (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(p, tokens, mask)
+        (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(p, inputs, targets, mask)
         finite = jnp.isfinite(loss) & all_finite(g)
 
         def apply(args):
@@ -118,8 +119,7 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     t0, curve, loss, skipped = time.time(), [], jnp.nan, 0
     for i in range(steps):
         b = task.sample(rng, batch)
-        params, opt, loss, acc, finite = step(params, opt, jnp.asarray(b.tokens),
-                                              jnp.asarray(b.mask))
+        params, opt, loss, acc, finite = step(params, opt, *map(jnp.asarray, b.arrays()))
         skipped += int(not bool(finite))
         if (i + 1) % log_every == 0 or i == steps - 1:
             curve.append((i + 1, float(loss), float(acc)))
@@ -133,9 +133,10 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     def score(p, graph, t):
         ev = np.random.default_rng(10_000 + seed)  # the same held-out batches for every variant
         sc = getattr(t, "scoring", "token")
-        f = jax.jit(lambda p, x, m: masked_loss(nnx.merge(graph, p, rest), x, m, sc)[1])
+        f = jax.jit(lambda p, x, y, m: masked_loss(nnx.merge(graph, p, rest), x, y, m, sc)[1])
         n = eval_batch or batch
-        accs = [float(f(p, *map(jnp.asarray, t.sample(ev, n)))) for _ in range(eval_batches)]
+        accs = [float(f(p, *map(jnp.asarray, t.sample(ev, n).arrays())))
+                for _ in range(eval_batches)]
         return float(np.mean(accs))
 
     fgraph = None

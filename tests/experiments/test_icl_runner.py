@@ -12,6 +12,8 @@ from experiments.icl import run, tasks, train
     (["mqar", "--models", "transformer", "--variants", "sm_only"],
      "--variants: 'sm_only' does not exist for transformer"),
     (["mqar", "--scale", "tpu"], "--scale='tpu' is unknown"),
+    (["mqar", "--task-set", "prefix_labels=true"], "--task-set: 'prefix_labels=true' must be"),
+    (["formal", "--task-set", "prefix_labels"], "--task-set: 'prefix_labels' must be"),
 ])
 def test_bad_names_fail_with_the_option(capsys, argv, needle):
     with pytest.raises(SystemExit):

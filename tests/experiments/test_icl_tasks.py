@@ -70,7 +70,7 @@ def test_unknown_task_names_the_flag_and_the_choices():
 
 def test_package_keeps_the_old_names():
     assert tasks.make("mqar", n_pairs=4, seq_len=16, vocab=16) == tasks.MQAR(4, 16, 16)
-    assert tasks.RESERVED == RESERVED == 2 and tasks.Batch._fields == ("tokens", "mask")
+    assert tasks.RESERVED == RESERVED == 2 and tasks.Batch._fields == ("tokens", "mask", "targets")
 
 
 @pytest.mark.parametrize("name, kwargs, field", [
@@ -85,6 +85,7 @@ def test_package_keeps_the_old_names():
     ("mad_memorization", dict(seq_len=256), "seq_len"),
     ("anbn", dict(max_len=40, seq_len=41), "seq_len"),
     ("abab_star", dict(min_len=5, max_len=7, seq_len=9), "min_len"),
+    ("parity", dict(prefix_labels=1), "prefix_labels"),
     ("niah_noise", dict(seq_len=100), "seq_len"),
     ("niah_prose", dict(paragraphs=("ok", "")), "paragraphs"),
 ])
@@ -285,6 +286,24 @@ def test_formal_labels_are_the_checkers_verdict_and_balanced(name, longer):
     if name in SHORTCUTS:
         negatives = [s for s, label in rows if not label]
         assert np.mean([SHORTCUTS[name](s) for s in negatives]) > 0.2, "negatives are too easy"
+
+
+@pytest.mark.parametrize("name", FORMAL)
+def test_formal_prefix_labels_are_each_prefixs_verdict_and_never_input(name):
+    """prefix_labels: position t (reading s_t) is scored on the checker's verdict on s_1..s_t,
+    the SEP position on the whole string; inputs are the plain layout, so no label leaks."""
+    plain, dense = tasks.make(name), tasks.make(name, prefix_labels=True)
+    b, p = dense.sample(rng(), 200), plain.sample(rng(), 200)
+    assert (b.tokens == p.tokens).all(), "the inputs are the membership layout, unchanged"
+    assert dense.scoring == "sequence" and 0 < dense.chance < plain.chance
+    x, y, m = b.arrays()
+    for row, tgt, mask in zip(x, y, m, strict=True):
+        s, _ = dense.decode(np.append(row, PAD))
+        n = len(s)
+        assert mask.nonzero()[0].tolist() == list(range(1, n + 2))
+        want = [CHECKERS[name](s[:t]) for t in range(1, n + 1)] + [CHECKERS[name](s)]
+        assert [t == dense.yes for t in tgt[1:n + 2]] == want
+        assert set(tgt[1:n + 2].tolist()) <= {dense.no, dense.yes}
 
 
 # Needle in a haystack

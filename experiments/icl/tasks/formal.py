@@ -8,6 +8,12 @@ or deleted symbol), so that length or symbol counts alone do not decide membersh
 label is always what the language's checker says of the string: the ``in_*`` functions below
 are written from each language's definition, not from how the samples are made.
 
+With ``prefix_labels`` (Bhattamishra et al.'s setting, which the paper follows: an output at
+every step, the string recognised only if every output is right) each string position t also
+predicts whether s_1..s_t is in the language, as a separate target that is never fed back as
+input, and a row counts only when all its labels are right (``scoring = "sequence"``).  For
+parity that is the running parity bit: dense supervision of the state a recurrence must track.
+
 ``min_len..max_len`` are the training string lengths; ``at_length(T)`` keeps the language and
 draws strings of ``max_len + 1 .. T - 2`` symbols, the length-generalisation test.
 """
@@ -85,12 +91,12 @@ class FormalLanguage:
     symbols; ``lengths(lo, hi)`` says whether both kinds exist in that range.
     """
 
-    scoring: ClassVar[str] = "token"
     alphabet: ClassVar[str] = ""
 
     min_len: int = 1
     max_len: int = 40
     seq_len: int = 42
+    prefix_labels: bool = False
 
     def __post_init__(self):
         name = type(self).__name__
@@ -100,6 +106,8 @@ class FormalLanguage:
         require(self.seq_len >= self.max_len + 2,
                 f"{name} seq_len={self.seq_len} must be >= max_len + 2 = {self.max_len + 2}: "
                 "beginning PAD, the string, SEP and the label take max_len + 3 tokens.")
+        require(isinstance(self.prefix_labels, bool),
+                f"{name} prefix_labels={self.prefix_labels!r} must be a bool.")
         require(self.has_both(self.min_len, self.max_len),
                 f"{name} has no positive and negative strings of lengths "
                 f"{self.min_len}..{self.max_len}: widen min_len..max_len.")
@@ -130,8 +138,16 @@ class FormalLanguage:
         return self.yes + 1
 
     @property
+    def scoring(self) -> str:
+        return "sequence" if self.prefix_labels else "token"
+
+    @property
     def chance(self) -> float:
-        return 0.5
+        """A coin flip per scored label: 1/2, or with prefix labels the mean over the training
+        lengths n of 2^-(n + 1) (n prefixes and the label at SEP)."""
+        if not self.prefix_labels:
+            return 0.5
+        return float(np.mean([0.5 ** (n + 1) for n in range(self.min_len, self.max_len + 1)]))
 
     def at_length(self, seq_len: int) -> FormalLanguage:
         """Strings longer than any seen in training: max_len + 1 .. seq_len - 2 symbols."""
@@ -153,6 +169,7 @@ class FormalLanguage:
     def sample(self, rng: np.random.Generator, batch: int) -> Batch:
         tokens = np.full((batch, self.seq_len + 1), PAD, np.int32)
         mask = np.zeros((batch, self.seq_len), bool)
+        targets = np.zeros((batch, self.seq_len), np.int32) if self.prefix_labels else None
         want_B = rng.random(batch) < 0.5
         for b in range(batch):
             make = self.positive if want_B[b] else self.negative
@@ -162,7 +179,12 @@ class FormalLanguage:
             tokens[b, n + 1] = SEP
             tokens[b, n + 2] = self.yes if self.accepts(s) else self.no
             mask[b, n + 1] = True
-        return Batch(tokens, mask)
+            if targets is not None:  # position t reads s_t: it labels the prefix s_1..s_t
+                targets[b] = tokens[b, 1:]
+                targets[b, 1:n + 1] = [self.yes if self.accepts(s[:t]) else self.no
+                                       for t in range(1, n + 1)]
+                mask[b, 1:n + 1] = True
+        return Batch(tokens, mask, targets)
 
 
 def _multiples(k: int, lo: int, hi: int, at_least: int = 1) -> list[int]:
