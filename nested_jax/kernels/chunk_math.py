@@ -18,7 +18,7 @@ the DGD factor acts on the right, so a dv tile is a self-contained problem):
     cols  [C, 8]      per-token columns, see COLS
 
 and the update W' = gC W + dC S - (dl*X + al*eta*m)^T k, S' = bC S - (bl*X)^T k, with
-X = eta*u, gC = gam[-1], dC = dv[-1], bC = bp[-1] (delta2.py's closed form, regrouped).
+X = eta*u, gC = gam[-1], dC = dv[-1], bC = bp[-1] (gated_delta_dual.py's closed form, regrouped).
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """The state-independent half of each chunk, in plain XLA, batched over all chunks at once.
 
-``memory/delta2.py`` derives one chunk of the 2x2-gated delta recurrence with stale inputs.
-Everything in it that does not involve the boundary state (W_0, S_0) is computed here, for all
-chunks in parallel: the gate segment products A, B, D = A B, the causal masks folded into
+``memory/gated_delta_dual.py`` derives one chunk of the 2x2-gated delta recurrence with stale
+inputs.  Everything in it that does not involve the boundary state (W_0, S_0) is computed here,
+for all chunks in parallel: the gate segment products A, B, D = A B, the causal masks folded into
 f = D * (q k^T) and g = A * (q k^T), and the DGD pseudo-value system
 
     (I + L) m = Gamma^- (k W_0^T) + d^- (k S_0^T) - (D^- * k k^T) X,   L = A^- * k k^T diag(eta)
 
 solved once per chunk for its three right-hand sides: m = r W_0^T + r2 S_0^T - te X with
 [te | r | r2] = (I + L)^{-1} [D^- * kk | Gamma^- k | d^- k].  The solve is blocked forward
-substitution: 16 x 16 diagonal blocks inverted by doubling (``delta2.unit_lower_inverse``,
+substitution: 16 x 16 diagonal blocks inverted by doubling (``gated_delta_dual.unit_lower_inverse``,
 whose leaf case this is), off-diagonal blocks by matmuls.  That is ~6x
 fewer flops than doubling on the full 64 x 64 system, all batched matmuls (XLA's GPU
 triangular solve is a slow loop), and the powers of L stay short.  The kernels only see the
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from nested_jax.kernels.chunk_math import NCOL, Chunk, Flags
-from nested_jax.memory.delta2 import segment_products, unit_lower_inverse
+from nested_jax.memory.gated_delta_dual import segment_products, unit_lower_inverse
 
 BLOCK = 16  # diagonal block of the triangular solve
 

@@ -1,4 +1,4 @@
-"""The kernels' split of delta2.chunk (prep + chunk_math loop) is the XLA dual form, float64.
+"""The kernels' split of gated_delta_dual.chunk (prep + chunk_math loop) is the XLA dual form, float64.
 
 Pure XLA (no Pallas): prep.prep + scan_xla.scan through linear.py's own plumbing
 (vjp.make_core(kernel="xla-scan")) against memory.apply(path="dual"), every rule and

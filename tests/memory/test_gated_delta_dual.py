@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nested_jax.memory import delta2
+from nested_jax.memory import gated_delta_dual
 
 
 @pytest.mark.parametrize("c", [1, 2, 7, 16, 17, 32, 45, 64])
@@ -13,7 +13,7 @@ def test_unit_lower_inverse_is_the_inverse(x64, c):
     """Blocked doubling equals (I + L)^{-1}: leaf sizes, the 2 x 2 block recursion, odd splits."""
     lower = jnp.tril(jax.random.normal(jax.random.key(c), (c, c), jnp.float64), -1) * 0.3
     want = np.linalg.inv(np.eye(c) + np.asarray(lower))
-    np.testing.assert_allclose(delta2.unit_lower_inverse(lower), want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(gated_delta_dual.unit_lower_inverse(lower), want, rtol=0, atol=1e-12)
 
 
 def test_split_chunk_equals_a_token_loop(x64):
@@ -29,7 +29,7 @@ def test_split_chunk_equals_a_token_loop(x64):
     eta = jax.random.uniform(ks[5], (C,), jnp.float64, 0.1, 0.6)
     alpha = jax.random.uniform(ks[6], (C,), jnp.float64, 0.7, 1.0)
     beta = jax.random.uniform(ks[7], (C,), jnp.float64, 0.0, 0.9)
-    y, m_last, s_last = delta2.chunk(m0, s0, k, x, r, eta, alpha, beta, dgd=True)
+    y, m_last, s_last = gated_delta_dual.chunk(m0, s0, k, x, r, eta, alpha, beta, dgd=True)
 
     M, S = np.asarray(m0), np.asarray(s0)
     for t in range(C):
