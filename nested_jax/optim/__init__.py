@@ -9,10 +9,23 @@ tests: ``docs/paper_map/optim.md``.
 
 Notes for wrappers and sharding:
 
-* ``optax.inject_hyperparams`` turns every number into an array; the
-  structural arguments ``ns_steps``, ``every`` (M3), ``hidden`` (DMGD),
-  ``axis`` (delta momentum) and a callable ``weight_dimension_numbers`` go in
-  its ``static_args``.
+* ``optax.inject_hyperparams(alias)(learning_rate=...)`` works with no
+  ``static_args`` (as ``optax.contrib.muon``). It turns every int and float
+  it is given into an array, traced under ``jit``, and every callable into a
+  schedule. So the structural arguments default to ``None``, which it leaves
+  alone (``hidden`` of DMGD, ``axis`` of delta momentum,
+  ``weight_dimension_numbers``), and the ints that only enter arithmetic or a
+  loop length work traced (``every`` of M3, ``ns_steps``). Set ``hidden`` or
+  ``axis`` to an int, or ``weight_dimension_numbers`` to a function, and that
+  argument goes in ``static_args``.
+* Parameters of any rank work out of the box. Newton–Schulz (M3,
+  ``newton_schulz_momentum``) orthogonalizes the last two axes of a tensor of
+  rank >= 2 (a stacked ``[L, D, F]`` weight per layer) and passes vectors and
+  scalars through (``matrix_dimension_numbers``); the other memories are
+  elementwise or act along the last axis.
+* Annotations are evaluated (no ``from __future__ import annotations``):
+  optax's test battery reads ``learning_rate``'s annotation to know that an
+  alias takes a schedule (``tests/optim/test_optim_optax_battery.py``).
 * ``init`` lays the param-shaped state out like the params (eager, or jitted
   under explicit mesh axes; a jitted init under auto axes needs
   ``out_shardings``, as for any optax optimizer). Newton–Schulz and DGD's

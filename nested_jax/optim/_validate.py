@@ -69,18 +69,33 @@ def check_scalar(
         )
 
 
-def check_int(where: str, name: str, value: Any, *, low: int, fix: str = "") -> int:
-    """Checks a structural integer (step counts, widths): concrete, >= low."""
+def check_int(where: str, name: str, value: Any, *, low: int, fix: str = "") -> int | None:
+    """Checks an integer hyperparameter (a step count, a width): ``int(value)``, or ``None``
+    when it is traced.
+
+    ``optax.inject_hyperparams`` turns every int it is given into an int32 array, traced
+    under ``jit``; such a value is accepted here (it was checked when concrete) and the
+    caller decides whether it can work with it (a loop length can, a state shape cannot).
+    """
     if isinstance(value, bool):
         raise ValueError(f"{where}: `{name}` must be an int >= {low}, got bool {value!r}. {fix}")
     x = concrete_float(value)
+    if x is None and is_traced_int(value):
+        return None
     if x is None or not math.isfinite(x) or x != int(x) or int(x) < low:
         raise ValueError(
-            f"{where}: `{name}` must be a concrete int >= {low}, got {value!r}. It fixes array "
-            f"shapes or loop lengths, so under optax.inject_hyperparams pass it in "
-            f"`static_args`. {fix}".rstrip()
+            f"{where}: `{name}` must be a concrete int >= {low}, got {value!r}. {fix}".rstrip()
         )
     return int(x)
+
+
+def is_traced_int(value: Any) -> bool:
+    """An integer-typed scalar tracer (what inject_hyperparams makes of an int under jit)."""
+    return (
+        isinstance(value, jax.core.Tracer)
+        and np.shape(value) == ()
+        and np.issubdtype(value.dtype, np.integer)
+    )
 
 
 def check_integer(where: str, name: str, value: Any, *, fix: str = "") -> None:

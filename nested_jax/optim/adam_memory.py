@@ -31,8 +31,6 @@ gradient history (the oracle). Tests: minimizer of the oracle ==
 ``optax.adam`` == this transform, in float64.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

@@ -30,8 +30,6 @@ would be quadratic and does not scale.
   so that it does not grow with the tensor's size.
 """
 
-from __future__ import annotations
-
 import functools
 import math
 from typing import Any, NamedTuple
@@ -44,6 +42,8 @@ from jax.sharding import PartitionSpec as P
 from nested_jax.optim import _common, _validate
 
 OBJECTIVES = ("dot", "l2")
+HIDDEN = 16
+"""The MLP's default hidden width ``H`` (``hidden=None``)."""
 
 
 class DeepMomentumState(NamedTuple):
@@ -99,7 +99,7 @@ def scale_by_deep_momentum(
     eta: float = 1.0,
     eta_mlp: float = 0.01,
     *,
-    hidden: int = 16,
+    hidden: int | None = None,
     objective: str = "dot",
     seed: int = 0,
     accumulator_dtype: Any = None,
@@ -122,8 +122,11 @@ def scale_by_deep_momentum(
         second, learned momentum path of gain up to ``~eta_mlp H / (1 - alpha)``;
         0.01 keeps it below the bias path (0.1 diverged on the toy landscape of
         ``experiments/bench_optim_landscape.py`` where 0.01 beat momentum).
-      hidden: hidden width ``H`` of the MLP (structural: static under
-        ``inject_hyperparams``).
+      hidden: hidden width ``H`` of the MLP; ``None``: :data:`HIDDEN` (16). It
+        shapes the state, so it must be a concrete int when the state is
+        initialized: ``optax.inject_hyperparams`` makes an int traced under a
+        jitted ``init``, so there pass it in ``static_args`` (the ``None``
+        default needs nothing).
       objective: ``"dot"`` (paper) or ``"l2"``. With ``"l2"`` the memory
         regresses onto the gradient, so its retention is ``alpha - eta``: use
         e.g. ``alpha=1, eta=0.1`` (an EMA), not the ``"dot"`` defaults.
@@ -151,12 +154,20 @@ def scale_by_deep_momentum(
     _validate.check_scalar(
         where, "eta_mlp", eta_mlp, low=0.0, fix="Use e.g. 0.01; 0 freezes the MLP."
     )
-    width = _validate.check_int(where, "hidden", hidden, low=1)
+    # None, not 16, as the default: inject_hyperparams leaves None alone, while it
+    # would turn 16 into an array, traced under a jitted init, that cannot shape W_in.
+    width = HIDDEN if hidden is None else _validate.check_int(where, "hidden", hidden, low=1)
     _validate.check_integer(where, "seed", seed, fix="Use e.g. 0.")
     _validate.check_choice(where, "objective", objective, OBJECTIVES)
     acc_dtype = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
 
     def init_fn(params):
+        if width is None:
+            raise ValueError(
+                f"{where}: `hidden`={hidden!r} is traced, but it is the MLP's width and "
+                "shapes the state. Under optax.inject_hyperparams pass "
+                "static_args=('hidden',), or leave the default hidden=None (16)."
+            )
         key = jax.random.key(seed)
         leaves, treedef = jax.tree.flatten(params)
         w_in, w_out = [], []
@@ -221,7 +232,7 @@ def deep_momentum(
     eta_mlp: float = 0.01,
     eta: float = 1.0,
     *,
-    hidden: int = 16,
+    hidden: int | None = None,
     objective: str = "dot",
     seed: int = 0,
     weight_decay: float = 0.0,
@@ -240,7 +251,7 @@ def deep_momentum(
       alpha: retention of the memory.
       eta_mlp: inner step of the MLP weights.
       eta: inner step of the per-row bias (see :func:`scale_by_deep_momentum`).
-      hidden: MLP width (static under ``inject_hyperparams``).
+      hidden: MLP width; ``None``: 16 (see :func:`scale_by_deep_momentum`).
       objective: ``"dot"`` or ``"l2"``.
       seed: initialization seed.
       weight_decay: decoupled weight decay, scaled by the learning rate.

@@ -41,8 +41,6 @@ landscape of ``experiments/bench_optim_landscape.py`` it lost to plain
 momentum, while this reading beats it (see that benchmark).
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -109,7 +107,7 @@ def scale_by_delta_momentum(
     beta: float = 1.0,
     *,
     form: str = "neurips",
-    axis: int = -1,
+    axis: int | None = None,
     preconditioner: optax.GradientTransformation | None = None,
     accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -133,8 +131,10 @@ def scale_by_delta_momentum(
         ``1 / ||g||^2``: along ``g`` the memory keeps ``alpha / (1 + beta ||g||^2)``.
         For ``arxiv`` it also scales the write (the paper's ``eta``).
       form: ``"neurips"`` or ``"arxiv"``.
-      axis: the axis along which rows are taken (scalars are one row); structural,
-        so static under ``inject_hyperparams``.
+      axis: the axis along which rows are taken (scalars are one row); ``None``:
+        the last. It picks array axes, so it must be a Python int: under
+        ``optax.inject_hyperparams`` (which turns ints into arrays) pass it in
+        ``static_args`` (the ``None`` default needs nothing).
       preconditioner: optional transform computing ``P g`` (``None``: ``P = I``).
       accumulator_dtype: dtype of ``mu``.
 
@@ -165,8 +165,15 @@ def scale_by_delta_momentum(
         fix="It is the step of the forgetting term, in units of 1/||g||^2; e.g. 1.0.",
     )
     _validate.check_choice(where, "form", form, FORMS)
+    # None, not -1, as the default: inject_hyperparams leaves None alone, while it
+    # would turn -1 into an array, which cannot pick an axis.
+    if axis is None:
+        axis = -1
     if not isinstance(axis, int) or isinstance(axis, bool):
-        raise ValueError(f"{where}: `axis` must be an int, got {axis!r}.")
+        raise ValueError(
+            f"{where}: `axis` must be an int or None (the last axis), got {axis!r}. Under "
+            "optax.inject_hyperparams pass static_args=('axis',)."
+        )
     _validate.check_transform(where, "preconditioner", preconditioner)
     precond = optax.with_extra_args_support(preconditioner or optax.identity())
     acc_dtype = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
@@ -210,7 +217,7 @@ def delta_momentum(
     beta: float = 1.0,
     *,
     form: str = "neurips",
-    axis: int = -1,
+    axis: int | None = None,
     preconditioner: optax.GradientTransformation | None = None,
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
@@ -229,7 +236,7 @@ def delta_momentum(
       alpha: retention.
       beta: step of the forgetting term (units ``1 / ||g||^2``).
       form: ``"neurips"`` or ``"arxiv"``.
-      axis: row axis.
+      axis: row axis; ``None``: the last.
       preconditioner: optional transform computing ``P g``.
       weight_decay: decoupled weight decay, scaled by the learning rate.
       weight_decay_mask: optax mask for the decay.

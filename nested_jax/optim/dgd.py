@@ -34,8 +34,6 @@ direction ``D`` with ``W_{t+1} - W_t = -eta D``:
   D = (I + \tfrac{\eta}{N} X^T X)^{-1}\,(G + \tfrac{1}{N} X^T X W_t).
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any, NamedTuple
 

@@ -6,8 +6,6 @@ weights (``W += m``); optax transforms return a gradient-like direction that
 is therefore ``mu = -m / eta``: same recurrence, gradient sign.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

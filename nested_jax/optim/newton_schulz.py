@@ -22,8 +22,6 @@ read from the compiled HLO for a ``1024 x 256`` matrix on 8 devices:
   tensors out of Newton–Schulz, if that traffic matters.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -62,12 +60,14 @@ def is_dimension_numbers(x: Any) -> bool:
 
 
 def matrix_dimension_numbers(params: Any) -> Any:
-    """Orthogonalize the last two axes of every tensor of rank >= 2.
+    """The default rule: orthogonalize the last two axes of every tensor of rank >= 2.
 
-    Leading axes are batch axes (``[L, D, F]`` gives ``L`` matrices ``D x F``);
-    tensors of rank < 2 get ``None``: they pass through Newton–Schulz unchanged,
-    which is stated here rather than done silently. Pass this function itself as
-    ``weight_dimension_numbers``.
+    Leading axes are batch axes (``[L, D, F]`` gives ``L`` matrices ``D x F``,
+    as ``optax.contrib.MuonDimensionNumbers(1, 2)`` would); tensors of rank < 2
+    get ``None``: they pass through Newton–Schulz unchanged, so the memory's own
+    update reaches them (Muon's momentum for :func:`newton_schulz_momentum`, the
+    Adam-like ratio for M3). ``weight_dimension_numbers=None`` means this rule;
+    pass a tree or another function to change it (e.g. to keep an embedding out).
 
     >>> import jax.numpy as jnp
     >>> from nested_jax.optim import matrix_dimension_numbers
@@ -109,25 +109,38 @@ def _matrix_view(shape: tuple[int, ...], dn: Any):
     return perm, inv, flat, unflat, (size(red), size(out))
 
 
-def _ns_matrix(x: jax.Array, coeffs: jax.Array, eps: Any) -> jax.Array:
-    """Newton–Schulz on one matrix (Frobenius-normalized start), as optax does."""
+def _ns_step(x: jax.Array, c: jax.Array) -> jax.Array:
+    a = x @ x.T
+    b = c[1] * a + c[2] * a @ a
+    return c[0] * x + b @ x
+
+
+def _ns_matrix(x: jax.Array, coeffs: jax.Array, steps: Any, eps: Any) -> jax.Array:
+    """Newton–Schulz on one matrix (Frobenius-normalized start), as optax does.
+
+    ``coeffs`` is an ``(n, 3)`` table (one row per step) or one ``(3,)`` row applied
+    ``steps`` times; ``steps`` is traced under ``optax.inject_hyperparams`` (it turns
+    every int into an array), then the steps run in a ``fori_loop`` of that length.
+    """
     transposed = x.shape[0] > x.shape[1]
     if transposed:  # f(X) = f(X^T)^T; the Gram matrix of the short side is cheaper
         x = x.T
     x = x / (jnp.linalg.norm(x, ord="fro") + eps)
-    for c in coeffs:
-        a = x @ x.T
-        b = c[1] * a + c[2] * a @ a
-        x = c[0] * x + b @ x
+    if coeffs.ndim == 2:
+        for c in coeffs:
+            x = _ns_step(x, c)
+    elif isinstance(steps, int):
+        for _ in range(steps):
+            x = _ns_step(x, coeffs)
+    else:
+        x = jax.lax.fori_loop(0, steps, lambda _, y: _ns_step(y, coeffs), x)
     return x.T if transposed else x
 
 
-def _coeff_table(ns_coeffs: Any, ns_steps: int) -> Any:
+def _coeff_table(ns_coeffs: Any) -> jax.Array:
     table = jnp.asarray(ns_coeffs)
-    if table.ndim == 1 and table.shape == (3,):
-        return [table] * ns_steps
-    if table.ndim == 2 and table.shape[-1] == 3:
-        return [table[i] for i in range(table.shape[0])]
+    if table.shape == (3,) or (table.ndim == 2 and table.shape[-1] == 3):
+        return table
     raise ValueError(
         f"newton_schulz: `ns_coeffs` must have shape (3,) or (n, 3), got {table.shape}."
     )
@@ -157,7 +170,7 @@ def orthogonalize(
       x: a matrix, or any tensor together with ``dimension_numbers``.
       ns_coeffs: ``(a, b, c)``, or an ``(n, 3)`` table with one row per step (then
         ``ns_steps`` is ignored).
-      ns_steps: number of steps.
+      ns_steps: number of steps (an int; a traced one runs a ``fori_loop``).
       eps: added to the Frobenius norm before dividing.
       dimension_numbers: the matrix axes of a tensor that is not a matrix; other
         axes are batch axes.
@@ -192,13 +205,14 @@ def orthogonalize(
             f"orthogonalize: `dimension_numbers` must be a DimensionNumbers, got "
             f"{dimension_numbers!r}."
         )
+    steps = _check_ns_args("orthogonalize", ns_coeffs, ns_steps, eps)
     perm, inv, flat, unflat, _ = _matrix_view(x.shape, dimension_numbers)
     cdt = compute_dtype(x.dtype)
-    coeffs = [c.astype(cdt) for c in _coeff_table(ns_coeffs, ns_steps)]
+    coeffs = _coeff_table(ns_coeffs).astype(cdt)
 
     def ns(x):
         mats = x.astype(cdt).transpose(perm).reshape(flat)
-        out = jax.vmap(lambda m: _ns_matrix(m, coeffs, eps))(mats)
+        out = jax.vmap(lambda m: _ns_matrix(m, coeffs, steps, eps))(mats)
         return out.reshape(unflat).transpose(inv).astype(x.dtype)
 
     return sharded_like(ns, x)
@@ -206,22 +220,10 @@ def orthogonalize(
 
 def resolve_dimension_numbers(where: str, weight_dimension_numbers: Any, updates: Any) -> list:
     """One ``DimensionNumbers`` or ``None`` (pass through) per leaf of ``updates``."""
-    paths = _validate.leaf_paths(updates)
     leaves = jax.tree.leaves(updates, is_leaf=_validate.is_masked)
     wdn = weight_dimension_numbers
     if wdn is None:
-        for path, leaf in zip(paths, leaves, strict=True):
-            if not _validate.is_masked(leaf) and jnp.ndim(leaf) != 2:
-                raise ValueError(
-                    f"{where}: parameter {path or '<root>'} has shape {jnp.shape(leaf)}; "
-                    "Newton–Schulz needs matrices. Pass `weight_dimension_numbers`: "
-                    "nested_jax.optim.matrix_dimension_numbers orthogonalizes the last two "
-                    "axes (stacked [L, D, F] -> L matrices D x F) and passes tensors of rank < 2 "
-                    "through; "
-                    "or a tree of DimensionNumbers/None; or route the tensor to another optimizer "
-                    "with optax.partition."
-                )
-        return [None if _validate.is_masked(x) else DimensionNumbers(0, 1) for x in leaves]
+        wdn = matrix_dimension_numbers
     if is_dimension_numbers(wdn):
         return [None if _validate.is_masked(x) else wdn for x in leaves]
     if callable(wdn):
@@ -273,11 +275,12 @@ def newton_schulz_tree(
     return jax.tree.unflatten(treedef, out)
 
 
-def _check_ns_args(where: str, ns_coeffs: Any, ns_steps: Any, eps: Any) -> int:
+def _check_ns_args(where: str, ns_coeffs: Any, ns_steps: Any, eps: Any) -> Any:
+    """The step count: an int, or the traced one that inject_hyperparams passes."""
     steps = _validate.check_int(where, "ns_steps", ns_steps, low=1)
-    _coeff_table(ns_coeffs, steps)
+    _coeff_table(ns_coeffs)
     _validate.check_scalar(where, "eps", eps, low=0.0, fix="Use a small value such as 1e-8.")
-    return steps
+    return ns_steps if steps is None else steps
 
 
 def scale_by_newton_schulz(
@@ -298,14 +301,16 @@ def scale_by_newton_schulz(
 
     Args:
       ns_coeffs: polynomial coefficients, see :func:`orthogonalize`.
-      ns_steps: Newton–Schulz steps ``T`` (structural: static under
-        ``inject_hyperparams``).
+      ns_steps: Newton–Schulz steps ``T`` (injectable: a traced count runs a
+        ``fori_loop``).
       eps: added to the Frobenius norm of each matrix.
-      weight_dimension_numbers: ``None`` (every parameter must be a matrix, else
-        ``ValueError``), one :class:`DimensionNumbers` for all, a tree of
-        ``DimensionNumbers``/``None`` (``None`` = pass through unchanged), or a
-        function of the params returning that tree, such as
-        :func:`matrix_dimension_numbers`.
+      weight_dimension_numbers: ``None`` (the default rule,
+        :func:`matrix_dimension_numbers`: the last two axes of every tensor of
+        rank >= 2, rank < 2 passes through), one :class:`DimensionNumbers` for
+        all, a tree of ``DimensionNumbers``/``None`` (``None`` = pass through
+        unchanged), or a function of the params returning that tree (a function
+        is a callable, so ``optax.inject_hyperparams`` needs it in
+        ``static_args``; the default needs nothing).
       width_scaling: multiply by ``sqrt(max(1, fan_out / fan_in))`` as Muon does.
 
     Returns:
@@ -369,17 +374,17 @@ def newton_schulz_momentum(
 
     with the debiased Nesterov read-out ``mu_hat`` and width scale
     ``s = sqrt(max(1, fan_out / fan_in))``, exactly as ``optax.contrib.muon``
-    treats its matrix parameters (tested equal). Unlike Muon, tensors that are
-    not matrices are never sent to Adam behind the caller's back: they need
-    ``weight_dimension_numbers`` (stacked ``[L, D, F]`` weights are
-    orthogonalized per matrix), and rank < 2 tensors pass through only when the
-    dimension numbers say ``None`` for them.
+    treats its matrix parameters (tested equal). Parameters of any rank work
+    out of the box, by the rule of :func:`matrix_dimension_numbers`: stacked
+    ``[L, D, F]`` weights are orthogonalized per matrix (``optax.contrib.muon``
+    would send them to Adam), and vectors and scalars get the momentum without
+    Newton–Schulz (Muon gives them Adam).
 
     Args:
       learning_rate: a float or an optax schedule.
       beta: momentum decay (EMA).
       ns_coeffs: Newton–Schulz coefficients.
-      ns_steps: Newton–Schulz steps (static under inject_hyperparams).
+      ns_steps: Newton–Schulz steps (injectable, see :func:`scale_by_newton_schulz`).
       eps: epsilon of the Frobenius normalization.
       nesterov: Nesterov read-out.
       weight_dimension_numbers: see :func:`scale_by_newton_schulz`.

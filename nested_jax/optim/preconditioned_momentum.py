@@ -5,8 +5,6 @@ mapping ``g`` to ``P g`` (it may keep state, e.g. a second moment). The default
 is :func:`scale_by_diagonal_second_moment`.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

@@ -91,16 +91,12 @@ def test_mismatched_trees_raise(case):
         opt.update(other_shape, state, params)
 
 
-def test_non_matrices_need_dimension_numbers():
+def test_orthogonalize_needs_dimension_numbers_for_non_matrices():
+    # The transforms default to matrix_dimension_numbers; the matrix function does not guess.
     with pytest.raises(
         ValueError, match=r"shape \(2, 3, 4\); Newton–Schulz needs a matrix.*dimension_numbers"
     ):
         no.orthogonalize(jnp.ones((2, 3, 4)))
-    tx = no.scale_by_newton_schulz()
-    with pytest.raises(
-        ValueError, match=r"parameter \['stack'\] has shape \(2, 3, 4\).*weight_dimension_numbers"
-    ):
-        tx.update({"stack": jnp.ones((2, 3, 4))}, tx.init({"stack": jnp.ones((2, 3, 4))}))
     with pytest.raises(
         ValueError, match="reduction axes .* and output axes .* must be non-empty and disjoint"
     ):
@@ -113,3 +109,22 @@ def test_non_matrices_need_dimension_numbers():
         no.scale_by_newton_schulz(weight_dimension_numbers={"x": None}).init(
             {"w": jnp.ones((2, 2))}
         )
+
+
+def test_structural_ints_under_inject_hyperparams_name_static_args():
+    # hidden shapes DMGD's state and axis picks array axes: given as ints, the arrays
+    # inject_hyperparams makes of them cannot work, and the error says what to do.
+    import jax
+    import optax
+
+    params = {"w": jnp.ones((3, 4))}
+    tx = optax.inject_hyperparams(no.deep_momentum)(1e-3, hidden=8)
+    with pytest.raises(ValueError, match=r"`hidden`.*traced.*static_args=\('hidden',\)"):
+        jax.jit(tx.init)(params)
+    tx = optax.inject_hyperparams(no.deep_momentum, static_args="hidden")(1e-3, hidden=8)
+    assert jax.jit(tx.init)(params).inner_state[0].w_in["w"].shape == (4, 8)
+    tx = optax.inject_hyperparams(no.delta_momentum)(1e-3, axis=0)
+    with pytest.raises(ValueError, match=r"`axis` must be an int or None.*static_args"):
+        tx.update(params, tx.init(params), params)
+    tx = optax.inject_hyperparams(no.delta_momentum, static_args="axis")(1e-3, axis=0)
+    tx.update(params, tx.init(params), params)

@@ -67,7 +67,7 @@ def test_inject_hyperparams_and_schedules(case, x64):
     lr0 = case.kwargs["learning_rate"]
     sched = optax.piecewise_constant_schedule(lr0, {3: 0.25})
     _, _, ref = run(case.build(learning_rate=sched), params, 5)
-    opt_inj = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**case.kwargs)
+    opt_inj = optax.inject_hyperparams(case.factory)(**case.kwargs)
     update = jax.jit(opt_inj.update)
     state, p, got = opt_inj.init(params), params, []
     for k in range(5):
@@ -76,6 +76,29 @@ def test_inject_hyperparams_and_schedules(case, x64):
         u, state = update(grads_at(p, jnp.asarray(float(k))), state, p)
         p = optax.apply_updates(p, u)
         got.append(u)
+    assert_trees_close(got, ref, rtol=1e-12, atol=1e-15)
+
+
+MIXED = {"vector": (8,), "matrix": (8, 16), "stacked": (3, 8, 8), "scalar": ()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_inject_hyperparams_needs_no_static_args_on_params_of_any_rank(case, x64):
+    # As for optax.contrib.muon: the alias as it is, a tree of mixed ranks, jitted
+    # init and update; the injected optimizer equals the plain one.
+    rng = np.random.default_rng(3)
+    params = {k: jnp.asarray(rng.standard_normal(s)) for k, s in MIXED.items()}
+    grads = [
+        jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), params) for _ in range(4)
+    ]
+    plain = case.build()
+    injected = optax.inject_hyperparams(case.factory)(**case.kwargs)
+    got, ref = [], []
+    for opt, out in ((injected, got), (plain, ref)):
+        state, update = jax.jit(opt.init)(params), jax.jit(opt.update)
+        for g in grads:
+            u, state = update(g, state, params)
+            out.append(u)
     assert_trees_close(got, ref, rtol=1e-12, atol=1e-15)
 
 

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from optax import contrib
 from optim_helpers import assert_close, randn, run_updates
 
@@ -93,15 +92,37 @@ def test_reduction_and_output_axes_can_be_groups(x64):
     np.testing.assert_allclose(no.orthogonalize(x, dimension_numbers=dn), flat, rtol=1e-13)
 
 
-def test_rank_one_tensors_pass_through_only_when_said(x64):
-    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
-    g = {"w": randn((4, 3), 0), "b": jnp.arange(3.0)}
-    tx = no.scale_by_newton_schulz(weight_dimension_numbers=no.matrix_dimension_numbers)
+def test_rank_below_two_passes_through_by_default(x64):
+    # The default rule (matrix_dimension_numbers): vectors and scalars pass through,
+    # matrices are orthogonalized, stacked weights per matrix.
+    params = {
+        "w": jnp.ones((4, 3)),
+        "b": jnp.ones(3),
+        "s": jnp.ones(()),
+        "stack": jnp.ones((2, 4, 3)),
+    }
+    g = {
+        "w": randn((4, 3), 0),
+        "b": jnp.arange(3.0),
+        "s": jnp.asarray(2.0),
+        "stack": randn((2, 4, 3), 1),
+    }
+    tx = no.scale_by_newton_schulz()
     u, _ = tx.update(g, tx.init(params))
     np.testing.assert_array_equal(u["b"], g["b"])
+    np.testing.assert_array_equal(u["s"], g["s"])
     np.testing.assert_allclose(u["w"], no.orthogonalize(g["w"]), rtol=1e-14)
-    with pytest.raises(ValueError, match=r"\['b'\].*shape \(3,\).*weight_dimension_numbers"):
-        no.scale_by_newton_schulz().init(params)
+    per_matrix = jnp.stack([no.orthogonalize(g["stack"][i]) for i in range(2)])
+    np.testing.assert_allclose(u["stack"], per_matrix, rtol=1e-13)
+
+
+def test_mixed_ranks_work_out_of_the_box_as_muon_on_the_matrices(x64):
+    # optax.contrib.muon gives the same default for matrices (and Adam for the rest).
+    grads = _grads(3, {"w": (4, 9), "b": (9,)})
+    params = jax.tree.map(jnp.ones_like, grads[0])
+    got = run_updates(no.newton_schulz_momentum(0.02), grads, params)
+    ref = run_updates(contrib.muon(0.02), grads, params)
+    assert_close([u["w"] for u in got], [u["w"] for u in ref], 1e-12, 1e-15)
 
 
 def test_width_scaling_is_muons(x64):
@@ -117,3 +138,18 @@ def test_bf16_is_orthogonalized_in_float32():
     got = no.orthogonalize(x.astype(jnp.bfloat16))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(got.astype(jnp.float32), ref, atol=2e-2)
+
+
+def test_a_traced_step_count_runs_the_same_steps(x64):
+    # optax.inject_hyperparams turns ns_steps=3 into a traced array: a fori_loop of
+    # that length, equal to the unrolled steps of the plain optimizer.
+    grads = _grads(2, MATRICES)
+    params = jax.tree.map(jnp.ones_like, grads[0])
+    injected = optax.inject_hyperparams(no.newton_schulz_momentum)(0.02, ns_steps=3)
+    got = run_updates(injected, grads, params)
+    assert_close(
+        got, run_updates(no.newton_schulz_momentum(0.02, ns_steps=3), grads, params), 1e-12, 1e-15
+    )
+    assert not np.allclose(
+        got[-1]["wide"], run_updates(no.newton_schulz_momentum(0.02), grads, params)[-1]["wide"]
+    )
