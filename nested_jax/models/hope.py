@@ -2,7 +2,7 @@
 
     x_0 = E[tokens]                                    (tied embedding, decision #11)
     x   = x + SelfModifyingTitans(RMSNorm(x))           (self_modifying.py: paper §4, eqs. 76-93)
-    x   = CMS(x)                                        (cms.py: paper §5, eq. 71; residual inside)
+    x   = CMS(x)                                        (models/cms/: paper §5, eq. 71)
     logits = E RMSNorm_f(x)                             (final norm, tied LM head)
 
 for each of the N blocks.  The CMS levels' teach signal is carried through this model's own final

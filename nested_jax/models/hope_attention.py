@@ -1,6 +1,6 @@
 """Hope-Attention: Transformer++ blocks whose MLP is a Continuum Memory System (paper §6).
 
-Each block is x + Attention(RMSNorm(x)) followed by the CMS of ``cms.py`` (a chain of SwiGLU levels
+Each block is x + Attention(RMSNorm(x)) followed by the CMS (``models/cms/``, SwiGLU levels
 updated in context every C^(l) tokens, decisions.md #12-#14).  Embeddings are tied; the teach signal
 of the CMS levels goes through this model's own final norm and LM head.  With every inner learning
 rate 0 the model is a static Transformer++ with several residual MLPs per block, and

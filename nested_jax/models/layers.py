@@ -38,6 +38,15 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def rms_normalize(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """nnx.RMSNorm's arithmetic (statistics in >= float32), cast back to x's dtype."""
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(dt)
+    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+    scale = scale.astype(dt).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (xf * (jax.lax.rsqrt(var + eps) * scale)).astype(x.dtype)
+
+
 def param_init(init: Initializer, *logical_axes: str | None) -> Initializer:
     """Tag an initializer with the logical axis name of each parameter dimension."""
     return nnx.with_metadata(init, logical_axes=tuple(logical_axes))

@@ -8,8 +8,8 @@ from flax import nnx
 
 from nested_jax import models
 from nested_jax.models import layers
-from nested_jax.models.cms import rms_norm
 from nested_jax.models.hope_attention import HopeAttentionConfig, stack_from_transformer
+from nested_jax.models.layers import rms_normalize
 from tests.models.helpers import check_bf16_step
 
 V, T = 256, 16
@@ -94,7 +94,7 @@ def _static_reference(model, tokens):
     for block in model.blocks:
         x = x + block.attn(layers.apply_norm(block.attn_norm, x), positions)
         for lv in block.cms.levels:
-            n = rms_norm(x, lv.norm.scale[...], model.config.norm_eps)
+            n = rms_normalize(x, lv.norm.scale[...], model.config.norm_eps)
             x = x + (jax.nn.silu(n @ lv.gate[...]) * (n @ lv.up[...])) @ lv.down[...]
     return model.embed.logits(layers.apply_norm(model.final_norm, x))
 

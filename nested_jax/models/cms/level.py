@@ -1,0 +1,81 @@
+"""A CMS level as an engine level: the SwiGLU fast memory and the level whose inner loss is the
+CMS signal (teach, given or reconstruction; ``nested_jax/models/cms/__init__.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nested_jax import memory as nm
+from nested_jax.memory import objectives
+from nested_jax.models.cms.teach import TeachHead, teach_delta
+from nested_jax.models.layers import rms_normalize
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SwiGLUMemory:
+    """A CMS level's memory for the engine: y = w * W_down(silu(W_gate n) * W_up n), n = RMSNorm(x).
+
+    Fast params {"gate": [D, F], "up": [D, F], "down": [F, D]} in nnx.Linear's kernel layout
+    (x @ W), so ad-hoc stacking copies Transformer++ kernels as they are.  ``norm_scale`` and
+    ``out_scale`` are outer parameters closed over (not fast state).  The read-out is the residual
+    branch only; the stream after the level is x + apply(params, x).  No DGD (layer_inputs None).
+    """
+
+    dk: int
+    dv: int
+    hidden: int
+    norm_scale: Any
+    eps: float
+    out_scale: Any = None
+
+    def init(self, key, dtype=jnp.float32):
+        k1, k2 = jax.random.split(key)
+        std = 0.02
+        return {"gate": std * jax.random.normal(k1, (self.dk, self.hidden), dtype),
+                "up": std * jax.random.normal(k2, (self.dk, self.hidden), dtype),
+                "down": jnp.zeros((self.hidden, self.dv), dtype)}
+
+    def parts(self, params, x_D):
+        """(normalised input n, branch output y) for one token."""
+        n = rms_normalize(x_D, self.norm_scale, self.eps)
+        w = {k: v.astype(x_D.dtype) for k, v in params.items()}
+        a = jax.nn.silu(n @ w["gate"]) * (n @ w["up"])
+        y = a @ w["down"]
+        if self.out_scale is not None:
+            y = y * self.out_scale.astype(y.dtype)
+        return n, y
+
+    def apply(self, params, x_D):
+        return self.parts(params, x_D)[1]
+
+    def layer_inputs(self, params, x, all_layers: bool = False):
+        del x, all_layers
+        return {k: None for k in params}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CMSLevel(nm.Level):
+    """An engine level whose inner loss is the CMS signal (the engine's objectives are its base).
+
+    "teach": loss = dot(y, -sg(delta(x + y))) -- the engine's "dot" objective with target -delta,
+    delta taken at the parameters the engine differentiates at (always the chunk boundary).
+    "given": loss = dot(y, v), v = -delta precomputed by the caller (``teach_at="input"``).
+    "reconstruction": loss = l2(y, sg(RMSNorm(x))).
+    """
+
+    signal: str = "teach"
+    head: TeachHead | None = None
+
+    def inner_loss(self, params, k, v):
+        if self.signal == "teach":
+            y = self.memory.apply(params, k)
+            delta = jax.lax.stop_gradient(teach_delta(self.head, k + y, v))
+            return objectives.loss("dot", y, -delta)
+        if self.signal == "given":
+            return objectives.loss("dot", self.memory.apply(params, k), v)
+        n, y = self.memory.parts(params, k)
+        return objectives.loss("l2", y, jax.lax.stop_gradient(n))
