@@ -9,7 +9,8 @@ Suites: ``mqar`` (capacity: pairs x length), ``mad`` (the six MAD tasks), ``form
 language recognition, tested in distribution and on longer strings), ``niah`` (single needle,
 trained at one length and tested at longer ones).  Each suite writes
 ``experiments/results/icl_<suite>.md`` (machine, versions, date, command, tables, the hand-written
-reading in ``experiments/icl/notes/<suite>.md``) and ``icl_<suite>.png``.
+reading in ``experiments/icl/notes/<suite>.md``, or ``notes/<stem>.md`` for an ``--out`` stem
+that has one) and ``icl_<suite>.png``.
 
 Variants freeze in-context memories for training *and* evaluation (``train.VARIANTS``):
 Hope ``all`` / ``sm_only`` (CMS frozen) / ``cms_only`` (self-modifying memories frozen) /
@@ -226,7 +227,9 @@ def write(a, argv, scale, built, setup, log, total) -> None:
     stem = a.out or f"icl_{a.suite}"
     png = os.path.join(RESULTS, f"{stem}.png")
     plot(groups, evals, png, built)
-    notes = os.path.join(HERE, "notes", f"{a.suite}.md")
+    # A results stem of its own (--out) may have its own reading, else the suite's.
+    own = os.path.join(HERE, "notes", f"{stem.removeprefix('icl_')}.md")
+    notes = own if os.path.exists(own) else os.path.join(HERE, "notes", f"{a.suite}.md")
     reading = open(notes).read() if os.path.exists(notes) else "(no notes yet)\n"
     task_lines = "".join(f"  - `{name}`: {task} (chance {task.chance:.3f}, scored per "
                          f"{getattr(task, 'scoring', 'token')})\n"
