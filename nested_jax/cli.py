@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def exit_code(e: BaseException) -> int:
     """The documented exit status of an error (see the module docstring)."""
+    if isinstance(e, ImportError):  # before importing the trainer, which may be what is missing
+        return EXIT_CONFIG
     from nested_jax.data import DataError
     from nested_jax.data.fetch import FetchError
     from nested_jax.train.trainer import NonFiniteError
@@ -306,11 +308,25 @@ def _append_to_train_log(args: argparse.Namespace, message: str) -> None:
         pass  # a read-only workdir: the console line is all there is
 
 
+# Imports that only the `train` extra brings (pyproject.toml): the core install lacks them.
+TRAIN_EXTRA = ("flax", "orbax", "grain", "tqdm", "tensorboardX", "matplotlib", "etils")
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
+            raise
+        raise ImportError(f"nested-jax {args.command} needs {e.name}, which the core install "
+                          "leaves out: pip install 'nested_jax[train]'") from e
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(not args.quiet)
     try:
-        return args.func(args)
+        return _run(args)
     except KeyboardInterrupt:
         message = "interrupted before training started: nothing was saved"
         code = EXIT_SIGINT
