@@ -19,7 +19,6 @@ curvature at the minimum is ~1000, so they diverge at 1e-2 and converge at 1e-3
 (errors 1e-6, and 8e-5 for DGD).
 """
 
-import functools
 import inspect
 from typing import Any, NamedTuple
 
@@ -30,17 +29,20 @@ import nested_jax.optim as no
 
 LR = {"m3": 3e-4}
 
-# The aliases under test: (name in the battery, factory, keyword arguments).
+# The aliases under test, by their name in the battery (with their defaults; both
+# delta-momentum forms run in tests/optim/test_optim_interop.py).
 ALIASES = {
-    "momentum_memory": (no.momentum_memory, {}),
-    "preconditioned_momentum": (no.preconditioned_momentum, {}),
-    "delta_momentum": (no.delta_momentum, {}),
-    "delta_momentum_arxiv": (no.delta_momentum, {"form": "arxiv"}),
-    "deep_momentum": (no.deep_momentum, {}),
-    "newton_schulz_momentum": (no.newton_schulz_momentum, {}),
-    "adam_memory": (no.adam_memory, {}),
-    "m3": (no.m3, {}),
-    "dgd": (no.dgd, {}),
+    name: getattr(no, name)
+    for name in (
+        "momentum_memory",
+        "preconditioned_momentum",
+        "delta_momentum",
+        "deep_momentum",
+        "newton_schulz_momentum",
+        "adam_memory",
+        "m3",
+        "dgd",
+    )
 }
 
 ROSENBROCK_LR = {
@@ -84,18 +86,12 @@ def _muon_cases() -> list[Case]:
 CASES = _muon_cases()
 
 
-def _factory(name: str):
-    """The alias itself (inject_hyperparams and the schedule test read its signature)."""
-    factory, kwargs = ALIASES[name]
-    return functools.partial(factory, **kwargs) if kwargs else factory
-
-
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("alias", list(ALIASES))
 def test_optax_battery(alias, case, monkeypatch):
     lookup = battery._get_opt_factory
     monkeypatch.setattr(
-        battery, "_get_opt_factory", lambda n: _factory(n) if n in ALIASES else lookup(n)
+        battery, "_get_opt_factory", lambda n: ALIASES[n] if n in ALIASES else lookup(n)
     )
     lr = LR.get(alias, 1e-2)
     if case.params.get("target") is battery._setup_rosenbrock:
@@ -113,4 +109,4 @@ def test_every_alias_is_in_the_battery():
         and callable(getattr(no, name))
         and next(iter(inspect.signature(getattr(no, name)).parameters), None) == "learning_rate"
     }
-    assert aliases == {factory.__name__ for factory, _ in ALIASES.values()}
+    assert aliases == set(ALIASES)
