@@ -74,19 +74,25 @@ class DataConfig:
 class OptimConfig:
     """The optimizer, its schedule and the gradient pipeline.
 
+    The optimizer is a registered config (nested_jax/train/optimizers.py, `OPTIMIZERS`)
+    whose fields are exactly its arguments: `b1`, `b2`, `eps` and `weight_decay` fill the
+    fields of that name, `kwargs` the others. A field the optimizer does not have is
+    refused when set (`b1` under m3, `kwargs.beta4`), naming what it takes.
+
     Attributes:
-      name: adamw | adam | lion | sgd | muon | m3 | delta_momentum | deep_momentum, any
-        other optax alias by name, or "package.module:factory" (called as
-        factory(learning_rate=schedule, **kwargs)).
+      name: adamw | adam | lion | sgd | adafactor | lamb | lars | adan | muon | m3 |
+        delta_momentum | deep_momentum, any other optax alias by name, or
+        "package.module:factory" (called as factory(learning_rate=schedule, **kwargs)).
       learning_rate: peak learning rate.
       schedule: cosine | linear | constant, after a linear warmup.
       warmup_steps: steps of linear warmup from 0.
       min_lr_ratio: final learning rate as a fraction of the peak (cosine, linear).
       weight_decay: decoupled weight decay (matrices only) for optimizers that take it.
-      b1, b2, eps: Adam-family moments.
+      b1, b2, eps: Adam-family moments (sgd: b1 is the momentum; muon: b1 is also its
+        momentum), for optimizers that take them.
       grad_clip: clip the global gradient norm to this (0 disables).
       grad_accum: microbatches per step (the batch is split, gradients averaged).
-      kwargs: extra keyword arguments for the optimizer factory.
+      kwargs: the optimizer's other arguments, e.g. {"beta3": 0.8, "every": 50} for m3.
     """
 
     name: str = "adamw"
