@@ -24,13 +24,13 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from nested_jax.models import layers
 from nested_jax.models.cms import CMS, CMSFields, CMSSpec, CMSState, TeachHead, next_embeddings
 from nested_jax.models.config import ModelConfig, Preset, fail
-from nested_jax.models.registry import count_params, register
+from nested_jax.models.lm import LanguageModel
+from nested_jax.models.registry import register
 from nested_jax.models.self_modifying import (
     LayerState,
     SelfModifyingConfig,
@@ -181,8 +181,10 @@ class Block(nnx.Module):
             return self.cms(x, head, next_BxTxD)
         return x + self.mlp(layers.apply_norm(self.mlp_norm, x))
 
-    def decode(self, x_Bx1xD, mixer_state: LayerState, cms_state: CMSState | None,
-               head: TeachHead, emb_Bx1xD):
+    def decode(self, x_Bx1xD, state: tuple[LayerState, CMSState | None], head: TeachHead,
+               emb_Bx1xD):
+        """One token; state = (mixer state, CMS state or None with use_cms=False)."""
+        mixer_state, cms_state = state
         y_BxD, mixer_state = self.mixer.decode_step(
             mixer_state, layers.apply_norm(self.mixer_norm, x_Bx1xD)[:, 0])
         x = x_Bx1xD + y_BxD[:, None]
@@ -190,81 +192,49 @@ class Block(nnx.Module):
             x, cms_state = self.cms.decode(x, cms_state, head, emb_Bx1xD)
         else:
             x = x + self.mlp(layers.apply_norm(self.mlp_norm, x))
-        return x, mixer_state, cms_state
+        return x, (mixer_state, cms_state)
 
-
-def _block_forward(block: Block, x, head, nxt):
-    return block(x, head, nxt)
+    def init_state(self, batch_size: int) -> tuple[LayerState, CMSState | None]:
+        cms = self.cms.init_state(batch_size) if self.use_cms else None
+        return self.mixer.init_state(batch_size), cms
 
 
 @register("hope", HopeConfig)
-class HopeLM(nnx.Module):
-    """Hope language model: ``model(tokens_BxT) -> logits_BxTxV`` (float32)."""
+class HopeLM(LanguageModel):
+    """Hope language model: ``model(tokens_BxT) -> logits_BxTxV`` (float32).
 
-    def __init__(self, config: HopeConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
-        self.embed = layers.TiedEmbedding(config.vocab_size, config.d_model, **kw)
-        self.blocks = layers.ModuleList([Block(config, rngs=rngs) for _ in range(config.n_layers)])
-        self.final_norm = layers.rms_norm(config.d_model, eps=config.norm_eps,
-                                          param_dtype=config.weight_dtype, rngs=rngs)
+    Every block takes the tied LM head (``teach_head``) and E[x_{t+1}], the embeddings shifted
+    left, as the CMS teach targets.  The decode state (``HopeState``) holds every level's fast
+    state at its meta-learned initial value, so a step is O(1) in the position.
+    """
 
-    def teach_head(self) -> TeachHead:
-        """The tied LM head through which the CMS levels' teach signal flows (decision #13)."""
-        return TeachHead(self.embed.embed.embedding[...], self.final_norm.scale[...],
-                         self.config.norm_eps)
+    Block = Block
 
-    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-        return self.forward_embedded(self.embed(tokens_BxT))
+    def block_context(self, x_BxTxD):
+        return self.teach_head(), next_embeddings(x_BxTxD)
 
-    def forward_embedded(self, x_BxTxD: jax.Array) -> jax.Array:
-        """Logits from embedded tokens; E[x_{t+1}] (the CMS teach targets) = x shifted left."""
-        head, nxt = self.teach_head(), next_embeddings(x_BxTxD)
-        forward = nnx.remat(_block_forward) if self.config.remat else _block_forward
-        x = x_BxTxD
-        for block in self.blocks:
-            x = forward(block, x, head, nxt)
-        return self.embed.logits(layers.apply_norm(self.final_norm, x))
+    def decode_context(self, state: HopeState, emb_Bx1xD):
+        return self.teach_head(), emb_Bx1xD
 
-    def init_state(self, batch_size: int) -> HopeState:
-        """Every level's fast state at its meta-learned initial value, for ``decode_step``."""
-        mixers = tuple(block.mixer.init_state(batch_size) for block in self.blocks)
-        cms = tuple(block.cms.init_state(batch_size) for block in self.blocks
-                    if self.config.use_cms)
-        return HopeState(mixers, cms, jnp.zeros((), jnp.int32))
+    def block_state(self, state: HopeState, i: int):
+        return state.mixers[i], (state.cms[i] if self.config.use_cms else None)
 
-    def decode_step(self, state: HopeState, tokens_B: jax.Array) -> tuple[jax.Array, HopeState]:
-        """One token per sequence -> (logits_BxV float32, next state); O(1) in the position."""
-        emb = self.embed(tokens_B[:, None])
-        head = self.teach_head()
-        x = emb
-        mixers, cms = [], []
-        for i, block in enumerate(self.blocks):
-            c = state.cms[i] if self.config.use_cms else None
-            x, m, c = block.decode(x, state.mixers[i], c, head, emb)
-            mixers.append(m)
-            if self.config.use_cms:
-                cms.append(c)
-        logits = self.embed.logits(layers.apply_norm(self.final_norm, x))[:, 0]
-        return logits, HopeState(tuple(mixers), tuple(cms), state.pos + 1)
+    def pack_state(self, block_states, pos) -> HopeState:
+        mixers, cms = zip(*block_states, strict=True)
+        return HopeState(tuple(mixers), tuple(cms) if self.config.use_cms else (), pos)
 
     def memory_init_params(self) -> int:
         """Parameters that are initial states of the self-modifying memories (meta-learned)."""
         names = ("coupled_w1", "coupled_w2", "memory_w1", "memory_w2")
         return sum(int(getattr(b.mixer, n).size) for b in self.blocks for n in names)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), an estimate for MFU.
-
-        6 N over the parameters used as weights (everything but the memories' initial states),
-        plus 3x each self-modifying layer's inner loop (``inner_flops_per_token``: the boundary
-        read-outs and the engine's chunk work of all five memories), plus the CMS inner loops
-        (``CMS.flops_per_token``).  No term grows with ``seq_len``: the layer is recurrent.
+    def extra_flops(self, seq_len: int):
+        """The inner loops, none growing with ``seq_len`` (the layer is recurrent): 3x each
+        self-modifying layer's (``inner_flops_per_token``: the boundary read-outs and the
+        engine's chunk work of all five memories) plus the CMS levels' (``CMS.flops_per_token``).
         """
         del seq_len
-        dense = 6.0 * (count_params(self) - self.memory_init_params())
         inner = sum(3.0 * b.mixer.inner_flops_per_token() for b in self.blocks)
         if self.config.use_cms:
             inner += sum(b.cms.flops_per_token(self.config.vocab_size) for b in self.blocks)
-        return dense + inner
-
+        return (inner,)

@@ -20,8 +20,15 @@ from flax import nnx
 from nested_jax.models import layers
 from nested_jax.models.cms import CMS, CMSFields, CMSState, TeachHead, next_embeddings
 from nested_jax.models.config import Preset
-from nested_jax.models.registry import count_params, register
-from nested_jax.models.transformer import Transformer, TransformerConfig
+from nested_jax.models.lm import LanguageModel
+from nested_jax.models.registry import register
+from nested_jax.models.transformer import (
+    Transformer,
+    TransformerConfig,
+    attention_flops,
+    empty_kv,
+    positions,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,6 +81,9 @@ class Block(nnx.Module):
     def __init__(self, cfg: HopeAttentionConfig, *, rngs: nnx.Rngs):
         out_std = layers.residual_out_std(cfg.n_layers)
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        # remat covers the attention sublayer only: the engine already rematerialises the CMS
+        # chunk by chunk, and a second (block-level) remat would recompute every level again.
+        self.remat = cfg.remat
         self.attn_norm = layers.rms_norm(cfg.d_model, eps=cfg.norm_eps,
                                          param_dtype=cfg.weight_dtype, rngs=rngs)
         self.attn = layers.CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads,
@@ -84,17 +94,18 @@ class Block(nnx.Module):
     def attention(self, x_BxTxD, positions_BxT):
         return x_BxTxD + self.attn(layers.apply_norm(self.attn_norm, x_BxTxD), positions_BxT)
 
-    def __call__(self, x_BxTxD, positions_BxT, head: TeachHead, next_BxTxD, remat: bool = False):
-        # remat covers the attention sublayer only: the engine already rematerialises the CMS
-        # chunk by chunk, and a second (block-level) remat would recompute every level again.
-        attention = nnx.remat(_attention) if remat else _attention
+    def __call__(self, x_BxTxD, positions_BxT, head: TeachHead, next_BxTxD):
+        attention = nnx.remat(_attention) if self.remat else _attention
         return self.cms(attention(self, x_BxTxD, positions_BxT), head, next_BxTxD)
 
-    def decode(self, x_Bx1xD, cache_k, cache_v, pos, cms_state, head, emb_Bx1xD):
+    def decode(self, x_Bx1xD, state: tuple[jax.Array, jax.Array, CMSState], pos, head,
+               emb_Bx1xD):
+        """One token; state = this layer's (cache k, cache v, CMS state)."""
+        cache_k, cache_v, cms_state = state
         h, cache_k, cache_v = self.attn.decode(layers.apply_norm(self.attn_norm, x_Bx1xD),
                                                cache_k, cache_v, pos)
         x, cms_state = self.cms.decode(x_Bx1xD + h, cms_state, head, emb_Bx1xD)
-        return x, cache_k, cache_v, cms_state
+        return x, (cache_k, cache_v, cms_state)
 
 
 def _attention(block: Block, x, positions):
@@ -102,61 +113,36 @@ def _attention(block: Block, x, positions):
 
 
 @register("hope_attention", HopeAttentionConfig)
-class HopeAttention(nnx.Module):
-    """Softmax attention + CMS language model: ``model(tokens_BxT) -> logits_BxTxV`` (float32)."""
+class HopeAttention(LanguageModel):
+    """Softmax attention + CMS language model: ``model(tokens_BxT) -> logits_BxTxV`` (float32).
 
-    def __init__(self, config: HopeAttentionConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
-        self.embed = layers.TiedEmbedding(config.vocab_size, config.d_model, **kw)
-        self.blocks = layers.ModuleList([Block(config, rngs=rngs) for _ in range(config.n_layers)])
-        self.final_norm = layers.rms_norm(config.d_model, eps=config.norm_eps,
-                                          param_dtype=config.weight_dtype, rngs=rngs)
+    Blocks take Transformer++'s positions, the tied LM head (``teach_head``) and E[x_{t+1}], the
+    embeddings shifted left (the CMS teach targets).  Decoding stops at ``max_seq_len``.
+    FLOPs: 6 N + 12 L D T (attention, as Transformer++) + the CMS inner loops (see CMS).
+    """
 
-    def teach_head(self) -> TeachHead:
-        """The tied LM head through which the CMS levels' teach signal flows (decision #13)."""
-        return TeachHead(self.embed.embed.embedding[...], self.final_norm.scale[...],
-                         self.config.norm_eps)
+    Block = Block
+    REMAT_BLOCKS = False  # each Block rematerialises its attention sublayer itself
 
-    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-        return self.forward_embedded(self.embed(tokens_BxT))
+    def block_context(self, x_BxTxD):
+        return positions(x_BxTxD), self.teach_head(), next_embeddings(x_BxTxD)
 
-    def forward_embedded(self, x_BxTxD: jax.Array) -> jax.Array:
-        """Logits from embedded tokens; E[x_{t+1}] (the teach targets) = x_BxTxD shifted left."""
-        B, T, _ = x_BxTxD.shape
-        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
-        head, nxt = self.teach_head(), next_embeddings(x_BxTxD)
-        x = x_BxTxD
-        for block in self.blocks:
-            x = block(x, positions_BxT, head, nxt, remat=self.config.remat)
-        return self.embed.logits(layers.apply_norm(self.final_norm, x))
+    def decode_context(self, state: HopeAttentionState, emb_Bx1xD):
+        return state.pos, self.teach_head(), emb_Bx1xD
 
-    def init_state(self, batch_size: int) -> HopeAttentionState:
-        c = self.config
-        shape = (c.n_layers, batch_size, c.max_seq_len, c.kv_heads, c.head_dim)
-        zeros = jnp.zeros(shape, c.compute_dtype)
-        cms = tuple(block.cms.init_state(batch_size) for block in self.blocks)
-        return HopeAttentionState(zeros, zeros, jnp.zeros((), jnp.int32), cms)
+    def init_block_state(self, block: Block, batch_size: int):
+        return *empty_kv(self.config, batch_size), block.cms.init_state(batch_size)
 
-    def decode_step(self, state: HopeAttentionState, tokens_B: jax.Array):
-        """One token per sequence -> (logits_BxV float32, next state). Stop at max_seq_len."""
-        emb = self.embed(tokens_B[:, None])
-        head = self.teach_head()
-        x = emb
-        ks, vs, cms = [], [], []
-        for i, block in enumerate(self.blocks):
-            x, k, v, c = block.decode(x, state.k[i], state.v[i], state.pos, state.cms[i], head, emb)
-            ks.append(k)
-            vs.append(v)
-            cms.append(c)
-        logits = self.embed.logits(layers.apply_norm(self.final_norm, x))[:, 0]
-        return logits, HopeAttentionState(jnp.stack(ks), jnp.stack(vs), state.pos + 1, tuple(cms))
+    def block_state(self, state: HopeAttentionState, i: int):
+        return state.k[i], state.v[i], state.cms[i]
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """6 N + 12 L D T (attention, as Transformer++) + the CMS inner loops (see CMS)."""
-        c = self.config
-        inner = sum(block.cms.flops_per_token(c.vocab_size) for block in self.blocks)
-        return 6.0 * count_params(self) + 12.0 * c.n_layers * c.d_model * seq_len + inner
+    def pack_state(self, block_states, pos) -> HopeAttentionState:
+        ks, vs, cms = zip(*block_states, strict=True)
+        return HopeAttentionState(jnp.stack(ks), jnp.stack(vs), pos, tuple(cms))
+
+    def extra_flops(self, seq_len: int):
+        inner = sum(block.cms.flops_per_token(self.config.vocab_size) for block in self.blocks)
+        return attention_flops(self.config, seq_len), inner
 
 
 def stack_from_transformer(transformer: Transformer, *, rngs: nnx.Rngs,

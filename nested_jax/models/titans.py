@@ -35,7 +35,8 @@ from nested_jax.models.config import (
     check_positive,
     fail,
 )
-from nested_jax.models.registry import count_params, register
+from nested_jax.models.lm import LanguageModel
+from nested_jax.models.registry import register
 
 RULES = {"titans": nm.TITANS, "gd": nm.GD, "dgd": nm.DGD,
          "dgd_all": nm.Rule(momentum=True, dgd=True, dgd_all_layers=True), "delta": nm.DELTA}
@@ -338,47 +339,29 @@ class Block(nnx.Module):
         x = x_Bx1xD + y
         return x + self.mlp(layers.apply_norm(self.mlp_norm, x)), st
 
-
-def _block_forward(block: Block, x):
-    return block(x)
+    def init_state(self, batch_size: int) -> BlockState:
+        return self.memory.init_state(batch_size)
 
 
 @register("titans", TitansConfig)
-class TitansLM(nnx.Module):
-    """Titans (LMM) language model: ``model(tokens_BxT) -> logits_BxTxV`` (float32)."""
+class TitansLM(LanguageModel):
+    """Titans (LMM) language model: ``model(tokens_BxT) -> logits_BxTxV`` (float32).
 
-    def __init__(self, config: TitansConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
-        self.embed = layers.TiedEmbedding(config.vocab_size, config.d_model, **kw)
-        self.blocks = layers.ModuleList([Block(config, rngs=rngs) for _ in range(config.n_layers)])
-        self.final_norm = layers.rms_norm(config.d_model, eps=config.norm_eps,
-                                          param_dtype=config.weight_dtype, rngs=rngs)
+    Fixed-size decode state (``TitansState``): per block a conv window and the memory's fast
+    state, so a decode step costs the same at every position.
+    """
 
-    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-        return self.forward_embedded(self.embed(tokens_BxT))
+    Block = Block
 
-    def forward_embedded(self, x_BxTxD: jax.Array) -> jax.Array:
-        x = x_BxTxD
-        forward = nnx.remat(_block_forward) if self.config.remat else _block_forward
-        for block in self.blocks:
-            x = forward(block, x)
-        return self.embed.logits(layers.apply_norm(self.final_norm, x))
+    def block_state(self, state: TitansState, i: int) -> BlockState:
+        return state.blocks[i]
 
-    def init_state(self, batch_size: int) -> TitansState:
-        """Fixed-size decode state: per block a conv window and the memory's fast state."""
-        blocks = tuple(b.memory.init_state(batch_size) for b in self.blocks)
-        return TitansState(blocks, jnp.zeros((), jnp.int32))
+    def pack_state(self, block_states, pos) -> TitansState:
+        return TitansState(tuple(block_states), pos)
 
-    def decode_step(self, state: TitansState, tokens_B: jax.Array):
-        """One token per sequence -> (logits_BxV float32, next state); constant cost per step."""
-        x = self.embed(tokens_B[:, None])
-        blocks = []
-        for block, st in zip(self.blocks, state.blocks, strict=True):
-            x, st = block.decode(x, st)
-            blocks.append(st)
-        logits = self.embed.logits(layers.apply_norm(self.final_norm, x))[:, 0]
-        return logits, TitansState(tuple(blocks), state.pos + 1)
+    def memory_init_params(self) -> int:
+        """Parameters of the memories' meta-learned initial states (``memory_init``)."""
+        return sum(int(v.size) for b in self.blocks for v in b.memory.memory_init.values())
 
     def memory_flops_per_token(self) -> float:
         """Inner-loop FLOPs per token (forward + backward ~ 3x forward), dual form estimate.
@@ -395,8 +378,7 @@ class TitansLM(nnx.Module):
             fwd = 12.0 * dk * dh + 4.0 * C * (dk + dh)
         return 3.0 * fwd * c.n_heads * c.n_layers
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """6 N (memory initial states excluded: no token multiplies them directly) + memory."""
-        del seq_len  # the memory's cost per token does not grow with the context
-        n_init = sum(int(v.size) for b in self.blocks for v in b.memory.memory_init.values())
-        return 6.0 * (count_params(self) - n_init) + self.memory_flops_per_token()
+    def extra_flops(self, seq_len: int):
+        """The memory's inner loop; its cost per token does not grow with the context."""
+        del seq_len
+        return (self.memory_flops_per_token(),)

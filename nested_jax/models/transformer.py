@@ -15,7 +15,8 @@ from flax import nnx
 
 from nested_jax.models import layers
 from nested_jax.models.config import ModelConfig, Preset, check_choice, check_divisible, fail
-from nested_jax.models.registry import count_params, register
+from nested_jax.models.lm import LanguageModel
+from nested_jax.models.registry import register
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,64 +114,57 @@ class Block(nnx.Module):
         x = x_BxTxD + self.attn(layers.apply_norm(self.attn_norm, x_BxTxD), positions_BxT)
         return x + self.mlp(layers.apply_norm(self.mlp_norm, x))
 
-    def decode(self, x_Bx1xD, cache_k, cache_v, pos):
+    def decode(self, x_Bx1xD, kv: tuple[jax.Array, jax.Array], pos):
+        """One token; kv = this layer's cache (k, v), each [B, S, G, K]."""
         h, cache_k, cache_v = self.attn.decode(layers.apply_norm(self.attn_norm, x_Bx1xD),
-                                               cache_k, cache_v, pos)
+                                               *kv, pos)
         x = x_Bx1xD + h
-        return x + self.mlp(layers.apply_norm(self.mlp_norm, x)), cache_k, cache_v
+        return x + self.mlp(layers.apply_norm(self.mlp_norm, x)), (cache_k, cache_v)
 
 
-def _block_forward(block: Block, x, positions):
-    return block(x, positions)
+def positions(x_BxTxD: jax.Array) -> jax.Array:
+    """int32 [B, T] token positions 0..T-1 (RoPE's input)."""
+    B, T, _ = x_BxTxD.shape
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+
+
+def empty_kv(config: TransformerConfig, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """One layer's empty KV cache (k, v), each [B, S, G, K] with S = max_seq_len."""
+    c = config
+    shape = (batch_size, c.max_seq_len, c.kv_heads, c.head_dim)
+    return jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype)
+
+
+def attention_flops(config: TransformerConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the attention scores and mixing: 12 L D T (PaLM, app. B)."""
+    return 12.0 * config.n_layers * config.d_model * seq_len
 
 
 @register("transformer", TransformerConfig)
-class Transformer(nnx.Module):
-    """Transformer++ language model: `model(tokens_BxT) -> logits_BxTxV` (float32)."""
+class Transformer(LanguageModel):
+    """Transformer++ language model: `model(tokens_BxT) -> logits_BxTxV` (float32).
 
-    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
-        self.embed = layers.TiedEmbedding(config.vocab_size, config.d_model, **kw)
-        self.blocks = layers.ModuleList([Block(config, rngs=rngs) for _ in range(config.n_layers)])
-        self.final_norm = layers.rms_norm(config.d_model, eps=config.norm_eps,
-                                          param_dtype=config.weight_dtype, rngs=rngs)
+    The decode state is a `KVCache`; positions past `max_seq_len` are not representable, the
+    caller stops there.  FLOPs: 6 N + 12 L D T.
+    """
 
-    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-        return self.forward_embedded(self.embed(tokens_BxT))
+    Block = Block
 
-    def forward_embedded(self, x_BxTxD: jax.Array) -> jax.Array:
-        """Logits from already-embedded tokens (the causality test differentiates this)."""
-        B, T, _ = x_BxTxD.shape
-        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
-        x = x_BxTxD
-        forward = nnx.remat(_block_forward) if self.config.remat else _block_forward
-        for block in self.blocks:
-            x = forward(block, x, positions_BxT)
-        return self.embed.logits(layers.apply_norm(self.final_norm, x))
+    def block_context(self, x_BxTxD):
+        return (positions(x_BxTxD),)
 
-    def init_state(self, batch_size: int) -> KVCache:
-        """An empty KV cache holding up to `max_seq_len` positions."""
-        c = self.config
-        shape = (c.n_layers, batch_size, c.max_seq_len, c.kv_heads, c.head_dim)
-        return KVCache(k=jnp.zeros(shape, c.compute_dtype), v=jnp.zeros(shape, c.compute_dtype),
-                       pos=jnp.zeros((), jnp.int32))
+    def decode_context(self, state: KVCache, emb_Bx1xD):
+        return (state.pos,)
 
-    def decode_step(self, state: KVCache, tokens_B: jax.Array) -> tuple[jax.Array, KVCache]:
-        """Feed one token per sequence: returns (logits_BxV float32, next state).
+    def init_block_state(self, block: Block, batch_size: int):
+        return empty_kv(self.config, batch_size)
 
-        Positions past `max_seq_len` are not representable; the caller stops there.
-        """
-        x = self.embed(tokens_B[:, None])
-        ks, vs = [], []
-        for i, block in enumerate(self.blocks):
-            x, k, v = block.decode(x, state.k[i], state.v[i], state.pos)
-            ks.append(k)
-            vs.append(v)
-        logits = self.embed.logits(layers.apply_norm(self.final_norm, x))[:, 0]
-        return logits, KVCache(k=jnp.stack(ks), v=jnp.stack(vs), pos=state.pos + 1)
+    def block_state(self, state: KVCache, i: int):
+        return state.k[i], state.v[i]
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs (forward + backward) per token: 6 N + 12 L D T (PaLM, appendix B)."""
-        c = self.config
-        return 6.0 * count_params(self) + 12.0 * c.n_layers * c.d_model * seq_len
+    def pack_state(self, block_states, pos) -> KVCache:
+        ks, vs = zip(*block_states, strict=True)
+        return KVCache(k=jnp.stack(ks), v=jnp.stack(vs), pos=pos)
+
+    def extra_flops(self, seq_len: int):
+        return (attention_flops(self.config, seq_len),)

@@ -1,0 +1,51 @@
+"""The shared language-model shell (models/lm.py): every model is one, with its old param tree."""
+
+import pytest
+from flax import nnx
+
+from nested_jax import models
+from nested_jax.models.lm import LanguageModel
+
+SHELL = ("__init__", "__call__", "forward_embedded", "init_state", "decode_step",
+         "flops_per_token")
+
+# Parameter paths at the tiny preset, block 0 cut after its sublayer names, and the number of
+# parameter arrays, as they were before the shell existed: checkpoints and
+# hope_attention.stack_from_transformer address parameters by these paths.
+PATHS = {
+    "transformer": (20, ["blocks/0/attn", "blocks/0/attn_norm", "blocks/0/mlp",
+                         "blocks/0/mlp_norm"]),
+    "titans": (30, ["blocks/0/mem_norm", "blocks/0/memory", "blocks/0/mlp", "blocks/0/mlp_norm"]),
+    "hope": (52, ["blocks/0/cms", "blocks/0/mixer", "blocks/0/mixer_norm"]),
+    "hope_attention": (38, ["blocks/0/attn", "blocks/0/attn_norm", "blocks/0/cms"]),
+}
+
+
+def _paths(model: nnx.Module) -> list[str]:
+    return ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))]
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_every_model_is_the_shared_shell(name):
+    _, cls = models.lookup(name)
+    assert issubclass(cls, LanguageModel)
+    for method in SHELL:  # a model supplies its block and hooks, never its own loop
+        assert getattr(cls, method) is getattr(LanguageModel, method), (name, method)
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_parameter_paths_are_unchanged(name):
+    paths = _paths(models.abstract_model(name, "tiny"))
+    n, block0 = PATHS[name]
+    cut = sorted({"/".join(p.split("/")[:3]) if p.startswith("blocks/") else p
+                  for p in paths if not p.startswith("blocks/") or p.startswith("blocks/0/")})
+    assert cut == sorted(["embed/embed/embedding", "final_norm/scale", *block0])
+    assert len(paths) == n
+
+
+def test_hope_without_cms_keeps_its_mlp_paths():
+    paths = _paths(models.abstract_model("hope", "tiny", use_cms=False))
+    assert len(paths) == 34
+    assert {p for p in paths if p.startswith("blocks/1/mlp")} == {
+        "blocks/1/mlp/down/kernel", "blocks/1/mlp/gate/kernel", "blocks/1/mlp/up/kernel",
+        "blocks/1/mlp_norm/scale"}
