@@ -34,6 +34,7 @@ from nested_jax.models.registry import register
 from nested_jax.models.self_modifying import (
     LayerState,
     SelfModifyingConfig,
+    SelfModifyingFields,
     SelfModifyingTitans,
     validate_fields,
 )
@@ -42,16 +43,10 @@ _LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(SelfModifyingConfig))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class HopeConfig(CMSFields, ModelConfig):
-    """HopeLM hyper-parameters: ``ModelConfig`` + the self-modifying layer + the ``cms_*`` fields.
-
-    Self-modifying Titans (see ``SelfModifyingConfig`` for each): memory_hidden (F, 0 = head
-    dim), chunk_memory (C_memory, 64), chunk_other (C_other, 8), conv_width (4), eta_max (0.1),
-    memory_eta_scale (100), memory_self_target (False), inner_rule ("delta"), dgd, momentum,
-    weight_decay, stop_grad, static_k, static_v, adaptive_q, normalize_v, normalize_target,
-    separate_conv, ema_momentum, memory_init_scale (0.5), memory_path ("dual"), memory_read
-    ("online"; "prior" reads before the write), remat_group (0 = sqrt segments), memory_dtype
-    ("float32"), norm_eps.
+class HopeConfig(SelfModifyingFields, CMSFields, ModelConfig):
+    """HopeLM hyper-parameters: ``ModelConfig`` + the self-modifying layer's fields
+    (``SelfModifyingFields``: memory_hidden, chunk_memory, chunk_other, eta_max, inner_rule,
+    dgd, momentum, ..., norm_eps, each documented there) + the ``cms_*`` fields (``CMSFields``).
 
     Attributes:
       d_ff: the MLP width budget of a block; with ``cms_d_ff=0`` each of the K CMS levels gets
@@ -64,33 +59,7 @@ class HopeConfig(CMSFields, ModelConfig):
     """
 
     d_ff: int = 0
-    memory_hidden: int = 0
-    chunk_memory: int = 64
-    chunk_other: int = 8
-    conv_width: int = 4
-    eta_max: float = 0.1
-    memory_eta_scale: float = 100.0
-    memory_self_target: bool = False
-    inner_rule: str = "delta"
-    reflect: bool = False
-    dgd: bool = True
-    momentum: bool = True
-    weight_decay: bool = True
-    stop_grad: bool = False
-    static_k: bool = False
-    static_v: bool = False
-    adaptive_q: bool = False
-    normalize_v: bool = True
-    normalize_target: bool = True
-    separate_conv: bool = True
-    ema_momentum: bool = True
-    memory_init_scale: float = 0.5
     use_cms: bool = True
-    memory_path: str = "dual"
-    memory_read: str = "online"
-    remat_group: int = 0
-    memory_dtype: str = "float32"
-    norm_eps: float = 1e-6
     remat: bool = False
 
     PRESETS = {

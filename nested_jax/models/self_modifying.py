@@ -120,11 +120,12 @@ GATE_SOURCE = {"eta": "eta", "alpha": "alpha", "beta": "alpha"}  # memory each g
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SelfModifyingConfig:
-    """Hyper-parameters of one self-modifying Titans layer (HopeConfig carries the same fields).
+class SelfModifyingFields:
+    """Config mixin: the self-modifying layer's own hyper-parameters, one definition for
+    ``SelfModifyingConfig`` (the layer) and ``HopeConfig`` (the model, which inherits them, so
+    ``--set model.eta_max=...`` reaches the layer under the same name).
 
     Attributes:
-      d_model, n_heads: D and H; every memory acts on a head slice of K = D / H.
       memory_hidden: F, hidden width of every 2-layer residual memory; 0 means K.
       chunk_memory: C_memory, chunk size of M_memory (decision #10, default 64).
       chunk_other: C_other, chunk size shared by M_k, M_v, M_eta, M_alpha (default 8).
@@ -168,12 +169,10 @@ class SelfModifyingConfig:
         0 = sqrt(number of chunks) (O(sqrt T) state memory), -1 = no segments (one stored state
         per chunk: least compute, most memory).
       norm_eps: RMSNorm epsilon of the output norm.
-      dtype, param_dtype: compute / parameter dtypes; memory_dtype: dtype of the inner loop and
-        of the output norm ("float64" is accepted for the exactness tests).
+      memory_dtype: dtype of the inner loop and of the output norm ("float64" is accepted for
+        the exactness tests).
     """
 
-    d_model: int = 512
-    n_heads: int = 8
     memory_hidden: int = 0
     chunk_memory: int = 64
     chunk_other: int = 8
@@ -199,9 +198,25 @@ class SelfModifyingConfig:
     memory_read: str = "online"
     remat_group: int = 0
     norm_eps: float = 1e-6
+    memory_dtype: str = "float32"
+    # No __post_init__ here: HopeConfig validates through ModelConfig's (which calls
+    # validate_fields from HopeConfig.validate); a mixin's would shadow it in the MRO.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SelfModifyingConfig(SelfModifyingFields):
+    """Hyper-parameters of one self-modifying Titans layer: ``SelfModifyingFields`` plus
+
+    Attributes:
+      d_model, n_heads: D and H; every memory acts on a head slice of K = D / H.
+      dtype, param_dtype: compute / parameter dtypes ("float64" is accepted for the exactness
+        tests).
+    """
+
+    d_model: int = 512
+    n_heads: int = 8
     dtype: str = "float32"
     param_dtype: str = "float32"
-    memory_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -257,14 +257,20 @@ def test_config_errors_name_the_field(overrides, field):
 
 
 def test_layer_fields_share_the_self_modifying_defaults():
-    """HopeConfig repeats SelfModifyingConfig's fields (flat model config); their defaults must
-    not drift apart."""
-    from nested_jax.models.self_modifying import SelfModifyingConfig
+    """HopeConfig inherits the layer's fields (SelfModifyingFields, one definition): every layer
+    field is a model field of the same default, and a CLI override reaches the layer by name."""
+    from nested_jax.models.self_modifying import SelfModifyingConfig, SelfModifyingFields
+    from nested_jax.train import config as config_lib
 
+    assert issubclass(HopeConfig, SelfModifyingFields)
     hope = {f.name: f.default for f in dataclasses.fields(HopeConfig)}
     for f in dataclasses.fields(SelfModifyingConfig):
         if f.default is not dataclasses.MISSING:
             assert hope[f.name] == f.default, f.name
+    train = config_lib.apply_overrides(config_lib.TrainConfig(), [
+        "model.eta_max=0.05", "model.chunk_memory=8", "model.inner_rule=dgd_all"])
+    layer = models.make_config("hope", "tiny", **train.model_overrides).layer_config()
+    assert (layer.eta_max, layer.chunk_memory, layer.inner_rule) == (0.05, 8, "dgd_all")
 
 
 def test_config_is_frozen_and_layer_config_matches():
