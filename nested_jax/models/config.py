@@ -15,32 +15,10 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
+from nested_jax.config_checks import check_choice, check_divisible, check_positive, fail
+
 DTYPES = ("float32", "bfloat16", "float16")
 PRESET_ORDER = ("tiny", "small", "125M", "340M", "760M", "1.3B")
-
-
-def fail(field: str, value: Any, fix: str) -> None:
-    """Raise the project's config error: the field, its bad value and the fix."""
-    raise ValueError(f"{field}={value!r}: {fix}")
-
-
-def check_positive(cfg: Any, *fields: str) -> None:
-    for name in fields:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            fail(name, value, "must be a positive integer")
-
-
-def check_divisible(cfg: Any, field: str, by: str) -> None:
-    value, divisor = getattr(cfg, field), getattr(cfg, by)
-    if value % divisor:
-        fail(field, value, f"must be divisible by {by}={divisor}; pick a multiple of {divisor}")
-
-
-def check_choice(cfg: Any, field: str, choices: tuple[Any, ...]) -> None:
-    value = getattr(cfg, field)
-    if value not in choices:
-        fail(field, value, f"must be one of {list(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)

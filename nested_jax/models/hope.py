@@ -26,9 +26,10 @@ from typing import NamedTuple
 import jax
 from flax import nnx
 
+from nested_jax.config_checks import fail
 from nested_jax.models import layers
 from nested_jax.models.cms import CMS, CMSFields, CMSSpec, CMSState, TeachHead, next_embeddings
-from nested_jax.models.config import ModelConfig, Preset, fail
+from nested_jax.models.config import ModelConfig, Preset
 from nested_jax.models.lm import LanguageModel
 from nested_jax.models.registry import register
 from nested_jax.models.self_modifying import (

@@ -104,9 +104,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nested_jax import memory as nm
+from nested_jax.config_checks import check_choice, check_positive, fail
 from nested_jax.memory.memories import activation
 from nested_jax.models import layers
-from nested_jax.models.config import DTYPES, check_choice, check_positive, fail
+from nested_jax.models.config import DTYPES
 
 PATHS = ("dual", "chunked")
 READS = ("online", "prior")

@@ -27,14 +27,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nested_jax import memory as nm
+from nested_jax.config_checks import check_choice, check_positive, fail
 from nested_jax.models import layers
-from nested_jax.models.config import (
-    ModelConfig,
-    Preset,
-    check_choice,
-    check_positive,
-    fail,
-)
+from nested_jax.models.config import ModelConfig, Preset
 from nested_jax.models.lm import LanguageModel
 from nested_jax.models.registry import register
 

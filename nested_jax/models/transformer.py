@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nested_jax.config_checks import check_choice, check_divisible, fail
 from nested_jax.models import layers
-from nested_jax.models.config import ModelConfig, Preset, check_choice, check_divisible, fail
+from nested_jax.models.config import ModelConfig, Preset
 from nested_jax.models.lm import LanguageModel
 from nested_jax.models.registry import register
 

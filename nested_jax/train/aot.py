@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nested_jax.models.config import fail
+from nested_jax.config_checks import fail
 from nested_jax.train import sharding, trainer
 from nested_jax.train.config import TrainConfig, with_values
 from nested_jax.train.metrics import flops_per_token, peak_flops

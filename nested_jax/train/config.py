@@ -18,7 +18,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nested_jax.models.config import fail
+from nested_jax.config_checks import check_positive, fail
 
 
 def _finite(obj: Any, prefix: str) -> None:
@@ -27,13 +27,6 @@ def _finite(obj: Any, prefix: str) -> None:
         value = getattr(obj, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             fail(prefix + f.name, value, "must be a finite number")
-
-
-def _positive(obj: Any, prefix: str, *fields: str) -> None:
-    for name in fields:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            fail(prefix + name, value, "must be a positive integer")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,7 +56,7 @@ class DataConfig:
 
     def __post_init__(self):
         _finite(self, "data.")
-        _positive(self, "data.", "seq_len", "batch_size", "num_threads")
+        check_positive(self, "seq_len", "batch_size", "num_threads", prefix="data.")
         if self.decode_errors not in ("strict", "replace"):
             fail("data.decode_errors", self.decode_errors, "must be strict or replace")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -110,7 +103,7 @@ class OptimConfig:
 
     def __post_init__(self):
         _finite(self, "optim.")
-        _positive(self, "optim.", "grad_accum")
+        check_positive(self, "grad_accum", prefix="optim.")
         if self.schedule not in ("cosine", "linear", "constant"):
             fail("optim.schedule", self.schedule, "must be cosine, linear or constant")
         if self.learning_rate <= 0:
@@ -182,8 +175,8 @@ class TrainConfig:
             fail("max_norm_jump", self.max_norm_jump, "must be > 1 (or 0 to disable)")
         if self.peak_flops < 0:
             fail("peak_flops", self.peak_flops, "must be >= 0 (0: look it up)")
-        _positive(self, "", "steps", "log_every", "eval_batches", "keep_checkpoints",
-                  "max_bad_steps")
+        check_positive(self, "steps", "log_every", "eval_batches", "keep_checkpoints",
+                       "max_bad_steps")
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 fail(name, getattr(self, name), "must be >= 0 (0 disables)")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nested_jax.models.config import fail
+from nested_jax.config_checks import fail
 from nested_jax.train import trainer
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 import nested_jax.optim as deep
-from nested_jax.models.config import fail
+from nested_jax.config_checks import fail
 
 # OptimConfig fields that fill an optimizer field of the same name.
 SHARED_FIELDS = ("b1", "b2", "eps", "weight_decay")

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nested_jax.models.config import fail
+from nested_jax.config_checks import fail
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nested_jax import data as data_lib
 from nested_jax import models
+from nested_jax.config_checks import fail
 from nested_jax.data import tokenizers
-from nested_jax.models.config import ModelConfig, fail
+from nested_jax.models.config import ModelConfig
 from nested_jax.train import optimizers, sharding
 from nested_jax.train import step as step_lib
 from nested_jax.train import workdir as workdir_lib

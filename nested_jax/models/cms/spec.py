@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from nested_jax.models.config import fail
+from nested_jax.config_checks import fail
 
 VARIANTS = ("sequential", "independent", "nested")
 SIGNALS = ("teach", "reconstruction")
