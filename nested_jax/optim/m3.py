@@ -24,10 +24,11 @@ The paper publishes no defaults. Ours, and why:
   ``M / sqrt(V)`` instead keeps every step's spectral norm below
   ``~1.2 (1 + alpha)``, as Muon's; for tensors that skip Newton–Schulz
   (vectors) the two orders differ only in the ``D`` used for ``M2``. In the
-  trainer's small-model comparison (``experiments/train_optim_compare.py``:
-  transformer/tiny, 200 steps, one seed, lr grids 3e-4 to 3e-1) the best
-  held-out loss was 2.194 nats/byte (lr 3e-2) with this order against 2.914
-  (lr 1e-1) with Algorithm 1's; Muon's was 2.106.
+  trainer's small-model comparison (``experiments/results/
+  train_optim_compare.md``: transformer/tiny, 200 steps, seeds 0 and 1, the
+  best lr inside each grid) the best held-out loss was 2.203 [2.194, 2.212]
+  nats/byte (lr 3e-2) with this order against 2.922 [2.914, 2.930] (lr 1e-1)
+  with Algorithm 1's; Muon's was 2.106.
 * ``moments="ema"`` (default): ``M1 = beta1 M1 + (1-beta1) g``, ``V = beta2 V +
   (1-beta2) g^2`` (debiased), ``M2 = beta3 M2 + (1-beta3) mean_chunk(g)``.
   The printed cumulative sums never forget, so ``O1`` would point along the
