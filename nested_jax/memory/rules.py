@@ -82,7 +82,8 @@ def effective_eta(rule: Rule, eta, x):
     under ``reflect``), else eta (``normalized`` scales eta for the whole memory before this:
     ``Level.step_eta``)."""
     if rule.dgd_all_layers and x is not None:
-        return (2.0 if rule.reflect else 1.0) * eta / (1.0 + eta * jnp.sum(x * x))
+        step = eta / (1.0 + eta * jnp.sum(x * x))
+        return 2.0 * step if rule.reflect else step  # no factor 1.0 in the graph: same rounding
     return eta
 
 
