@@ -52,18 +52,37 @@ def _losses(workdir):
     return losses
 
 
+def _stop(proc) -> str:
+    """Kill a run and return its stderr; every wait is bounded, so a stuck run fails the test
+    instead of hanging the session."""
+    proc.kill()
+    return proc.communicate(timeout=60)[1][-3000:]
+
+
+def _communicate(proc, timeout=120):
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the run did not exit within {timeout} s:\n{_stop(proc)}") from None
+
+
+def _wait_until(proc, ready, limit=240):
+    """Poll `ready()` while the run lives; a run that exits or outlives `limit` is an error."""
+    deadline = time.time() + limit
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"the run {'exited' if proc.poll() is not None else 'timed out'}"
+                                 f" before it was ready:\n{_stop(proc)}")
+        time.sleep(0.01)
+
+
 def _start_and_wait(data, workdir, min_step):
     """Launch a long run; return the process once it has logged `min_step`."""
     proc = subprocess.Popen(_args(data, workdir, 100_000), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if (workdir / "metrics.jsonl").exists() and len(_losses_safe(workdir)) >= min_step:
-            return proc
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.01)
-    proc.kill()
-    raise AssertionError("the run did not start in time")
+    _wait_until(proc, lambda: (workdir / "metrics.jsonl").exists()
+                and len(_losses_safe(workdir)) >= min_step)
+    return proc
 
 
 def _losses_safe(workdir):
@@ -88,7 +107,7 @@ def test_sigkill_then_restart_gives_the_same_loss_curve(reference):
     workdir = root / "killed"
     proc = _start_and_wait(data, workdir, min_step=9)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    _communicate(proc, 60)
     killed_at = max(_losses_safe(workdir))
     assert killed_at < REF_STEPS
     log = _train(data, workdir, REF_STEPS)
@@ -101,7 +120,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference):
     workdir = root / "preempted"
     proc = _start_and_wait(data, workdir, min_step=6)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = _communicate(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "stopped by SIGTERM at step" in out
     stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
@@ -133,12 +152,10 @@ def test_sigint_saves_like_sigterm_and_quiet_shows_no_info(tmp_path):
     args.insert(args.index("train"), "-q")
     proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.time() + 240
-    while not (workdir / "metrics.jsonl").exists() or len(_losses_safe(workdir)) < 3:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.01)
+    _wait_until(proc, lambda: (workdir / "metrics.jsonl").exists()
+                and len(_losses_safe(workdir)) >= 3)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = _communicate(proc)
     assert proc.returncode == 130, err[-3000:]
     stopped = int(out.split("stopped by SIGINT at step ")[1].split(";")[0])
     assert "checkpoint saved" in out and (workdir / "checkpoints" / str(stopped)).is_dir()
@@ -159,16 +176,13 @@ def test_eval_and_generate_never_disturb_a_live_run(tmp_path):
     proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.time() + 240
-        while not list((workdir / "checkpoints").glob("[0-9]*")):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
+        _wait_until(proc, lambda: bool(list((workdir / "checkpoints").glob("[0-9]*"))))
         for _ in range(4):
             assert cli.main(["eval", "--workdir", str(workdir), "--batches", "1"]) == 0
             assert cli.main(["generate", "--workdir", str(workdir), "--max-new-tokens", "4"]) == 0
         assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = _communicate(proc)
     assert proc.returncode == 0, err[-3000:]
     assert not (workdir / "checkpoints.corrupt").exists()
