@@ -85,12 +85,20 @@ TRAIN_FLAGS = {
 }
 
 
+def _no_library_tracebacks(record: logging.LogRecord) -> bool:
+    """Console filter: a library's report of an exception (orbax logs each failed background
+    write with a traceback, four times over) is left to train.log; the exception itself reaches
+    `main`, which prints one line for it."""
+    return record.name.startswith("nested_jax") or not record.exc_info
+
+
 def _setup_logging(verbose: bool) -> None:
     """The console shows INFO (WARNING with -q); train.log always gets INFO."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.INFO if verbose else logging.WARNING)
+        handler.addFilter(_no_library_tracebacks)
     logging.getLogger("nested_jax").setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

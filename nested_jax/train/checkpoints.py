@@ -26,8 +26,12 @@ Restoring never loses a good checkpoint:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -99,6 +103,38 @@ def _causes(e: BaseException):
         e = e.__cause__ or e.__context__
 
 
+def _quiet_closed_loop_reports() -> None:
+    """When a write fails, tensorstore's other writes still in flight complete on orbax's event
+    loop, which the failure has already closed (in orbax's background thread, before the error
+    reaches us); each reports 'Event loop is closed' as an unraisable exception: up to dozens of
+    tracebacks on the console. They add nothing to the error that `_writing` raises, so they go
+    to the debug log; any other unraisable report is untouched. Installed once per process."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_closed_loops", False):
+        return
+
+    def hook(report):
+        if isinstance(report.exc_value, RuntimeError) and (
+                str(report.exc_value) == "Event loop is closed"):
+            log.debug("a checkpoint write finished after the failed save closed its event loop")
+            return
+        previous(report)
+
+    hook.quiets_closed_loops = True
+    sys.unraisablehook = hook
+
+
+def _short_cause(e: BaseException) -> str:
+    """The operating system's words for a failed write, else the innermost message."""
+    for x in _causes(e):
+        if isinstance(x, OSError) and x.strerror:
+            return f"{x.strerror} ({x.filename})" if x.filename else x.strerror
+        code = re.search(r"os_error_code='?(\d+)", str(x))  # tensorstore's wording
+        if code:
+            return os.strerror(int(code.group(1)))
+    return str(list(_causes(e))[-1])[:300]
+
+
 def classify(e: BaseException) -> str:
     """'corrupt', 'io' or 'unknown': what an exception raised while reading a step says."""
     for x in _causes(e):
@@ -158,12 +194,14 @@ class Checkpoints:
                  read_only: bool = False):
         self.directory = epath.Path(directory)
         self.read_only = read_only
+        self._write_failed = False
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                    max_to_keep=None, save_interval_steps=0)
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                    enable_async_checkpointing=use_async)
+            _quiet_closed_loop_reports()
         # No item_handlers: orbax picks each item's handler from the save/restore args
         # (grain's or JSON for the data), which a fixed registry would refuse.
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -184,8 +222,35 @@ class Checkpoints:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = _data_save_args(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force,
-                                 custom_metadata=normalize(metadata) if metadata else None)
+        with self._writing():
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                                     custom_metadata=normalize(metadata) if metadata else None)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (full disk, read-only or vanished directory; an async write surfaces at
+        the next save or wait) becomes one CheckpointIOError naming the directory, the cause and
+        the committed steps, which the failure leaves as they were."""
+        try:
+            yield
+        except CheckpointIOError:
+            raise
+        except Exception as e:
+            self._write_failed = True
+            committed = sorted((int(p.name) for p in self._listing() if p.name.isdigit()),
+                               reverse=True)
+            kept = (f"the committed checkpoints ({', '.join(map(str, committed))}) are intact; "
+                    "rerun the same command to resume from the newest" if committed else
+                    "no checkpoint was committed")
+            raise CheckpointIOError(
+                f"could not write a checkpoint under {self.directory}: {_short_cause(e)}. "
+                f"Free space or make the directory writable; {kept}.") from e
+
+    def _listing(self) -> list[epath.Path]:
+        try:
+            return list(self.directory.iterdir())
+        except OSError:
+            return []
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-host preemption sync point (all hosts agree on the step to save at)."""
@@ -314,8 +379,13 @@ class Checkpoints:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            if not self._write_failed:  # waiting again on a failed write only repeats it
+                with self._writing():
+                    self.manager.wait_until_finished()
+        finally:
+            self.manager.close()

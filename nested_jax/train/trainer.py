@@ -362,6 +362,11 @@ def _write_run_info(run: Run) -> None:
     (run.workdir / "run.json").write_text(json.dumps(info, indent=2, default=str))
 
 
+# Libraries whose warnings and errors belong in train.log too: orbax reports a failed background
+# write there with its full traceback, which the console leaves out (cli.py).
+LOGGED_LIBRARIES = ("absl", "orbax")
+
+
 def _add_log_file(workdir: epath.Path) -> logging.Handler:
     handler = logging.FileHandler(workdir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -369,7 +374,15 @@ def _add_log_file(workdir: epath.Path) -> logging.Handler:
     if logger.level == logging.NOTSET:  # library use without logging config: still log INFO
         logger.setLevel(logging.INFO)
     logger.addHandler(handler)
+    for name in LOGGED_LIBRARIES:
+        logging.getLogger(name).addHandler(handler)
     return handler
+
+
+def _remove_log_file(handler: logging.Handler) -> None:
+    for name in ("nested_jax", *LOGGED_LIBRARIES):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
 
 
 def _console_through(bar):
@@ -406,8 +419,7 @@ def train(cfg: TrainConfig, workdir: epath.PathLike, *,
         if lock is not None:
             lock.release()
         if handler is not None:
-            logging.getLogger("nested_jax").removeHandler(handler)
-            handler.close()
+            _remove_log_file(handler)
 
 
 def _restore_or_init(run: Run, ckpt: Checkpoints, data_it, *, restart: bool,

@@ -153,6 +153,40 @@ def test_second_train_fails_at_once_naming_the_holder_and_a_stale_lock_is_taken_
            f"{socket.gethostname()}, PID {holder.pid})" in caplog.text
 
 
+# ---- a checkpoint that cannot be written --------------------------------------------------------
+
+
+# The child: files may not grow past 128 KiB (a checkpoint's arrays are larger), and such a write
+# fails with EFBIG instead of killing the process: a disk full for checkpoints, without mounting
+# anything (and without preexec_fn, which forks a multithreaded JAX process).
+NO_BIG_FILES = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (128 * 1024, 128 * 1024))
+sys.argv[0] = "nested-jax"
+runpy.run_module("nested_jax.cli", run_name="__main__")
+"""
+
+
+def test_a_checkpoint_write_that_fails_is_one_io_error_and_keeps_the_committed_steps(
+        trained, tmp_path):
+    workdir = _copy(trained[0], tmp_path / "run")
+    good = _snapshot(workdir / "checkpoints" / "2")
+    argv = [sys.executable, "-c", NO_BIG_FILES, "-q", "train", "--workdir", str(workdir),
+            "--data", str(trained[1]), *TINY, "--steps", "4"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert out.returncode == cli.EXIT_IO, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"could not write a checkpoint under {workdir / 'checkpoints'}: File too large" \
+        in lines[0]
+    assert "the committed checkpoints (2) are intact" in lines[0]
+    assert lines[0].split(" ERROR ")[1] in _last_log_line(workdir)
+    assert _snapshot(workdir / "checkpoints" / "2") == good
+    assert "Traceback" in (workdir / "train.log").read_text()  # orbax's report, kept in the log
+
+
 # ---- early, clear failures --------------------------------------------------------------------
 
 
