@@ -8,7 +8,7 @@ Level: Hope's memory (LinearMemory, l2, momentum + DGD), chunk C = 64 (16 for th
 CPU shape), bf16 q/k/v on accelerators and f32 on CPU, f32 state and gates.  Throughput is
 tokens/s = B*T/seconds (median after a compiling warm-up).
 
-* kernel: ``nested_jax.kernels.linear_memory(impl="pallas")`` on GPU/TPU; on CPU there is no
+* kernel: ``nested_jax.memory.apply(path="pallas", impl="pallas")`` on GPU/TPU; on CPU there is no
   Pallas backend, so that row runs the Triton kernel's code in interpret mode (the Pallas
   interpreter lowers it to XLA loops: a correctness vehicle, its speed says nothing about a
   GPU).
@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from benchlib import markdown_table, timeit, write_result  # noqa: E402
 
 from nested_jax import memory as nm  # noqa: E402
-from nested_jax.kernels import linear_memory  # noqa: E402
 
 SHAPES = {
     "cpu": [(1, 256, 2, 32), (2, 1024, 4, 64)],
@@ -63,7 +62,8 @@ def make(level, B, T, H, dtype):
 def runner(level, impl, C, kernel_impl):
     if impl == "kernel":
         kernel = "triton" if kernel_impl == "interpret" else "auto"
-        return lambda *a: linear_memory(level, *a, chunk_size=C, impl=kernel_impl, kernel=kernel)
+        return lambda *a: nm.apply(level, *a, chunk_size=C, path="pallas", impl=kernel_impl,
+                                   kernel=kernel)
     path = "dual" if impl == "xla" else "oracle"
     return lambda *a: nm.apply(level, *a, chunk_size=C if path == "dual" else 1, path=path)
 

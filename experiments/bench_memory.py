@@ -1,7 +1,7 @@
 """Memory-engine benchmark: oracle vs generic chunked vs dual form, fwd and fwd+bwd.
 
 Paths: the per-token oracle, the generic chunked path, the matmul dual form, and (linear
-memories) ``kernels.linear_memory(impl="scan")``, the Pallas kernels' algorithm in plain XLA.
+memories) ``memory.apply(path="pallas", impl="scan")``, the Pallas kernels' algorithm in plain XLA.
 
 Usage:
   python experiments/bench_memory.py                 # CPU: small + (8, 4096, 16, 64) shapes
@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from benchlib import markdown_table, timeit, write_result  # noqa: E402
 
 from nested_jax import memory as nm  # noqa: E402
-from nested_jax.kernels import linear_memory  # noqa: E402
 
 SHAPES = {"small": (2, 1024, 4, 64), "big": (8, 4096, 16, 64)}
 LEVELS = {
@@ -54,7 +53,7 @@ def make(level, B, T, H, dtype):
 def fns(level, path, C):
     def out(st, q, k, v, g):
         if path == "scan":  # the kernels' algorithm in XLA (linear memory only)
-            return linear_memory(level, st, q, k, v, g, chunk_size=C, impl="scan")[0]
+            return nm.apply(level, st, q, k, v, g, chunk_size=C, path="pallas", impl="scan")[0]
         return nm.apply(level, st, q, k, v, g, chunk_size=C, path=path)[0]
 
     loss = lambda *a: jnp.sum(out(*a) ** 2)
@@ -71,8 +70,8 @@ def main():
     ap.add_argument("--shapes", default="small,big", help="comma list of: small, big")
     ap.add_argument("--chunk", default="64", help="comma list of chunk sizes, e.g. 16,32,64")
     ap.add_argument("--paths", default="chunked,dual,scan",
-                    help="paths besides the oracle (scan: kernels.linear_memory(impl='scan'), "
-                         "linear levels only)")
+                    help="paths besides the oracle (scan: memory.apply(path='pallas', "
+                         "impl='scan'), linear levels only)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--levels", default=",".join(LEVELS), help="comma list of level names")
     ap.add_argument("--mem-budget-gb", type=float, default=6.0,

@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nested_jax import memory as nm  # noqa: E402
-from nested_jax.kernels import linear_memory, make_plan  # noqa: E402
+from nested_jax.memory import pallas  # noqa: E402
 
 START = time.time()
 BUDGET = float(os.environ.get("GPU_CHECK_BUDGET_S", "270"))
@@ -117,9 +117,9 @@ def make_inputs(level, B, T, H, dtype, seed=0):
 
 
 def run_fn(level, impl, **kw):
-    return lambda st, q, k, v, g: linear_memory(level, st, q, k, v, g, chunk_size=C, impl=impl,
-                                                kernel="triton" if impl != "xla" else "auto",
-                                                **kw)
+    kernel = "triton" if impl != "xla" else "auto"
+    return lambda st, q, k, v, g: nm.apply(level, st, q, k, v, g, chunk_size=C, path="pallas",
+                                           impl=impl, kernel=kernel, **kw)
 
 
 def grads_fn(run, weighted=True):
@@ -262,14 +262,20 @@ def attention_rows(shape):
     row(shape, label, "fwd", lambda: (jax.jit(attn(impl)), make_args()))
 
 
+def _bf16_qkv(d):
+    """Shape-only q, k, v for ``pallas.plan_for`` (it reads head dims and dtype)."""
+    x = jax.ShapeDtypeStruct((1, 1, 1, d), jnp.bfloat16)
+    return x, x, x
+
+
 def breakdown_rows(shape, level):
     """Where the kernel path's time goes: XLA prep vs the Pallas sequential loop, fwd and
     fwd+bwd (prep's backward is XLA autodiff; the loop's is the backward kernel)."""
-    from nested_jax.kernels import linear, prep, vjp
+    from nested_jax.kernels import prep, vjp
 
     B, T, H, d = shape
-    plan = make_plan(level, d, d, C, jnp.bfloat16, KERNEL_IMPL, "triton")
-    fl = linear.flags_for(level)
+    plan = pallas.plan_for(level, *_bf16_qkv(d), C, KERNEL_IMPL, "triton")
+    fl = pallas.flags_for(level)
     run_prep = lambda *a: prep.prep(*a, fl, jnp.bfloat16, C)
     f32_sum = lambda tree: sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree))
 
@@ -277,7 +283,7 @@ def breakdown_rows(shape, level):
         st, q, k, v, g = make_inputs(level, B, T, H, jnp.bfloat16)
         seq = lambda x: None if x is None else (
             jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:]).astype(jnp.float32))
-        ke = None if fl.ke_is_k else k  # as linear._kernel_part: the kernels then read k
+        ke = None if fl.ke_is_k else k  # as pallas._kernel_part: the kernels then read k
         return tuple(map(seq, (q, k, ke, v, g.eta, g.alpha, g.beta))), st
 
     def core_and_args():
@@ -343,7 +349,7 @@ def main():
         (s1, s2, s3), d1, d2 = ((1, 64, 2, 16), (1, 64, 1, 32), (1, 32, 2, 32)), 16, 32
     hope = LEVELS["hope (l2, momentum, DGD)"]
     for shape, d in ((s1, d1), (s2, d2), (s3, d2)):
-        p = make_plan(hope(d), d, d, C, jnp.bfloat16, KERNEL_IMPL, "triton")
+        p = pallas.plan_for(hope(d), *_bf16_qkv(d), C, KERNEL_IMPL, "triton")
         say(f"- plan at {shape}: padded dk={p.dk} dv={p.dv}, block_dv={p.bv}, programs "
             f"{shape[0] * shape[2] * (p.dv // p.bv)} x {shape[1] // C} chunks; warps/stages "
             "default (fwd 4/2 at d=64, bwd 8/1)")

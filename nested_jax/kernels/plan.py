@@ -12,7 +12,8 @@
                hand-written backward as a reverse scan (no remat, no autodiff of the loop).
                Differentiable once.  Any chunk size, head dims and float dtype.
 
-Support: LinearMemory, "online" reads (the engine's default), any objective and rule.
+Which levels a kernel can run is the engine's to say (``nested_jax/memory/pallas.py`` passes
+its reason as ``level_unsupported``); this module only knows kernels, chunk sizes and dtypes.
 Chunk size: a multiple of 8 (Mosaic) or a power of two >= 16 (Triton, whose dots need dims
 >= 16).  Head dims are free: Triton pads dk and dv with zeros to powers of two >= 16 (exact:
 zero key columns and zero memory rows never mix into the rest), Mosaic uses full-dim blocks.
@@ -26,9 +27,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-
-from nested_jax.memory.level import Level
-from nested_jax.memory.memories import LinearMemory
 
 IMPLS = ("auto", "pallas", "interpret", "xla", "scan")
 KERNELS = ("auto", "triton", "mosaic")
@@ -76,16 +74,11 @@ def _default_kernel() -> str:
             "tpu": "mosaic"}.get(_platform(), "")
 
 
-def unsupported(level: Level, kernel: str, chunk_size: int, dtype) -> str:
-    """Why ``kernel`` cannot run this level ('' if it can)."""
-    if not isinstance(level.memory, LinearMemory):
-        return (f"memory={type(level.memory).__name__} has no kernel (LinearMemory only); "
-                "use impl='xla'")
-    if level.read != "online":
-        return f"read={level.read!r} has no kernel (online reads only); use impl='xla'"
-    if level.normalize_target:
-        return ("normalize_target=True has no kernel (the kernels' self-target is linear in "
-                "W_b); use impl='xla'")
+def unsupported(kernel: str, chunk_size: int, dtype, level_unsupported: str = "") -> str:
+    """Why ``kernel`` cannot run this call ('' if it can); ``level_unsupported`` is the
+    engine's reason, if any, that no kernel runs the level at all."""
+    if level_unsupported:
+        return level_unsupported
     if kernel == "triton" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         return (f"chunk_size={chunk_size} must be a power of two >= 16 for the Triton kernel "
                 "(tl.dot needs dims >= 16); use e.g. chunk_size=64, or impl='xla'")
@@ -97,9 +90,10 @@ def unsupported(level: Level, kernel: str, chunk_size: int, dtype) -> str:
     return ""
 
 
-def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str = "auto",
+def make_plan(dk: int, dv: int, chunk_size: int, dtype, impl: str = "auto",
               kernel: str = "auto", block_dv: int | None = None,
-              num_warps: int | None = None, num_stages: int | None = None) -> Plan:
+              num_warps: int | None = None, num_stages: int | None = None, *,
+              level_unsupported: str = "") -> Plan:
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is unknown; use one of {IMPLS}.")
     if kernel not in KERNELS:
@@ -107,7 +101,7 @@ def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str 
     if impl == "xla":
         return Plan("xla", reason="impl='xla'")
     if impl == "scan":
-        why = unsupported(level, "scan", chunk_size, dtype)
+        why = unsupported("scan", chunk_size, dtype, level_unsupported)
         if why:
             raise ValueError(why + ".")
         return Plan("scan", dk=dk, dv=dv, bv=dv)
@@ -118,7 +112,7 @@ def make_plan(level: Level, dk: int, dv: int, chunk_size: int, dtype, impl: str 
             raise ValueError(f"impl='pallas' needs a GPU or TPU backend, got "
                              f"{_platform()!r}; use impl='interpret' or 'xla'.")
         return Plan("xla", reason=f"no kernel for backend {_platform()!r}")
-    why = unsupported(level, kernel, chunk_size, dtype)
+    why = unsupported(kernel, chunk_size, dtype, level_unsupported)
     if not why and impl == "pallas" and jnp.dtype(dtype) == jnp.float64:
         why = "float64 kernels run in interpret mode only; use impl='interpret' or 'xla'"
     if why:

@@ -9,7 +9,7 @@ f = D * (q k^T) and g = A * (q k^T), and the DGD pseudo-value system
 
 solved once per chunk for its three right-hand sides: m = r W_0^T + r2 S_0^T - te X with
 [te | r | r2] = (I + L)^{-1} [D^- * kk | Gamma^- k | d^- k].  The solve is blocked forward
-substitution: 16 x 16 diagonal blocks inverted by doubling (``gated_delta_dual.unit_lower_inverse``,
+substitution: 16 x 16 diagonal blocks inverted by doubling (``triangular.unit_lower_inverse``,
 whose leaf case this is), off-diagonal blocks by matmuls.  That is ~6x
 fewer flops than doubling on the full 64 x 64 system, all batched matmuls (XLA's GPU
 triangular solve is a slow loop), and the powers of L stay short.  The kernels only see the
@@ -26,34 +26,14 @@ import jax
 import jax.numpy as jnp
 
 from nested_jax.kernels.chunk_math import NCOL, Chunk, Flags
-from nested_jax.memory.gated_delta_dual import segment_products, unit_lower_inverse
-
-BLOCK = 16  # diagonal block of the triangular solve
-
-
-def _shift_down(x):
-    return jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]], axis=0)
-
-
-def solve_unit_lower(lower, rhs, mm, block: int = BLOCK):
-    """(I + lower)^{-1} rhs for strictly lower-triangular ``lower`` [C, C], rhs [C, n]."""
-    c = lower.shape[0]
-    if c <= block or c % block:
-        return mm(unit_lower_inverse(lower), rhs)
-    rows = []
-    for i in range(c // block):
-        sl = slice(i * block, (i + 1) * block)
-        acc = rhs[sl]
-        for j, x in enumerate(rows):
-            acc = acc - mm(lower[sl, j * block:(j + 1) * block], x)
-        rows.append(mm(unit_lower_inverse(lower[sl, sl]), acc))
-    return jnp.concatenate(rows, axis=0)
+from nested_jax.kernels.triangular import segment_products, solve_unit_lower
+from nested_jax.kernels.triangular import shift_down as _shift_down
 
 
 def chunk_prep(q, k, ke, ve, eta, alpha, beta, fl: Flags, op_dtype):
     """One chunk: q, k, ke f[C, dk]; ve f[C, dv]; gates f[C] (compute precision) -> ``Chunk``.
 
-    ke, ve are the error inputs (u = ke W^T - ve, see ``linear.error_inputs``), None where the
+    ke, ve are the error inputs (u = ke W^T - ve, see ``memory/pallas.error_inputs``), None where
     flags drop them.  Matrices are returned in ``op_dtype`` (the kernels' matmul operand
     type), the per-token columns in the compute precision.  ``beta`` must already be zero when
     not fl.momentum.

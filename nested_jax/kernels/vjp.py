@@ -22,7 +22,7 @@ _MODULES = {"mosaic": mosaic, "triton": triton}
 
 
 SECOND_ORDER = ("the Pallas kernels are differentiable once (custom_vjp, backward kernel); "
-                "for grad-of-grad or forward mode use linear_memory(..., impl='xla').")
+                "for grad-of-grad or forward mode use memory.apply(..., path='dual').")
 
 
 def _first_order_only(fn):

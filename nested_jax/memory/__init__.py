@@ -6,7 +6,10 @@ its context flow with ``apply(..., path=...)``:
 
   "oracle"   per-token ``lax.scan``, the definition;
   "chunked"  generic chunk-parallel path, any architecture;
-  "dual"     matmul dual forms for linear and 2-layer MLP memories.
+  "dual"     matmul dual forms for linear and 2-layer MLP memories;
+  "pallas"   the Pallas kernels for linear memories (``pallas.py``; TPU Mosaic, GPU Triton,
+             interpret mode on CPU), falling back to "dual" where none runs under impl="auto";
+  "auto"     "pallas" for a linear memory, else "dual" where it applies, else "chunked".
 
 All paths compute the same function (tests/memory).
 """
@@ -18,6 +21,7 @@ from nested_jax.memory.api import (
     causal_nonfinite,
     init_state,
     prior_read,
+    resolve_path,
     stream_init,
     stream_step,
     validate,
@@ -45,6 +49,7 @@ __all__ = [
     "causal_nonfinite",
     "init_state",
     "prior_read",
+    "resolve_path",
     "stream_init",
     "stream_step",
     "validate",

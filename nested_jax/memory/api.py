@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nested_jax.memory import chunked, dual, oracle, streaming
+from nested_jax.memory import chunked, dual, oracle, pallas, streaming
 from nested_jax.memory.level import Gates, Level, MemoryState
+from nested_jax.memory.memories import LinearMemory
 
-PATHS = ("oracle", "chunked", "dual")
+PATHS = ("oracle", "chunked", "dual", "pallas", "auto")
 
 
 def _concrete(x):
@@ -84,10 +85,18 @@ def _check_state(level: Level, parts: dict, B: int, H: int, dtype, fix: str):
                              "float32 state with bfloat16 inputs) and cast whichever is off.")
 
 
-def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size, path: str):
+def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size, path: str,
+             kernel_options: dict | None = None):
     """Raise ValueError naming the argument before any work is done."""
     if path not in PATHS:
         raise ValueError(f"path={path!r} is unknown; use one of {PATHS}.")
+    unknown = sorted(set(kernel_options or ()) - set(pallas.OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown keyword argument(s) {unknown}; the kernel options are "
+                         f"{pallas.OPTIONS}.")
+    if kernel_options and path not in ("pallas", "auto"):
+        raise ValueError(f"{sorted(kernel_options)} only apply to path='pallas' or 'auto', "
+                         f"not path={path!r}.")
     check_chunk_size(chunk_size)
     if path == "oracle" and chunk_size != 1:
         raise ValueError(f"path='oracle' is the per-token definition; chunk_size={chunk_size!r} "
@@ -99,8 +108,9 @@ def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size
     _check_state(level, {"params": state.params, "mom": state.mom}, B, H,
                  jnp.result_type(q, k, v),
                  "use nested_jax.memory.broadcast_state")
-    if path == "dual" and not dual.supports(level):
-        raise ValueError(f"path='dual' does not support {level.memory}; use path='chunked'.")
+    if path in ("dual", "pallas") and not dual.supports(level):
+        raise ValueError(f"path={path!r} does not support {level.memory}; use path='chunked' "
+                         "(or 'auto').")
 
 
 def validate_stream(level: Level, st: streaming.StreamState, q, k, v, gates: Gates, chunk_size):
@@ -169,26 +179,49 @@ def causal_nonfinite(run, level: Level, chunk_size: int, state: MemoryState, q, 
     return o, final
 
 
+def resolve_path(level: Level, path: str) -> str:
+    """"auto": the kernels for a linear memory (they fall back to the XLA dual form where no
+    kernel runs the level on this backend), the dual form for the other memories it covers,
+    else the generic chunked path."""
+    if path != "auto":
+        return path
+    if isinstance(level.memory, LinearMemory):
+        return "pallas"
+    return "dual" if dual.supports(level) else "chunked"
+
+
 def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size: int = 1,
-          path: str = "dual", remat: bool = True):
+          path: str = "dual", remat: bool = True, **kernel_options):
     """Run a level over its context flow. Returns (o f[B, T, H, dv], final MemoryState).
+
+    ``path``: "oracle" | "chunked" | "dual" | "pallas" | "auto" (module docstring of
+    ``nested_jax.memory``).  ``kernel_options`` (path "pallas" or "auto" only): ``impl``,
+    ``kernel``, ``mesh``, ``batch_axes``, ``head_axis`` and the tile overrides of
+    ``memory/pallas.run``.
 
     ``remat`` rematerialises each chunk body in the backward pass (one stored state per chunk);
     a caller that already rematerialises around this call (one chunk inside its own
     checkpointed scan) passes False, so the chunk is not recomputed twice.  Non-finite inputs
     stay causal (``causal_nonfinite``).
     """
-    validate(level, state, q, k, v, gates, chunk_size, path)
+    validate(level, state, q, k, v, gates, chunk_size, path, kernel_options)
     chunk_size = int(chunk_size)
-    run = lambda st, q, k, v, g: _apply(level, st, q, k, v, g, chunk_size, path, remat)
+    path = resolve_path(level, path)
+    run = lambda st, q, k, v, g: _apply(level, st, q, k, v, g, chunk_size, path, remat,
+                                        kernel_options)
     return causal_nonfinite(run, level, chunk_size, state, q, k, v, gates)
 
 
 def _apply(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int, path: str,
-           remat: bool):
+           remat: bool, kernel_options: dict | None = None):
     if level.read == "prior" and path != "oracle":  # the oracle reads M_{t-1} itself
-        run = lambda lv, st, q, k, v, g: _apply(lv, st, q, k, v, g, chunk_size, path, remat)
+        run = lambda lv, st, q, k, v, g: _apply(lv, st, q, k, v, g, chunk_size, path, remat,
+                                                kernel_options)
         return prior_read(run, level, state, q, k, v, gates)
+    if path == "pallas":
+        xla_dual = lambda st, q, k, v, g, c: _apply(level, st, q, k, v, g, c, "dual", remat)
+        return pallas.run(level, state, q, k, v, gates, chunk_size, xla_dual,
+                          **(kernel_options or {}))
     fn = _single(level, path, chunk_size, remat)
     seq = lambda x: jnp.moveaxis(x, 2, 1)  # [B, T, H, ...] -> [B, H, T, ...]
     per_head = jax.vmap(fn, in_axes=(0, 0, 0, 0, 0))

@@ -34,22 +34,30 @@ def supports(level: Level) -> bool:
     return isinstance(mem, MLPMemory) and mem.depth == 2
 
 
-def _eta(level: Level, eta, keys, dgd: bool):
-    if not (dgd and level.rule.dgd_all_layers):
-        return eta
-    return jax.vmap(lambda e, x: effective_eta(level.rule, e, x))(eta, keys)
+def write_gates(level: Level, keys, g: Gates, dgd: bool) -> Gates:
+    """The gates one matrix's writes see, given its keys f[..., d] and gates f[...].
+
+    beta is 0 without momentum; under DGD on every layer (``dgd_all_layers``) eta becomes the
+    rule's effective step (``rules.effective_eta``: the Sherman-Morrison proximal step, doubled
+    under ``reflect``).  The one definition: the dual form here and the kernels
+    (``memory/pallas.py``) both take their gates from it.
+    """
+    beta = g.beta if level.rule.momentum else jnp.zeros_like(g.beta)
+    eta = g.eta
+    if dgd and level.rule.dgd_all_layers:
+        eta = jnp.vectorize(lambda e, x: effective_eta(level.rule, e, x),
+                            signature="(),(d)->()")(eta, keys)
+    return Gates(eta, g.alpha, beta)
 
 
 def _dgd(level: Level, is_input_side: bool) -> bool:
     return level.rule.dgd and (is_input_side or level.rule.dgd_all_layers)
 
 
-def _prep(level: Level, q, k, g: Gates) -> gdd.Prep:
-    """The state-independent half of a chunk for the input-side matrix (keys k, queries q)."""
-    beta = g.beta if level.rule.momentum else jnp.zeros_like(g.beta)
-    gp = gdd.gate_products(g.alpha, beta)
-    dgd = _dgd(level, True)
-    return gdd.prepare(gp, k, q, _eta(level, g.eta, k, dgd), dgd)
+def _prep(level: Level, q, k, g: Gates, dgd: bool) -> gdd.Prep:
+    """The state-independent half of a chunk for one matrix (keys k, queries q)."""
+    eta, alpha, beta = write_gates(level, k, g, dgd)
+    return gdd.prepare(gdd.gate_products(alpha, beta), k, q, eta, dgd)
 
 
 def _linear_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p: gdd.Prep):
@@ -80,7 +88,7 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p2: gdd.Prep):
     hq = act(zq)
     # W1's keys (h) and queries (s(z')) depend on the state: its prep stays in the loop.
     dgd1 = _dgd(level, False)
-    p1 = gdd.prepare(p2.g, h, hq, _eta(level, g.eta, h, dgd1), dgd1)
+    p1 = gdd.prepare(p2.g, h, hq, write_gates(level, h, g, dgd1).eta, dgd1)
     rd1 = gdd.Reads(hw1, hs1, *gdd.read_rows(w1, s1, hq, level.rule.momentum))
     oq, w1n, s1n = gdd.update(p1, rd1, w1, s1, h, u, level.read == "online")
     o = oq + (q if mem.residual else 0.0)
@@ -107,6 +115,6 @@ def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int
     def chunk_fn(st, q_c, k_c, v_c, eta, alpha, beta):
         eta = jax.vmap(level.step_eta, in_axes=(None, 0, 0))(st.params, k_c, eta)
         g = Gates(eta, alpha, beta)
-        return body(level, st, q_c, k_c, v_c, g, _prep(level, q_c, k_c, g))
+        return body(level, st, q_c, k_c, v_c, g, _prep(level, q_c, k_c, g, _dgd(level, True)))
 
     return scan_chunks(chunk_fn, state, (q, k, v, *gates), chunk_size, remat)

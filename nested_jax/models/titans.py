@@ -12,8 +12,9 @@ Block (decisions.md #7, #11; Titans §3-§4):
 M is the engine's 2-layer residual ``MLPMemory`` (config: linear memory, other rules, depth) with a
 meta-learned per-head initial state (``nnx.Param`` [H, ...]; outer gradients flow through every
 inner update, decision #4).  Chunks of ``chunk_size`` tokens run the engine's "dual" path (gradients
-at the chunk boundary, decision #2).  A linear memory uses ``nested_jax.kernels.linear_memory``
-unless ``memory_impl="xla"``.  No self-modification, no persistent tokens: the paper's LMM.
+at the chunk boundary, decision #2).  A linear memory runs the engine's "pallas" path (the
+Pallas kernels where the backend has one) unless ``memory_impl="xla"``.  No self-modification,
+no persistent tokens: the paper's LMM.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class TitansConfig(ModelConfig):
       memory_path: engine path, "dual" (matmul form) or "chunked" (generic, any memory).
       memory_read: "online" (o_t = M_t(q_t), after token t's write; default) or "prior"
         (o_t = M_{t-1}(q_t), the strictly causal read, decisions.md #20).
-      memory_impl: linear memory only: ``kernels.linear_memory`` impl ("auto", "pallas",
-        "interpret"), or "xla" to force the engine's XLA path.
+      memory_impl: linear memory only: the kernels' ``impl`` on the engine's "pallas" path
+        ("auto", "pallas", "interpret"), or "xla" to run ``memory_path`` instead.
       conv_width: causal depthwise convolution width on q, k, v.
       eta_max: bound of the inner learning rate, eta = eta_max * sigmoid(.) (decision #7); 0
         switches the memory's writes off (with alpha = 1 the network is then static).  Stale
@@ -285,13 +286,8 @@ class NeuralMemory(nnx.Module):
         cfg = self.cfg
         level = cfg.level()
         if cfg.memory == "linear" and cfg.memory_impl != "xla":
-            try:
-                from nested_jax.kernels import linear_memory  # lazy: optional Pallas kernels
-            except ImportError:
-                linear_memory = None
-            if linear_memory is not None:
-                return linear_memory(level, state, q, k, v, gates, cfg.chunk_size,
-                                     impl=cfg.memory_impl)
+            return nm.apply(level, state, q, k, v, gates, chunk_size=cfg.chunk_size,
+                            path="pallas", impl=cfg.memory_impl)
         return nm.apply(level, state, q, k, v, gates, chunk_size=cfg.chunk_size,
                         path=cfg.memory_path)
 

@@ -12,6 +12,12 @@ import numpy as np
 from nested_jax import memory as nm
 
 
+def linear_memory(level, state, q, k, v, gates, chunk_size, impl="auto", **kernel_options):
+    """The engine's kernel path, ``memory.apply(path="pallas")``, in the kernels' call shape."""
+    return nm.apply(level, state, q, k, v, gates, chunk_size=chunk_size, path="pallas",
+                    impl=impl, **kernel_options)
+
+
 def inputs(level, seed, B=1, T=40, H=2, eta_max=0.5, dtype=jnp.float32):
     ks = jax.random.split(jax.random.key(seed), 8)
     dk, dv = level.memory.dk, level.memory.dv

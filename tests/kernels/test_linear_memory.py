@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from nested_jax import memory as nm
-from nested_jax.kernels import linear_memory
-from tests.kernels.helpers import all_grads, inputs, named_errs, rel_err
+from tests.kernels.helpers import all_grads, inputs, linear_memory, named_errs, rel_err
 
 TOL64 = 1e-10  # float64: ~1e-14 observed; margin for the ill-conditioned end of random draws
 RULES = {"gd": nm.GD, "titans": nm.TITANS, "dgd": nm.DGD, "dgd_all": nm.Rule(True, True, True)}

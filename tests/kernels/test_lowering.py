@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from nested_jax import memory as nm
-from nested_jax.kernels import linear_memory
-from tests.kernels.helpers import outer_loss
+from tests.kernels.helpers import linear_memory, outer_loss
 
 PLATFORM = {"triton": "cuda", "mosaic": "tpu"}
 

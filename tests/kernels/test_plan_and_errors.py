@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import pytest
 
 from nested_jax import memory as nm
-from nested_jax.kernels import linear_memory, make_plan
-from tests.kernels.helpers import inputs
+from nested_jax.kernels import make_plan
+from nested_jax.memory.pallas import level_unsupported
+from tests.kernels.helpers import inputs, linear_memory
 
 LIN = nm.Level(nm.LinearMemory(8, 8), "l2", nm.DGD)
 
@@ -41,7 +42,7 @@ def test_bad_arguments_name_the_argument(kw, match):
 
 def test_float64_kernels_are_interpret_only(x64):
     with pytest.raises(ValueError, match="float64"):
-        make_plan(LIN, 8, 8, 16, jnp.float64, "pallas", "triton")
+        make_plan(8, 8, 16, jnp.float64, "pallas", "triton")
 
 
 @pytest.mark.parametrize("level,match", [
@@ -53,7 +54,8 @@ def test_unsupported_levels(level, match):
     args = _args(level)
     with pytest.raises(ValueError, match=match):
         linear_memory(level, *args, chunk_size=16, impl="interpret")
-    assert make_plan(level, 8, 8, 16, jnp.float32, "auto", "triton").kernel == "xla"
+    assert make_plan(8, 8, 16, jnp.float32, "auto", "triton",
+                     level_unsupported=level_unsupported(level)).kernel == "xla"
     if isinstance(level.memory, nm.LinearMemory):  # (the MLP's XLA compile is slow on CPU)
         got = linear_memory(level, *args, chunk_size=16, impl="auto")
         want = nm.apply(level, *args, chunk_size=16, path="dual")
@@ -65,7 +67,7 @@ def test_xla_paths_are_the_dual_form(impl):
     """impl='xla' always, and impl='auto' on CPU, call memory.apply(path='dual') itself."""
     if impl == "auto" and jax.default_backend() != "cpu":
         pytest.skip("auto picks a kernel on accelerators")
-    assert make_plan(LIN, 8, 8, 16, jnp.float32, impl).kernel == "xla"
+    assert make_plan(8, 8, 16, jnp.float32, impl).kernel == "xla"
     args = _args()
     got = linear_memory(LIN, *args, chunk_size=16, impl=impl)
     want = nm.apply(LIN, *args, chunk_size=16, path="dual")
@@ -87,15 +89,43 @@ def test_bad_shapes_are_caught_before_any_work():
     ("mosaic", 128, 128, (128, 128, 128)),
 ])
 def test_plan_tiles(kernel, dk, dv, want):
-    p = make_plan(LIN, dk, dv, 64, jnp.bfloat16, "pallas", kernel)
+    p = make_plan(dk, dv, 64, jnp.bfloat16, "pallas", kernel)
     assert (p.dk, p.dv, p.bv) == want
 
 
 def test_second_order_names_the_xla_path():
-    """The kernels are differentiable once; grad-of-grad says to use impl='xla'."""
+    """The kernels are differentiable once; grad-of-grad names the XLA dual path."""
     level = nm.Level(nm.LinearMemory(16, 16), "l2", nm.DGD)
     st, q, k, v, g = inputs(level, 0, T=32)
     f = lambda q: jnp.sum(linear_memory(level, st, q, k, v, g, chunk_size=16, impl="interpret",
                                         kernel="triton")[0] ** 2)
-    with pytest.raises(ValueError, match="impl='xla'"):
+    with pytest.raises(ValueError, match="path='dual'"):
         jax.grad(lambda q: jnp.sum(jax.grad(f)(q) ** 2))(q)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(path="dual", impl="interpret"), r"\['impl'\] only apply to path='pallas' or 'auto'"),
+    (dict(path="pallas", impls="interpret"), r"unknown keyword argument\(s\) \['impls'\]"),
+    (dict(path="pallas", level=nm.Level(nm.MLPMemory(8, 8, hidden=16, depth=3), "l2", nm.GD)),
+     "path='pallas' does not support"),
+])
+def test_kernel_options_are_checked_by_the_front_door(kw, match):
+    level = kw.pop("level", LIN)
+    with pytest.raises(ValueError, match=match):
+        nm.apply(level, *_args(level), chunk_size=16, **kw)
+
+
+@pytest.mark.parametrize("level,want", [
+    (LIN, "pallas"),
+    (nm.Level(nm.MLPMemory(8, 8, hidden=16), "l2", nm.DGD), "dual"),
+    (nm.Level(nm.MLPMemory(8, 8, hidden=16, depth=3), "l2", nm.DGD), "chunked"),
+])
+def test_auto_picks_the_fastest_path_that_covers_the_level(level, want):
+    assert nm.resolve_path(level, "auto") == want
+
+
+def test_auto_equals_dual_for_a_linear_memory_on_cpu():
+    """On CPU no kernel runs, so "auto" is the XLA dual form, bit for bit."""
+    args = _args(LIN, T=24)
+    assert _same(nm.apply(LIN, *args, chunk_size=16, path="auto"),
+                 nm.apply(LIN, *args, chunk_size=16, path="dual"))

@@ -1,6 +1,6 @@
 """The kernels' split of gated_delta_dual.chunk (prep + chunk_math loop) is the XLA dual form, float64.
 
-Pure XLA (no Pallas): prep.prep + scan_xla.scan through linear.py's own plumbing
+Pure XLA (no Pallas): prep.prep + scan_xla.scan through memory/pallas.py's own plumbing
 (vjp.make_core(kernel="xla-scan")) against memory.apply(path="dual"), every rule and
 objective; and the blocked triangular solve against a direct solve.
 """
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from nested_jax import memory as nm
-from nested_jax.kernels import linear, plan
-from nested_jax.kernels.prep import solve_unit_lower
+from nested_jax.kernels import plan
+from nested_jax.kernels.triangular import solve_unit_lower
+from nested_jax.memory import pallas
 from tests.kernels.helpers import inputs, named_errs, rel_err
 
 TOL = 1e-11
@@ -31,9 +32,10 @@ def test_blocked_solve(x64, seed, C):
 
 
 def _xla_scan(level, state, q, k, v, gates, C):
-    """linear._local with the Pallas core replaced by scan_xla (same custom plumbing)."""
+    """memory/pallas._local with the Pallas core replaced by scan_xla (same plumbing)."""
     p = plan.Plan("xla-scan", dk=level.memory.dk, dv=level.memory.dv, bv=level.memory.dv)
-    return linear._local(level, p, C, state, q, k, v, gates)
+    dual = lambda st, q, k, v, g, c: nm.apply(level, st, q, k, v, g, chunk_size=c, path="dual")
+    return pallas._local(level, p, C, dual, state, q, k, v, gates)
 
 
 FAST = {("dgd", "l2", False), ("titans", "dot", False), ("dgd_all", "l2", False),

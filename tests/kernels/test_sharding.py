@@ -12,9 +12,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nested_jax import memory as nm
-from nested_jax.kernels import linear_memory
-from nested_jax.kernels.linear import _mesh_axes
-from tests.kernels.helpers import all_grads, inputs, named_errs, rel_err
+from nested_jax.memory.pallas import _mesh_axes
+from tests.kernels.helpers import all_grads, inputs, linear_memory, named_errs, rel_err
 
 TOL = 1e-5  # float32: shards compute the same per-head programs; reductions differ in order
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nested_jax.kernels import triangular
 from nested_jax.memory import gated_delta_dual
 
 
@@ -13,7 +14,7 @@ def test_unit_lower_inverse_is_the_inverse(x64, c):
     """Blocked doubling equals (I + L)^{-1}: leaf sizes, the 2 x 2 block recursion, odd splits."""
     lower = jnp.tril(jax.random.normal(jax.random.key(c), (c, c), jnp.float64), -1) * 0.3
     want = np.linalg.inv(np.eye(c) + np.asarray(lower))
-    np.testing.assert_allclose(gated_delta_dual.unit_lower_inverse(lower), want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(triangular.unit_lower_inverse(lower), want, rtol=0, atol=1e-12)
 
 
 def test_split_chunk_equals_a_token_loop(x64):

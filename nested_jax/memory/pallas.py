@@ -1,14 +1,19 @@
-"""``linear_memory``: the kernel path for LinearMemory levels, same contract as memory.apply.
+"""``apply(..., path="pallas")``: LinearMemory levels through the Pallas kernels.
 
+The engine owns everything that knows about levels; ``nested_jax/kernels`` sees plain arrays.
 Pipeline for one shard (``shard_map`` over batch and heads when a mesh is in scope):
 
-  1. the rule's gate conventions (dual.py): beta = 0 without momentum, the Sherman-Morrison
-     step eta / (1 + eta ||k||^2) under ``dgd_all_layers``; stop-gradient ablation;
+  1. the gates a write sees, from ``dual.write_gates`` (the one place they are defined);
+     stop-gradient ablation;
   2. [B, T, H, .] -> [B*H, T, .], zero-padded head dims for Triton;
-  3. ``prep``: the state-independent per-chunk terms, all chunks in parallel (XLA);
-  4. ``vjp.make_core``: the sequential Pallas kernels (custom_vjp);
+  3. ``kernels.prep``: the state-independent per-chunk terms, all chunks in parallel (XLA);
+  4. ``kernels.vjp.make_core``: the sequential Pallas kernels (custom_vjp);
   5. a ragged tail (T not a multiple of C) runs as one shorter chunk in the XLA dual form
      from the kernel's final state, exactly as ``memory/chunked.scan_chunks`` does.
+
+Which implementation runs (``impl``, ``kernel``) is decided by ``kernels/plan.py``; a level no
+kernel supports falls back to the XLA dual form under ``impl="auto"`` and is an error naming
+the reason otherwise.
 """
 
 from __future__ import annotations
@@ -17,14 +22,29 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from nested_jax import memory
 from nested_jax.kernels import compat, plan, prep, vjp
 from nested_jax.kernels.chunk_math import Flags
+from nested_jax.memory.dual import write_gates
 from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
-from nested_jax.memory.rules import effective_eta
+from nested_jax.memory.memories import LinearMemory
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
+OPTIONS = ("impl", "kernel", "mesh", "batch_axes", "head_axis", "block_dv", "num_warps",
+           "num_stages")
+
+
+def level_unsupported(level: Level) -> str:
+    """Why no kernel runs this level ('' if they can)."""
+    if not isinstance(level.memory, LinearMemory):
+        return (f"memory={type(level.memory).__name__} has no kernel (LinearMemory only); "
+                "use impl='xla'")
+    if level.read != "online":
+        return f"read={level.read!r} has no kernel (online reads only); use impl='xla'"
+    if level.normalize_target:
+        return ("normalize_target=True has no kernel (the kernels' self-target is linear in "
+                "W_b); use impl='xla'")
+    return ""
 
 
 def _objective(level: Level) -> str:
@@ -77,15 +97,10 @@ def _kernel_part(level: Level, pl_: plan.Plan, state: MemoryState, q, k, v, gate
     res, acc, op = _dtypes(q, k, v, gates, state)
     fl = flags_for(level)
     k, v, gates = maybe_stop(level, k, v, gates)
-    eta, beta = gates.eta, gates.beta
-    if level.rule.dgd_all_layers:
-        eta = jnp.vectorize(lambda e, x: effective_eta(level.rule, e, x),
-                            signature="(),(d)->()")(eta, k)
     if level.rule.normalized:  # a linear memory's write gain ||k||^2 reads no state
-        eta = jnp.vectorize(lambda e, x: level.step_eta(None, x, e), signature="(),(d)->()")(
-            eta, k)
-    if not fl.momentum:
-        beta = jnp.zeros_like(beta)
+        gates = gates._replace(eta=jnp.vectorize(lambda e, x: level.step_eta(None, x, e),
+                                                 signature="(),(d)->()")(gates.eta, k))
+    eta, _, beta = write_gates(level, k, gates, level.rule.dgd)
     seq = lambda x: jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:]).astype(acc)
     ke, ve = error_inputs(level, k, v)
     ke = None if fl.ke_is_k else ke  # the kernels read k itself: one load, one cotangent
@@ -102,20 +117,19 @@ def _kernel_part(level: Level, pl_: plan.Plan, state: MemoryState, q, k, v, gate
     return o, MemoryState({"W": fin(wn)}, {"W": fin(sn)})
 
 
-def _local(level: Level, pl_: plan.Plan, chunk_size: int, state, q, k, v, gates):
-    """One shard: kernel over full chunks, XLA dual form over the ragged tail."""
+def _local(level: Level, pl_: plan.Plan, chunk_size: int, dual, state, q, k, v, gates):
+    """One shard: kernel over full chunks, XLA dual form (``dual``) over the ragged tail."""
     T = q.shape[1]
     full = (T // chunk_size) * chunk_size
     if full == 0:
-        return memory.apply(level, state, q, k, v, gates, chunk_size=chunk_size, path="dual")
+        return dual(state, q, k, v, gates, chunk_size)
     head = lambda x: x[:, :full]
     o, state = _kernel_part(level, pl_, state, head(q), head(k), head(v),
                             Gates(*map(head, gates)), chunk_size)
     if full == T:
         return o, state
     tail = lambda x: x[:, full:]
-    o_t, state = memory.apply(level, state, tail(q), tail(k), tail(v), Gates(*map(tail, gates)),
-                              chunk_size=T - full, path="dual")
+    o_t, state = dual(state, tail(q), tail(k), tail(v), Gates(*map(tail, gates)), T - full)
     return jnp.concatenate([o, o_t.astype(o.dtype)], axis=1), state
 
 
@@ -144,48 +158,39 @@ def _mesh_axes(mesh, batch: int, heads: int, batch_axes, head_axis):
     return (tuple(b_axes) or None), h_axis
 
 
-def linear_memory(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int,
-                  impl: str = "auto", *, kernel: str = "auto", mesh=None,
-                  batch_axes=BATCH_AXES, head_axis=HEAD_AXIS, block_dv: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None):
-    """Run a LinearMemory level with the Pallas kernels. Returns (o f[B, T, H, dv], state).
+def plan_for(level: Level, q, k, v, chunk_size: int, impl: str = "auto", kernel: str = "auto",
+             block_dv: int | None = None, num_warps: int | None = None,
+             num_stages: int | None = None) -> plan.Plan:
+    """The implementation and tiles a call would run with (see ``kernels/plan.py``)."""
+    return plan.make_plan(q.shape[-1], v.shape[-1], chunk_size, jnp.result_type(q, k, v), impl,
+                          kernel, block_dv, num_warps, num_stages,
+                          level_unsupported=level_unsupported(level))
 
-    Same contract and results as ``nested_jax.memory.apply(..., path="dual")``: q, k
-    f[B, T, H, dk]; v f[B, T, H, dv]; gates f[B, T, H]; state leaves [B, H, dv, dk].
+
+def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int, dual, *,
+        impl: str = "auto", kernel: str = "auto", mesh=None, batch_axes=BATCH_AXES,
+        head_axis=HEAD_AXIS, block_dv: int | None = None, num_warps: int | None = None,
+        num_stages: int | None = None):
+    """An online-read level on [B, T, H, .] arrays through the kernels; (o, final state).
+
+    ``dual(state, q, k, v, gates, chunk_size)`` is the engine's XLA dual form, used for the
+    ragged tail and wherever the plan falls back to XLA.  The caller (``api.apply``) has
+    validated the arguments and kept non-finite inputs causal.
 
     Args:
-      impl: "auto" | "pallas" | "interpret" | "xla" | "scan" (see ``plan.py``).
+      impl: "auto" | "pallas" | "interpret" | "xla" | "scan" (see ``kernels/plan.py``).
       kernel: "auto" | "triton" | "mosaic": the kernel variant (auto: by backend).
       mesh: a Mesh to shard over; default the mesh set by ``jax.set_mesh`` if any.  Batch is
         split over ``batch_axes`` and heads over ``head_axis`` where present and dividing;
         the kernels then run per shard inside ``shard_map`` (Pallas calls cannot be
         auto-partitioned).
       block_dv, num_warps, num_stages: kernel tuning overrides (defaults: ``plan.make_plan``
-        and ``triton._launch``).
+        and ``kernels/triton.py``).
     """
-    memory.validate(level, state, q, k, v, gates, chunk_size, "dual")
-    chunk_size = int(chunk_size)
-    opts = dict(impl=impl, kernel=kernel, mesh=mesh, batch_axes=batch_axes, head_axis=head_axis,
-                block_dv=block_dv, num_warps=num_warps, num_stages=num_stages)
-    run = lambda st, q, k, v, g: _linear_memory(level, st, q, k, v, g, chunk_size, **opts)
-    return memory.causal_nonfinite(run, level, chunk_size, state, q, k, v, gates)
-
-
-def _linear_memory(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int,
-                   impl, *, kernel, mesh, batch_axes, head_axis, block_dv, num_warps,
-                   num_stages):
-    if level.read == "prior":  # the kernels read online; the engine shifts the queries
-        run = lambda lv, st, q, k, v, g: _linear_memory(
-            lv, st, q, k, v, g, chunk_size, impl, kernel=kernel, mesh=mesh,
-            batch_axes=batch_axes, head_axis=head_axis, block_dv=block_dv,
-            num_warps=num_warps, num_stages=num_stages)
-        return memory.prior_read(run, level, state, q, k, v, gates)
-    pl_ = plan.make_plan(level, q.shape[-1], v.shape[-1], chunk_size,
-                         jnp.result_type(q, k, v), impl, kernel, block_dv, num_warps,
-                         num_stages)
+    pl_ = plan_for(level, q, k, v, chunk_size, impl, kernel, block_dv, num_warps, num_stages)
     if pl_.kernel == "xla":
-        return memory.apply(level, state, q, k, v, gates, chunk_size=chunk_size, path="dual")
-    fn = lambda st, q, k, v, g: _local(level, pl_, chunk_size, st, q, k, v, g)
+        return dual(state, q, k, v, gates, chunk_size)
+    fn = lambda st, q, k, v, g: _local(level, pl_, chunk_size, dual, st, q, k, v, g)
     mesh = mesh if mesh is not None else _context_mesh()
     if mesh is None:
         return fn(state, q, k, v, gates)
