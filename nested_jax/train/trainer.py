@@ -668,7 +668,8 @@ def load_run(workdir: epath.PathLike, *, devices: Sequence[jax.Device] | None = 
     """(run, state, step) of the newest readable checkpoint in `workdir` (eval / generate).
 
     Read-only: nothing in the workdir is created, moved, deleted or written, so it is safe
-    against a run that is training there (a step deleted mid-read is skipped).
+    against a run that is training there (a step deleted mid-read is skipped).  Only the
+    model is read (`state` has no "opt_state"): the optimizer's moments stay on disk.
     Runs on `devices` (default: the first device) whatever mesh trained the checkpoint.
     `model_overrides` change model config fields that leave the parameters' shapes alone
     (e.g. inner learning rates at 0: the trained model with its memories frozen).
@@ -686,7 +687,8 @@ def load_run(workdir: epath.PathLike, *, devices: Sequence[jax.Device] | None = 
             overrides["model_overrides"] = {**cfg.model_overrides, **model_overrides}
         cfg = dataclasses.replace(cfg, **overrides)
         run = prepare(cfg, workdir, devices or jax.devices()[:1], for_training=for_training)
-        restored = ckpt.restore(run.abstract_state,
+        model_only = {k: v for k, v in run.abstract_state.items() if k != "opt_state"}
+        restored = ckpt.restore(model_only, partial=True,
                                 check=checkpoint_check(run, model_config=False, config=False))
     finally:
         ckpt.close()

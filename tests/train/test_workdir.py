@@ -153,6 +153,28 @@ def test_second_train_fails_at_once_naming_the_holder_and_a_stale_lock_is_taken_
            f"{socket.gethostname()}, PID {holder.pid})" in caplog.text
 
 
+def test_eval_and_generate_read_the_model_and_leave_the_optimizer_state_on_disk(trained):
+    """load_run (eval, generate) restores params and model state only, bit for bit what a
+    full restore gives."""
+    import jax
+    import numpy as np
+
+    from nested_jax.train import trainer
+    from nested_jax.train.checkpoints import Checkpoints
+
+    run, state, step = trainer.load_run(trained[0])
+    assert step == 2 and set(state) == set(run.abstract_state) - {"opt_state"}
+    ckpt = Checkpoints(trained[0] / "checkpoints", read_only=True)
+    try:
+        _, full = ckpt.restore(run.abstract_state)
+    finally:
+        ckpt.close()
+    assert jax.tree.leaves(full["opt_state"])
+    for part in ("params", "rest"):
+        pairs = zip(jax.tree.leaves(state[part]), jax.tree.leaves(full[part]), strict=True)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs), part
+
+
 # ---- a checkpoint that cannot be written --------------------------------------------------------
 
 
