@@ -26,3 +26,11 @@ def x64():
         yield
     finally:
         jax.config.update("jax_enable_x64", prev)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The 900 s per-test limit (pyproject.toml) guards the default run against hangs; tests
+    marked slow train for minutes on purpose and get an hour."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(3600))
