@@ -26,15 +26,14 @@ import jax
 import jax.numpy as jnp
 
 from nested_jax.kernels.chunk_math import NCOL, Chunk, Flags
-from nested_jax.kernels.triangular import segment_products, solve_unit_lower
-from nested_jax.kernels.triangular import shift_down as _shift_down
+from nested_jax.kernels.triangular import segment_products, shift_down, solve_unit_lower
 
 
 def chunk_prep(q, k, ke, ve, eta, alpha, beta, fl: Flags, op_dtype):
     """One chunk: q, k, ke f[C, dk]; ve f[C, dv]; gates f[C] (compute precision) -> ``Chunk``.
 
-    ke, ve are the error inputs (u = ke W^T - ve, see ``memory/pallas.error_inputs``), None where
-    flags drop them.  Matrices are returned in ``op_dtype`` (the kernels' matmul operand
+    ke, ve are the error inputs (u = ke W^T - ve, see ``memory/pallas.error_inputs``), None
+    where the flags drop them.  Matrices are returned in ``op_dtype`` (the kernels' matmul operand
     type), the per-token columns in the compute precision.  ``beta`` must already be zero when
     not fl.momentum.
     """
@@ -59,11 +58,11 @@ def chunk_prep(q, k, ke, ve, eta, alpha, beta, fl: Flags, op_dtype):
     r = r2 = g = te = None
     if fl.dgd:
         kk = mm(k, k.T)
-        lower = _shift_down(A) * kk * eta[None, :]  # strictly lower
-        gprev = _shift_down(gam).at[0].set(1.0)
-        rhs = [_shift_down(D) * kk, gprev[:, None] * k]
+        lower = shift_down(A) * kk * eta[None, :]  # strictly lower
+        gprev = shift_down(gam).at[0].set(1.0)
+        rhs = [shift_down(D) * kk, gprev[:, None] * k]
         if fl.momentum:
-            rhs.append(_shift_down(dv)[:, None] * k)
+            rhs.append(shift_down(dv)[:, None] * k)
         sol = solve_unit_lower(lower, jnp.concatenate(rhs, axis=1), mm)
         C, dk = k.shape
         te, r = sol[:, :C], sol[:, C:C + dk]
