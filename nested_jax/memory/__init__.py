@@ -11,7 +11,9 @@ its context flow with ``apply(..., path=...)``:
              interpret mode on CPU), falling back to "dual" where none runs under impl="auto";
   "auto"     "pallas" for a linear memory, else "dual" where it applies, else "chunked".
 
-All paths compute the same function (tests/memory).
+All paths compute the same function (tests/memory).  ``apply(..., resets=r_BxT)`` returns the
+state to its initial value at document starts (chunk starts only), so each document of a packed
+row computes what it computes alone (``resets.py``; the kernels fall back to "dual" for it).
 """
 
 from nested_jax.memory.api import (

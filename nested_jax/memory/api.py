@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nested_jax.memory import chunked, dual, oracle, pallas, streaming
+from nested_jax.memory import resets as resets_lib
 from nested_jax.memory.level import Gates, Level, MemoryState
 from nested_jax.memory.memories import LinearMemory
 
@@ -86,7 +87,7 @@ def _check_state(level: Level, parts: dict, B: int, H: int, dtype, fix: str):
 
 
 def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size, path: str,
-             kernel_options: dict | None = None):
+             kernel_options: dict | None = None, resets=None):
     """Raise ValueError naming the argument before any work is done."""
     if path not in PATHS:
         raise ValueError(f"path={path!r} is unknown; use one of {PATHS}.")
@@ -111,6 +112,8 @@ def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size
     if path in ("dual", "pallas") and not dual.supports(level):
         raise ValueError(f"path={path!r} does not support {level.memory}; use path='chunked' "
                          "(or 'auto').")
+    if resets is not None:
+        resets_lib.check(resets, B, T, chunk_size)
 
 
 def validate_stream(level: Level, st: streaming.StreamState, q, k, v, gates: Gates, chunk_size):
@@ -124,29 +127,33 @@ def validate_stream(level: Level, st: streaming.StreamState, q, k, v, gates: Gat
 
 def _single(level, path, chunk_size, remat=True):
     if path == "oracle":
-        return lambda st, q, k, v, g: oracle.run(level, st, q, k, v, g)
+        return lambda st, q, k, v, g, r=None: oracle.run(level, st, q, k, v, g, r)
     fn = chunked.run if path == "chunked" else dual.run
-    return lambda st, q, k, v, g: fn(level, st, q, k, v, g, chunk_size, remat)
+    return lambda st, q, k, v, g, r=None: fn(level, st, q, k, v, g, chunk_size, remat, r)
 
 
-def prior_read(run, level: Level, state: MemoryState, q, k, v, gates: Gates):
+def prior_read(run, level: Level, state: MemoryState, q, k, v, gates: Gates, resets=None):
     """A "prior" read (o_t = M_{t-1}(q_t)) from any path that reads "online" (M_t(q_t)).
 
     The online read at position t - 1 with query q_t *is* M_{t-1}(q_t), so the queries move one
     position earlier, the online outputs move one later, and o_0 = M_init(q_0) is read from the
     initial state: the same writes, chunks and kernels, exact for every path and chunk size
     (tests/memory/test_prior_read.py compares it with the per-token definition in float64).
-    ``run(level, state, q, k, v, gates)`` is the online path on [B, T, H, ...] arrays.
+    ``run(level, state, q, k, v, gates)`` is the online path on [B, T, H, ...] arrays (with
+    ``resets``, run with the same resets): a document start reads the initial state.
     """
     online = dataclasses.replace(level, read="online")
     q_next = jnp.concatenate([q[:, 1:], q[:, -1:]], axis=1)  # the last query is never read
     o, final = run(online, state, q_next, k, v, gates)
     read0 = jax.vmap(jax.vmap(level.memory.apply))(state.params, q[:, 0])  # [B, H, dv]
-    return jnp.concatenate([read0[:, None].astype(o.dtype), o[:, :-1]], axis=1), final
+    o = jnp.concatenate([read0[:, None].astype(o.dtype), o[:, :-1]], axis=1)
+    if resets is not None:
+        o = resets_lib.prior_reads_from_init(level.memory, state, q, o, resets)
+    return o, final
 
 
 def causal_nonfinite(run, level: Level, chunk_size: int, state: MemoryState, q, k, v,
-                     gates: Gates):
+                     gates: Gates, resets=None):
     """``run(state, q, k, v, gates)`` with non-finite inputs kept causal on every path.
 
     A NaN or inf in k, v or a gate at token t makes the per-token definition non-finite from
@@ -156,6 +163,7 @@ def causal_nonfinite(run, level: Level, chunk_size: int, state: MemoryState, q, 
     replaced by a no-op write (k = v = 0, eta = 0, alpha = 1, beta = 0), which leaves every
     earlier output exactly as it was, and the outputs from its first reader on, and the final
     state, are set to NaN.  Bad queries need nothing: a query only reaches its own output.
+    With ``resets`` (document starts), a bad token reaches the rest of its own document only.
     """
     ok_BxTxH = jnp.all(jnp.isfinite(k), -1) & jnp.all(jnp.isfinite(v), -1)
     for g in gates:
@@ -166,13 +174,17 @@ def causal_nonfinite(run, level: Level, chunk_size: int, state: MemoryState, q, 
     o, final = run(state, q, keep(k, 0), keep(v, 0),
                    Gates(keep(eta, 0), keep(alpha, 1), keep(beta, 0)))
     B, T, H = ok_BxTxH.shape
+    t = np.arange(T)
+    sees = {"online": t + 1, "prior": t}.get(level.read, t // chunk_size * chunk_size)
+    nan = lambda x, keep_: jnp.where(keep_.astype(bool), x, jnp.asarray(jnp.nan, x.dtype))
+    if resets is not None:
+        clean_o, last = resets_lib.clean_within_documents(ok_BxTxH, resets, sees)
+        o = nan(o, clean_o[..., None])
+        return o, jax.tree.map(lambda x: nan(x, last.reshape(B, H, *(1,) * (x.ndim - 2))), final)
     clean = jax.lax.cummin(ok_BxTxH.astype(jnp.int8), axis=1)  # 1 while tokens <= t are finite
     # [t] = tokens < t; pad, not concatenate: under an explicit-axes mesh the two halves would
     # carry different shardings.
     clean = jnp.pad(clean, ((0, 0), (1, 0), (0, 0)), constant_values=1)
-    t = np.arange(T)
-    sees = {"online": t + 1, "prior": t}.get(level.read, t // chunk_size * chunk_size)
-    nan = lambda x, keep_: jnp.where(keep_.astype(bool), x, jnp.asarray(jnp.nan, x.dtype))
     o = nan(o, clean[:, sees][..., None])
     last = clean[:, -1]  # [B, H]
     final = jax.tree.map(lambda x: nan(x, last.reshape(B, H, *(1,) * (x.ndim - 2))), final)
@@ -191,7 +203,7 @@ def resolve_path(level: Level, path: str) -> str:
 
 
 def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size: int = 1,
-          path: str = "dual", remat: bool = True, **kernel_options):
+          path: str = "dual", remat: bool = True, resets=None, **kernel_options):
     """Run a level over its context flow. Returns (o f[B, T, H, dv], final MemoryState).
 
     ``path``: "oracle" | "chunked" | "dual" | "pallas" | "auto" (module docstring of
@@ -203,27 +215,40 @@ def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size
     a caller that already rematerialises around this call (one chunk inside its own
     checkpointed scan) passes False, so the chunk is not recomputed twice.  Non-finite inputs
     stay causal (``causal_nonfinite``).
+
+    ``resets`` (bool [B, T], optional): document starts.  Where set, the state returns to
+    ``state`` before that token, so every document of a packed row computes what it computes
+    alone.  Chunk starts only (``memory/resets.py``); on path "pallas" a reset runs the XLA dual
+    form under impl="auto" (no kernel restarts a state) and is an error under any other impl.
     """
-    validate(level, state, q, k, v, gates, chunk_size, path, kernel_options)
+    validate(level, state, q, k, v, gates, chunk_size, path, kernel_options, resets)
     chunk_size = int(chunk_size)
     path = resolve_path(level, path)
+    if resets is not None:
+        resets = jnp.asarray(resets).astype(bool)
     run = lambda st, q, k, v, g: _apply(level, st, q, k, v, g, chunk_size, path, remat,
-                                        kernel_options)
-    return causal_nonfinite(run, level, chunk_size, state, q, k, v, gates)
+                                        kernel_options, resets)
+    return causal_nonfinite(run, level, chunk_size, state, q, k, v, gates, resets)
 
 
 def _apply(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int, path: str,
-           remat: bool, kernel_options: dict | None = None):
+           remat: bool, kernel_options: dict | None = None, resets=None):
     if level.read == "prior" and path != "oracle":  # the oracle reads M_{t-1} itself
         run = lambda lv, st, q, k, v, g: _apply(lv, st, q, k, v, g, chunk_size, path, remat,
-                                                kernel_options)
-        return prior_read(run, level, state, q, k, v, gates)
+                                                kernel_options, resets)
+        return prior_read(run, level, state, q, k, v, gates, resets)
     if path == "pallas":
-        xla_dual = lambda st, q, k, v, g, c: _apply(level, st, q, k, v, g, c, "dual", remat)
-        return pallas.run(level, state, q, k, v, gates, chunk_size, xla_dual,
+        xla_dual = lambda st, q, k, v, g, c, r=None: _apply(level, st, q, k, v, g, c, "dual",
+                                                            remat, resets=r)
+        return pallas.run(level, state, q, k, v, gates, chunk_size, xla_dual, resets=resets,
                           **(kernel_options or {}))
     fn = _single(level, path, chunk_size, remat)
     seq = lambda x: jnp.moveaxis(x, 2, 1)  # [B, T, H, ...] -> [B, H, T, ...]
+    if resets is not None:  # one document layout per sequence, shared by its heads
+        per_head = jax.vmap(fn, in_axes=(0, 0, 0, 0, 0, None))
+        batched = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0, 0))
+        o, final = batched(state, seq(q), seq(k), seq(v), Gates(*map(seq, gates)), resets)
+        return jnp.moveaxis(o, 1, 2), final
     per_head = jax.vmap(fn, in_axes=(0, 0, 0, 0, 0))
     batched = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0))
     o, final = batched(state, seq(q), seq(k), seq(v), Gates(*map(seq, gates)))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from nested_jax.memory import rules
 from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
+from nested_jax.memory.resets import at_chunk_starts
 
 
 def chunk_step(level: Level, state: MemoryState, q, k, v, gates: Gates):
@@ -66,8 +67,15 @@ def split_chunks(x, chunk_size: int):
     return full, tail
 
 
-def scan_chunks(chunk_fn, state, xs, chunk_size: int, remat: bool = True):
-    """Run ``chunk_fn(state, *chunk) -> (state, out)`` over full chunks, then the ragged tail."""
+def scan_chunks(chunk_fn, state, xs, chunk_size: int, remat: bool = True, resets=None):
+    """Run ``chunk_fn(state, *chunk) -> (state, out)`` over full chunks, then the ragged tail.
+
+    resets: optional bool [T], document starts: a chunk whose first token is one starts from
+    ``state`` (the initial state) instead of the carried one (``memory/resets.py``).
+    """
+    if resets is not None:
+        chunk_fn = at_chunk_starts(chunk_fn, state)
+        xs = (resets, *xs)
     full, tails = [], []
     for x in xs:
         f, t = split_chunks(x, chunk_size)
@@ -85,11 +93,12 @@ def scan_chunks(chunk_fn, state, xs, chunk_size: int, remat: bool = True):
 
 
 def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int,
-        remat: bool = True):
-    """q, k: f[T, dk]; v: f[T, dv]; gates f[T]. Returns (o f[T, dv], final state)."""
+        remat: bool = True, resets=None):
+    """q, k: f[T, dk]; v: f[T, dv]; gates f[T]; resets optional bool [T] (document starts).
+    Returns (o f[T, dv], final state)."""
     k, v, gates = maybe_stop(level, k, v, gates)
 
     def chunk_fn(st, q_c, k_c, v_c, eta, alpha, beta):
         return chunk_step(level, st, q_c, k_c, v_c, Gates(eta, alpha, beta))
 
-    return scan_chunks(chunk_fn, state, (q, k, v, *gates), chunk_size, remat)
+    return scan_chunks(chunk_fn, state, (q, k, v, *gates), chunk_size, remat, resets)

@@ -96,8 +96,9 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p2: gdd.Prep):
 
 
 def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int,
-        remat: bool = True):
-    """q, k: f[T, dk]; v: f[T, dv]; gates f[T]. Returns (o f[T, dv], final state).
+        remat: bool = True, resets=None):
+    """q, k: f[T, dk]; v: f[T, dv]; gates f[T]; resets optional bool [T] (document starts,
+    ``memory/resets.py``). Returns (o f[T, dv], final state).
 
     Each chunk body is ``gdd.prepare`` (gate products, masked C x C matrices, the inverse
     of the DGD system) then ``gdd.update`` (the matmuls linear in the boundary state).  The
@@ -117,4 +118,4 @@ def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int
         g = Gates(eta, alpha, beta)
         return body(level, st, q_c, k_c, v_c, g, _prep(level, q_c, k_c, g, _dgd(level, True)))
 
-    return scan_chunks(chunk_fn, state, (q, k, v, *gates), chunk_size, remat)
+    return scan_chunks(chunk_fn, state, (q, k, v, *gates), chunk_size, remat, resets)

@@ -12,6 +12,7 @@ import jax
 
 from nested_jax.memory import rules
 from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
+from nested_jax.memory.resets import restart
 
 
 def token_step(level: Level, state: MemoryState, boundary, q, k, v, eta, alpha, beta):
@@ -22,8 +23,11 @@ def token_step(level: Level, state: MemoryState, boundary, q, k, v, eta, alpha, 
     return MemoryState(params, mom)
 
 
-def run(level: Level, state: MemoryState, q, k, v, gates: Gates):
-    """q, k: f[T, dk]; v: f[T, dv]; gates: f[T] each. Returns (o f[T, dv], final state)."""
+def run(level: Level, state: MemoryState, q, k, v, gates: Gates, resets=None):
+    """q, k: f[T, dk]; v: f[T, dv]; gates: f[T] each. Returns (o f[T, dv], final state).
+
+    resets: optional bool [T], document starts: the state before such a token is ``state``.
+    """
     k, v, gates = maybe_stop(level, k, v, gates)
 
     def body(st, xs):
@@ -32,5 +36,10 @@ def run(level: Level, state: MemoryState, q, k, v, gates: Gates):
         read = new.params if level.read == "online" else st.params
         return new, level.memory.apply(read, q_t)
 
+    if resets is not None:
+        step = lambda st, xs: body(restart(xs[0], state, st), xs[1:])
+        final, o = jax.lax.scan(step, state, (resets, q, k, v, *gates))
+        return o, final
     final, o = jax.lax.scan(body, state, (q, k, v, *gates))
     return o, final
+

@@ -168,16 +168,19 @@ def plan_for(level: Level, q, k, v, chunk_size: int, impl: str = "auto", kernel:
 
 
 def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int, dual, *,
-        impl: str = "auto", kernel: str = "auto", mesh=None, batch_axes=BATCH_AXES,
+        resets=None, impl: str = "auto", kernel: str = "auto", mesh=None, batch_axes=BATCH_AXES,
         head_axis=HEAD_AXIS, block_dv: int | None = None, num_warps: int | None = None,
         num_stages: int | None = None):
     """An online-read level on [B, T, H, .] arrays through the kernels; (o, final state).
 
-    ``dual(state, q, k, v, gates, chunk_size)`` is the engine's XLA dual form, used for the
-    ragged tail and wherever the plan falls back to XLA.  The caller (``api.apply``) has
-    validated the arguments and kept non-finite inputs causal.
+    ``dual(state, q, k, v, gates, chunk_size, resets=None)`` is the engine's XLA dual form,
+    used for the ragged tail and wherever the plan falls back to XLA.  The caller
+    (``api.apply``) has validated the arguments and kept non-finite inputs causal.
 
     Args:
+      resets: document starts (bool [B, T], ``memory/resets.py``).  No kernel restarts a
+        state mid-sequence, so a call with resets runs the XLA dual form (the same function)
+        under impl="auto" or "xla", and any other impl is an error.
       impl: "auto" | "pallas" | "interpret" | "xla" | "scan" (see ``kernels/plan.py``).
       kernel: "auto" | "triton" | "mosaic": the kernel variant (auto: by backend).
       mesh: a Mesh to shard over; default the mesh set by ``jax.set_mesh`` if any.  Batch is
@@ -188,6 +191,12 @@ def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int
         and ``kernels/triton.py``).
     """
     pl_ = plan_for(level, q, k, v, chunk_size, impl, kernel, block_dv, num_warps, num_stages)
+    if resets is not None:
+        if pl_.kernel != "xla" and impl != "auto":
+            raise ValueError(f"resets (document starts) have no kernel: impl={impl!r} cannot "
+                             "restart the state inside a sequence; use impl='auto' or 'xla' "
+                             "(the XLA dual form, the same function).")
+        return dual(state, q, k, v, gates, chunk_size, resets)
     if pl_.kernel == "xla":
         return dual(state, q, k, v, gates, chunk_size)
     fn = lambda st, q, k, v, g: _local(level, pl_, chunk_size, dual, st, q, k, v, g)
