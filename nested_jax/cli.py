@@ -1,9 +1,11 @@
-"""`nested-jax`: train, eval, generate, presets and compile.
+"""`nested-jax`: train, eval, generate, prepare-data, presets and compile.
 
   nested-jax train --config lm:cpu_demo --workdir runs/demo
   nested-jax train --workdir runs/demo --steps 600          # resumes, to step 600
   nested-jax eval --workdir runs/demo [--data PATH]         # prints "perplexity: <number>"
   nested-jax generate --workdir runs/demo --prompt "The river" --max-new-tokens 200
+  nested-jax prepare-data --input 'corpus/*.jsonl' --output shards/ --tokenizer mistral
+  nested-jax train --config lm:cpu_demo --data shards/ --tokenizer mistral --workdir runs/s
   nested-jax presets                                        # parameter count of every preset
   nested-jax compile --topology v5e:4x4 --model hope --preset 760M   # AOT for TPU (libtpu)
 
@@ -190,6 +192,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0 if all(r.compiled for r in report.steps) else EXIT_CONFIG
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from nested_jax.data import prepare
+
+    m = prepare.prepare(args.input, args.output, args.tokenizer, num_shards=args.num_shards,
+                        text_field=args.text_field, decode_errors=args.decode_errors,
+                        workers=args.workers)
+    print(f"{args.output}: {m['documents']:,} documents, {m['tokens']:,} tokens in "
+          f"{m['num_shards']} shards (tokenizer {m['tokenizer']['spec']}, id {m['id']})")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from nested_jax import models
 
@@ -206,8 +219,8 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     """The flags that build a train config (``_train_config``), shared by train and compile."""
     p.add_argument("--config", help="PATH.py[:VARIANT] defining get_config(variant), or a "
                    "packaged config such as lm:cpu_demo")
-    p.add_argument("--data", help="text file, directory, JSONL, ArrayRecord, glob, or "
-                   "builtin:wikipedia (the default)")
+    p.add_argument("--data", help="text file, directory, JSONL, ArrayRecord, glob, a token "
+                   "shard directory (prepare-data), or builtin:wikipedia (the default)")
     p.add_argument("--steps", type=positive_int,
                    help="total optimizer steps (larger than before: resume)")
     p.add_argument("--model", help="hope, hope_attention, titans, transformer, ... (registered)")
@@ -279,6 +292,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", help="also write the report as JSON to this path")
     _config_flags(c)
     c.set_defaults(func=cmd_compile)
+
+    d = sub.add_parser("prepare-data", help="tokenize text or JSONL once into ArrayRecord "
+                       "token shards that train --data reads (each host only its own shards)")
+    d.add_argument("--input", required=True, action="append", metavar="PATH",
+                   help="text file, JSONL, ArrayRecord, a directory, a glob (quote it), "
+                   "builtin:wikipedia; local or gs://; .gz too; repeatable")
+    d.add_argument("--output", required=True, help="the shard directory (local or gs://), "
+                   "new or empty")
+    d.add_argument("--tokenizer", required=True,
+                   help="byte, mistral or sentencepiece:PATH (train with the same one)")
+    d.add_argument("--num-shards", type=positive_int, default=16,
+                   help="shards to write; a multiple of the training hosts (default 16)")
+    d.add_argument("--text-field", default="text", help="the JSON field holding the text")
+    d.add_argument("--decode-errors", choices=("strict", "replace"), default="strict",
+                   help="strict refuses non-UTF-8 input (naming file, line, offset); replace "
+                   "reads it lossily")
+    d.add_argument("--workers", type=positive_int, default=1,
+                   help="tokenizer processes (the output is the same for any number)")
+    d.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("presets", help="print the parameter count of every model preset")
     p.add_argument("--model")

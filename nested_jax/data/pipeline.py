@@ -9,6 +9,10 @@ Training stream (deterministic and checkpointable, `iterator.get_state()`):
 A row of T + 1 tokens gives inputs row[:-1] and targets row[1:]. The held-out stream
 is the same without shuffling, so every evaluation sees the same batches.
 
+Token shards (`nested-jax prepare-data`, data/shards.py) enter the same stream already
+tokenized: their held-out split is fixed per shard, and each process reads only its own
+shards (`TokenShards.part`) instead of every process_count-th document.
+
 grain is imported lazily. Where it is missing (e.g. a GPU box on a Python without a
 grain wheel), `nested_jax.data.fallback` gives the same pipeline in plain numpy, with
 a state that replays the stream.
@@ -23,7 +27,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from nested_jax.data import fallback
+from nested_jax.data import fallback, shards
 from nested_jax.data.fallback import SPLIT_SEED  # fixed: the held-out set never moves
 from nested_jax.data.sources import DataError
 from nested_jax.data.tokenizers import Tokenizer
@@ -59,8 +63,8 @@ class _Encode:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, text: str) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(text)
+    def __call__(self, doc: str | np.ndarray) -> dict[str, np.ndarray]:
+        ids = doc if isinstance(doc, np.ndarray) else self.tokenizer.encode(doc)  # shards: ids
         return {"tokens": np.append(ids, np.int32(self.tokenizer.eos_id)).astype(np.int32)}
 
 
@@ -95,6 +99,21 @@ def _split(docs: Sequence[str], eval_fraction: float, part: str):
     return grain.MapDataset.source(_Permuted(docs, n_eval, len(docs)))
 
 
+def _shard_part(docs: shards.TokenShards, eval_fraction: float, part: str, shard: Shard,
+                whole_if_short: bool = False):
+    import grain
+
+    n_heldout = 0 if part == "all" else heldout_size(len(docs), eval_fraction)
+    return grain.MapDataset.source(docs.part(part, n_heldout, shard.index, shard.count,
+                                             whole_if_short=whole_if_short))
+
+
+def _need_grain(docs: Sequence) -> None:
+    if isinstance(docs, shards.TokenShards):
+        raise DataError(f"data.path={docs.description!r}: reading token shards needs grain "
+                        "(pip install 'nested_jax[train]')")
+
+
 def _packed_batches(ds, tokenizer: Tokenizer, seq_len: int, batch_size: int, num_threads: int):
     import grain
     from grain.experimental import ConcatThenSplitIterDataset
@@ -114,11 +133,15 @@ def train_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, ba
     exact stream (grain's DatasetIterator, or the numpy fallback's replay).
     """
     if not grain_available():
+        _need_grain(docs)
         log.warning("grain is not installed: using the numpy fallback pipeline")
         return fallback.PackedBatches(
             fallback.split(docs, heldout_size(len(docs), eval_fraction), "train"), tokenizer,
             seq_len=seq_len, batch_size=batch_size, seed=seed, shard=(shard.index, shard.count))
-    ds = _split(docs, eval_fraction, "train")[shard.index::shard.count]
+    if isinstance(docs, shards.TokenShards):
+        ds = _shard_part(docs, eval_fraction, "train", shard)
+    else:
+        ds = _split(docs, eval_fraction, "train")[shard.index::shard.count]
     if len(ds) == 0:
         raise DataError(f"data: process {shard.index} of {shard.count} got no documents; use "
                          "more documents than processes")
@@ -137,17 +160,21 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, bat
     if split not in ("heldout", "all"):
         raise ValueError(f"split={split!r}: use 'heldout' or 'all'")
     if not grain_available():
+        _need_grain(docs)
         n_eval = heldout_size(len(docs), eval_fraction)
         part = fallback.split(docs, n_eval, split)
         it = fallback.PackedBatches(part, tokenizer, seq_len=seq_len, batch_size=batch_size,
                                     seed=None, shard=(shard.index, shard.count))
         return [next(it) for _ in range(num_batches)]
-    ds = _split(docs, eval_fraction, split)
-    if len(ds) >= shard.count:
-        ds = ds[shard.index::shard.count]
-    else:  # fewer documents than processes: all read the whole split (the mean is unchanged)
-        log.warning("the %s split has %d documents for %d processes; each reads all of them",
-                    split, len(ds), shard.count)
+    if isinstance(docs, shards.TokenShards):  # this process's shards, or all if some get none
+        ds = _shard_part(docs, eval_fraction, split, shard, whole_if_short=True)
+    else:
+        ds = _split(docs, eval_fraction, split)
+        if len(ds) >= shard.count:
+            ds = ds[shard.index::shard.count]
+        else:  # fewer documents than processes: all read the whole split (the mean is unchanged)
+            log.warning("the %s split has %d documents for %d processes; each reads all of them",
+                        split, len(ds), shard.count)
     if len(ds) == 0:
         raise DataError(f"data: the {split} split has no documents")
     it = iter(_packed_batches(ds.repeat(None), tokenizer, seq_len, batch_size, num_threads=1))

@@ -8,6 +8,8 @@ stays on disk and is read record by record, so it is the format for data larger 
   *.jsonl, *.json       one JSON object per line, text in `text_field` (or a bare string)
   *array_record*        one document per record: UTF-8 text or a JSON object as above
   a directory           every such file below it, in sorted order
+  a token shard dir     a directory holding the manifest.json of `nested-jax prepare-data`:
+                        documents already tokenized (data/shards.py), read lazily per host
   a glob pattern        every matching file
   builtin:wikipedia     the embedded corpus (fetched through the package registry once)
 
@@ -42,12 +44,12 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 MAX_DOC_CHARS = 16_384
 
 
-def _is_array_record(path: epath.Path) -> bool:
+def is_array_record(path: epath.Path) -> bool:
     return "array_record" in path.name or "arrayrecord" in path.name
 
 
 def _supported(path: epath.Path) -> bool:
-    return path.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES or _is_array_record(path)
+    return path.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES or is_array_record(path)
 
 
 def split_paragraphs(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
@@ -68,7 +70,7 @@ def split_paragraphs(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
     return out
 
 
-def _text_from_json(obj, text_field: str, where: str) -> str:
+def text_from_json(obj, text_field: str, where: str) -> str:
     if isinstance(obj, str):
         return obj
     if isinstance(obj, dict) and isinstance(obj.get(text_field), str):
@@ -77,8 +79,12 @@ def _text_from_json(obj, text_field: str, where: str) -> str:
                     "holding the text")
 
 
-def decode(raw: bytes, where: str, errors: str = "strict") -> str:
-    """UTF-8 text without NULs, or a DataError naming `where`, the line and the byte offset."""
+def decode(raw: bytes, where: str, errors: str = "strict", *, offset: int = 0,
+           line: int = 1) -> str:
+    """UTF-8 text without NULs, or a DataError naming `where`, the line and the byte offset.
+
+    `offset` and `line` place `raw` in its file when it is a piece of it (streaming reads).
+    """
     if errors == "replace":
         return raw.decode("utf-8", errors="replace").replace("\0", "")
     nul = raw.find(b"\0")
@@ -91,8 +97,8 @@ def decode(raw: bytes, where: str, errors: str = "strict") -> str:
             return text
         bad = nul
     what = "a NUL byte (binary data?)" if bad == nul else "bytes that are not UTF-8"
-    line = raw.count(b"\n", 0, bad) + 1
-    raise DataError(f"data.path: {where} has {what} at byte offset {bad} (line {line}): "
+    line += raw.count(b"\n", 0, bad)
+    raise DataError(f"data.path: {where} has {what} at byte offset {offset + bad} (line {line}): "
                     f"{raw[bad:bad + 8]!r}; give UTF-8 text, or read it lossily with "
                     "--set data.decode_errors=replace")
 
@@ -106,7 +112,7 @@ def _read_jsonl(path: epath.Path, text_field: str, errors: str = "strict") -> li
             except json.JSONDecodeError as e:
                 raise DataError(f"data.path: {path}:{i + 1} is not JSON lines ({e.msg}); "
                                 "give one JSON object or string per line") from e
-            docs.append(_text_from_json(obj, text_field, f"{path}:{i + 1}"))
+            docs.append(text_from_json(obj, text_field, f"{path}:{i + 1}"))
     return [d for d in docs if d.strip()]
 
 
@@ -125,14 +131,19 @@ class _ArrayRecordDocuments(Sequence):
         return len(self._source)
 
     def __getitem__(self, i):
-        record = self._source[i]
-        text = decode(record, f"{self._where} record {i}", self._errors)
-        if text.lstrip().startswith("{"):
-            try:
-                return _text_from_json(json.loads(text), self._text_field, f"record {i}")
-            except json.JSONDecodeError:
-                pass
-        return text
+        return record_text(self._source[i], f"{self._where} record {i}", self._text_field,
+                           self._errors)
+
+
+def record_text(record: bytes, where: str, text_field: str, errors: str = "strict") -> str:
+    """The document of one ArrayRecord record: UTF-8 text, or a JSON object holding it."""
+    text = decode(record, where, errors)
+    if text.lstrip().startswith("{"):
+        try:
+            return text_from_json(json.loads(text), text_field, where)
+        except json.JSONDecodeError:
+            pass
+    return text
 
 
 class Documents(Sequence):
@@ -193,12 +204,23 @@ def load_documents(path: str, *, text_field: str = "text",
     if not path:
         raise DataError("data.path='': empty; pass --data PATH (text, JSONL, ArrayRecord, "
                          f"a directory) or {corpus.NAME}")
+    from nested_jax.data import shards
+
+    if shards.is_shard_dir(_path(path)):
+        return shards.open_shards(_path(path))
     files = _files(path)
     if not _path(path).is_dir() and not all(f.exists() for f in files):
         raise DataError(f"data.path={path!r}: no such file or directory; pass --data with an "
                         f"existing path or {corpus.NAME}")
     parts: list[Sequence[str]] = []
-    records = [f for f in files if _is_array_record(f)]
+    records = [f for f in files if is_array_record(f)]
+    for first in {str(f.parent): f for f in reversed(records)}.values():  # one per directory
+        owner = shards.owning_shard_dir(first)
+        if owner is not None:
+            if shards.read_manifest(owner) is None:
+                shards.open_shards(owner)  # raises: shards without their manifest
+            raise DataError(f"data.path={path!r}: {owner} holds token shards (nested-jax "
+                            f"prepare-data), which are read only as a whole: pass --data {owner}")
     for f in files:
         if f.suffix in JSONL_SUFFIXES:
             parts.append(_read_jsonl(f, text_field, decode_errors))

@@ -13,6 +13,7 @@ rebuild the same one:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import pathlib
@@ -34,6 +35,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
     spec: str
+    fingerprint: str  # the same ids for the same text: "byte", or the model file's sha256
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -46,6 +48,7 @@ class ByteTokenizer:
     vocab_size = 256
     eos_id = 0
     spec = "byte"
+    fingerprint = "byte"
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
@@ -73,7 +76,9 @@ class SentencePieceTokenizer:
         self.path = epath.Path(path)
         if not self.path.is_file():
             raise ValueError(f"tokenizer=sentencepiece:{path}: no such SentencePiece model file")
-        self._sp = spm.SentencePieceProcessor(model_proto=self.path.read_bytes())
+        proto = self.path.read_bytes()
+        self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.fingerprint = f"sha256:{hashlib.sha256(proto).hexdigest()}"
         self.vocab_size = int(self._sp.get_piece_size())
         eos = int(self._sp.eos_id())
         self.eos_id = eos if eos >= 0 else 0

@@ -122,6 +122,11 @@ def resolve_tokenizer(cfg: TrainConfig, workdir: epath.Path,
     if spec.startswith("sentencepiece-train:"):
         vocab = int(spec.split(":", 1)[1])
         path = workdir / "tokenizer.model"
+        if not path.exists() and isinstance(documents, data_lib.TokenShards):
+            raise data_lib.DataError(
+                f"data.tokenizer={spec}: data.path={documents.description!r} is already "
+                f"tokenized (by {documents.tokenizer['spec']}); pass --tokenizer "
+                f"{documents.tokenizer['spec']}")
         if not path.exists():
             if jax.process_index() == 0:
                 tokenizers.train_sentencepiece(
@@ -184,6 +189,8 @@ def prepare(cfg: TrainConfig, workdir: epath.PathLike,
         if cfg.data.eval_fraction > 0:
             data_lib.pipeline.heldout_size(len(documents), cfg.data.eval_fraction)
     tokenizer = resolve_tokenizer(cfg, workdir, documents)
+    if isinstance(documents, data_lib.TokenShards):  # tokenized by prepare-data: the same one?
+        documents.check_tokenizer(tokenizer, cfg.data.tokenizer)
     model_cfg = model_config(cfg, tokenizer)
     model_cfg.check_seq_len(cfg.data.seq_len, field="data.seq_len")
     mesh = sharding.make_mesh(cfg.mesh, devices)
