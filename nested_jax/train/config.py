@@ -34,7 +34,8 @@ class DataConfig:
     """Where the tokens come from.
 
     Attributes:
-      path: text file, directory, JSONL, ArrayRecord, glob, or builtin:wikipedia.
+      path: text file, directory, JSONL, ArrayRecord, glob, a token shard directory
+        (`nested-jax prepare-data`), or builtin:wikipedia.
       tokenizer: byte | mistral | sentencepiece:PATH | sentencepiece-train:VOCAB.
       seq_len: T, tokens per training sequence.
       batch_size: sequences per optimizer step, over all processes and microbatches.
