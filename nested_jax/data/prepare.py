@@ -185,6 +185,12 @@ def _tokenized(docs: Iterable[str], tokenizer: tokenizers.Tokenizer,
             yield from pending.popleft().get()
 
 
+def staged(out: epath.Path) -> bool:
+    """Whether shards for `out` are written in a local temporary directory and copied up
+    (an object store: ArrayRecord writes local files only)."""
+    return "://" in str(out)
+
+
 # ---- writing --------------------------------------------------------------------------------
 
 
@@ -250,7 +256,7 @@ def prepare(inputs: Sequence[str], output: str, tokenizer: str, *, num_shards: i
         log.info("%s already holds this preparation (id %s): nothing to do", out, done["id"])
         return done
     out.mkdir(parents=True, exist_ok=True)
-    local = "://" not in str(out)
+    local = not staged(out)
     stage = out if local else epath.Path(tempfile.mkdtemp(prefix="nested_jax_prepare_"))
     log.info("tokenizing %d files with %s into %d shards at %s (id %s)", len(files), tok.spec,
              num_shards, out, manifest["id"])

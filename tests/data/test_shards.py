@@ -323,3 +323,42 @@ def test_cli_prepare_then_train_and_eval_from_shards(tmp_path, capsys):
     assert re.search(r"^perplexity: [\d.]+$", capsys.readouterr().out, re.M)
     assert cli.main(["eval", "--workdir", str(workdir), "--data", str(out), "--split",
                      "all", "--batches", "1"]) == 0
+
+
+def test_sentencepiece_shards_are_uint16_and_known_by_the_model_files_hash(tmp_path):
+    pytest.importorskip("sentencepiece")
+    from nested_jax.data import tokenizers
+
+    data = _corpus(tmp_path / "data")
+    texts = list(streaming.iter_documents(prepare.input_files([str(data)])))
+    model = tokenizers.train_sentencepiece(texts * 5, 300, tmp_path / "sp.model")
+    manifest = prepare.prepare([str(data)], str(tmp_path / "shards"), f"sentencepiece:{model}",
+                               num_shards=2)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer"] == {
+        "spec": f"sentencepiece:{model}", "fingerprint": f"sha256:{digest}", "vocab_size": 300,
+        "eos_id": 2}
+    tok = tokenizers.get_tokenizer(f"sentencepiece:{model}")
+    docs = sources.load_documents(str(tmp_path / "shards"))
+    assert [tok.decode(docs[i]) for i in range(len(docs))] == [
+        tok.decode(tok.encode(t)) for t in texts[0::2] + texts[1::2]]
+    # the same model file at another path is the same tokenizer; another model is not
+    (tmp_path / "copy.model").write_bytes(model.read_bytes())
+    docs.check_tokenizer(tokenizers.get_tokenizer(f"sentencepiece:{tmp_path / 'copy.model'}"))
+    with pytest.raises(DataError, match=r"tokenized with 'sentencepiece:.*sp.model' \(sha256:"):
+        docs.check_tokenizer(ByteTokenizer())
+
+
+def test_output_to_an_object_store_is_staged_locally_and_copied_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "staged", lambda out: True)  # as for gs://
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    data = _corpus(tmp_path / "data")
+    staged = _prepare(data, tmp_path / "remote")
+    monkeypatch.undo()
+    assert _prepare(data, tmp_path / "local") == staged
+    for f in (tmp_path / "local").iterdir():
+        assert (tmp_path / "remote" / f.name).read_bytes() == f.read_bytes()
+    assert list((tmp_path / "tmp").iterdir()) == []  # the staging directory is gone
