@@ -349,7 +349,8 @@ def _append_to_train_log(args: argparse.Namespace, message: str) -> None:
 
 
 # Imports that only the `train` extra brings (pyproject.toml): the core install lacks them.
-TRAIN_EXTRA = ("flax", "orbax", "grain", "tqdm", "tensorboardX", "matplotlib", "etils")
+TRAIN_EXTRA = ("flax", "orbax", "grain", "array_record", "tqdm", "tensorboardX", "matplotlib",
+               "etils")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -368,7 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        message = "interrupted before training started: nothing was saved"
+        message = ("interrupted: no shard directory was completed (the same command redoes it)"
+                   if args.command == "prepare-data" else
+                   "interrupted before training started: nothing was saved")
         code = EXIT_SIGINT
     except Exception as e:
         code = exit_code(e)

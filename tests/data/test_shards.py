@@ -362,3 +362,21 @@ def test_output_to_an_object_store_is_staged_locally_and_copied_up(tmp_path, mon
     for f in (tmp_path / "local").iterdir():
         assert (tmp_path / "remote" / f.name).read_bytes() == f.read_bytes()
     assert list((tmp_path / "tmp").iterdir()) == []  # the staging directory is gone
+
+
+def test_ctrl_c_leaves_no_partial_shards(tmp_path, monkeypatch, caplog):
+    data = _corpus(tmp_path / "data")
+    real = prepare._tokenized
+
+    def interrupted(docs, tokenizer, workers):
+        for k, ids in enumerate(real(docs, tokenizer, workers)):
+            if k == 10:
+                raise KeyboardInterrupt
+            yield ids
+
+    monkeypatch.setattr(prepare, "_tokenized", interrupted)
+    out = tmp_path / "out"
+    assert cli.main(["prepare-data", "--input", str(data), "--output", str(out),
+                     "--tokenizer", "byte"]) == cli.EXIT_SIGINT
+    assert "no shard directory was completed" in caplog.text
+    assert list(out.iterdir()) == []
