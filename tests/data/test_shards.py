@@ -380,3 +380,35 @@ def test_ctrl_c_leaves_no_partial_shards(tmp_path, monkeypatch, caplog):
                      "--tokenizer", "byte"]) == cli.EXIT_SIGINT
     assert "no shard directory was completed" in caplog.text
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_two_jax_processes_train_each_on_its_own_shards(tmp_path):
+    """Process p trains from a copy of the shards in which the other process's shard files are
+    garbage: opening one fails the run, so a clean run shows that no process opened them."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    _prepare(_corpus(tmp_path / "data", n=120), tmp_path / "shards")
+    for p in (0, 1):
+        shutil.copytree(tmp_path / "shards", tmp_path / f"p{p}")
+        for f in sorted((tmp_path / f"p{p}").glob("*.array_record"))[1 - p::2]:
+            f.write_bytes(b"not an ArrayRecord file" * 100)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "nested_jax.cli", "train", "--workdir", str(tmp_path / "run"),
+         "--data", str(tmp_path / f"p{p}"), "--model", "transformer", "--preset", "tiny",
+         "--seq-len", "32", "--batch-size", "8", "--steps", "2", "--no-progress",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(p),
+         "--set", "eval_batches=1", "--set", "data.eval_fraction=0.1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in (0, 1)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    assert "held-out perplexity" in outs[0][0]
