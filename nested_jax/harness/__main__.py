@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as e:  # pragma: no cover - an lm-eval without this entry point
         raise ImportError("this lm_eval has no lm_eval.__main__.cli_evaluate; install "
-                          "'nested_jax[harness]' (lm_eval>=0.4.9)") from e
+                          "'nested_jax[harness]' (lm_eval>=0.4.10)") from e
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     sys.argv[0] = "python -m nested_jax.harness"
