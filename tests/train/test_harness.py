@@ -11,6 +11,7 @@ writes its tasks and data into the test's directory, so nothing is downloaded.
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -362,3 +363,17 @@ def test_lm_eval_simple_evaluate_offline(tmp_path, runs, monkeypatch):
 
     with pytest.raises(ValueError, match=r"batchsize=8: unknown model_args key"):
         NestedJaxLM.create_from_arg_string(f"workdir={runs['transformer']},batchsize=8")
+
+
+@pytest.mark.skipif(not HAS_LM_EVAL, reason="lm_eval is not installed (the harness extra)")
+def test_python_m_nested_jax_harness_runs_lm_evals_command_line(tmp_path, runs):
+    """The documented command: lm-eval's own CLI, with --batch_size and --device defaults."""
+    write_tasks(tmp_path)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
+    r = subprocess.run([sys.executable, "-m", "nested_jax.harness", "--model", "nested_jax",
+                        "--model_args", f"workdir={runs['transformer']},batch_size=4",
+                        "--tasks", "nj_mc", "--include_path", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"\|nj_mc\s*\|.*\|acc\s*\|", r.stdout), r.stdout
