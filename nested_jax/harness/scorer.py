@@ -237,7 +237,6 @@ class Scorer:
             jax.tree.map(lambda x: jnp.array(x, copy=True),
                          self.run.model(self.state).init_state(B)), repl)
         generated: list[list[int]] = [[] for _ in range(n)]
-        texts = [""] * n
         done = [False] * n
         nxt = np.zeros(B, np.int32)
         steps = max(len(p) + g - 1 for p, g in zip(prompts, max_gens, strict=True))
@@ -256,8 +255,7 @@ class Scorer:
                     done[r] = True
                     continue
                 generated[r].append(token)
-                texts[r], stopped = req.cut_at_stop(self.tokenizer.decode(generated[r]),
-                                                    stops[r])
+                _, stopped = req.cut_at_stop(self.tokenizer.decode(generated[r]), stops[r])
                 done[r] = stopped or len(generated[r]) >= max_gens[r]
             if all(done):
                 break
