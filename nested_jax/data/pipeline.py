@@ -84,6 +84,8 @@ class _Permuted(Sequence):
     def __getitem__(self, i):
         from grain.experimental import index_shuffle
 
+        if not 0 <= i < len(self):  # a Sequence: iteration stops at the first IndexError
+            raise IndexError(f"document {i} of a split of {len(self)}")
         j = index_shuffle(self._start + i, max_index=len(self._docs) - 1, seed=SPLIT_SEED, rounds=4)
         return self._docs[j]
 
@@ -179,3 +181,15 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, bat
         raise DataError(f"data: the {split} split has no documents")
     it = iter(_packed_batches(ds.repeat(None), tokenizer, seq_len, batch_size, num_threads=1))
     return [next(it) for _ in range(num_batches)]
+
+
+def split_documents(docs: Sequence[str], eval_fraction: float, part: str) -> Sequence[str]:
+    """The documents of one split ("train" or "heldout"), exactly as the batches read them
+    (grain's split where grain is installed, else the fallback's): e.g. the texts to fit a
+    tokenizer on without seeing the held-out ones."""
+    if part not in ("train", "heldout"):
+        raise ValueError(f"part={part!r}: use 'train' or 'heldout'")
+    if not grain_available():
+        return fallback.split(docs, heldout_size(len(docs), eval_fraction), part)
+    n_eval = heldout_size(len(docs), eval_fraction)
+    return _Permuted(docs, 0, n_eval) if part == "heldout" else _Permuted(docs, n_eval, len(docs))

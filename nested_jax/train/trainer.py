@@ -129,8 +129,12 @@ def resolve_tokenizer(cfg: TrainConfig, workdir: epath.Path,
                 f"{documents.tokenizer['spec']}")
         if not path.exists():
             if jax.process_index() == 0:
+                # Fitted on the training split only: a vocabulary fitted to the held-out text
+                # would flatter held-out perplexity.
+                docs = documents if cfg.data.eval_fraction <= 0 else \
+                    data_lib.pipeline.split_documents(documents, cfg.data.eval_fraction, "train")
                 tokenizers.train_sentencepiece(
-                    (documents[i] for i in range(min(len(documents), 200_000))), vocab, path)
+                    (docs[i] for i in range(min(len(docs), 200_000))), vocab, path)
             _barrier("tokenizer")
         spec = f"sentencepiece:{path}"
     try:
