@@ -49,6 +49,7 @@ class Scale:
     eval_lengths: tuple = ()
     overrides: dict = dataclasses.field(default_factory=dict)
     eval_batch: int | None = None
+    train_on: str = "target"  # "all": next-token loss on every position (train.run)
 
 
 def _mad(**kw):
@@ -81,11 +82,11 @@ SUITES = {
         "cpu": Scale({n: (n, dict(seq_len=1024)) for n in ("niah_noise", "niah_prose",
                                                            "niah_uuid")},
                      "tiny", 600, 8, eval_lengths=(2048, 4096, 8192),
-                     overrides=dict(max_seq_len=8192), eval_batch=4),
+                     overrides=dict(max_seq_len=8192), eval_batch=4, train_on="all"),
         "gpu": Scale({n: (n, dict(seq_len=1024)) for n in ("niah_noise", "niah_prose",
                                                            "niah_uuid")},
                      "small", 3000, 32, eval_lengths=(2048, 4096, 8192),
-                     overrides=dict(max_seq_len=8192), eval_batch=8),
+                     overrides=dict(max_seq_len=8192), eval_batch=8, train_on="all"),
     },
 }
 MODELS = ("hope", "titans", "hope_attention", "transformer")
@@ -166,6 +167,8 @@ def main(argv=None) -> None:
     stem = a.out or f"icl_{a.suite}"
     log = os.path.join(RESULTS, f"{stem}_runs.jsonl")
     setup = dict(preset=scale.preset, steps=steps, batch=batch, lr=a.lr, overrides=overrides)
+    if scale.train_on != "target":  # absent from older logs, which all trained on the target
+        setup["train_on"] = scale.train_on
     t0 = time.time()
     for name in [] if a.report_only else names:
         task, evals = built[name]
@@ -174,7 +177,8 @@ def main(argv=None) -> None:
                 for seed in a.seeds:
                     r = train.run(task, model, scale.preset, variant, seed, lr=a.lr,
                                   steps=steps, batch=batch, overrides=overrides,
-                                  eval_tasks=evals, eval_batch=scale.eval_batch)
+                                  eval_tasks=evals, eval_batch=scale.eval_batch,
+                                  train_on=scale.train_on)
                     print(f"{name:18s} {model:15s} {variant:9s} seed {seed}: "
                           f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
                           f"evals {r.by_eval} skipped {r.skipped} {r.seconds:.0f}s", flush=True)
@@ -242,7 +246,9 @@ def write(a, argv, scale, built, setup, log, total) -> None:
         f"- tasks (scored on their target positions only):\n{task_lines}"
         f"- preset {setup['preset']}, {setup['steps']} steps of batch {setup['batch']}, AdamW "
         f"peak lr {setup['lr']} (warmup 10%, cosine to 0.1x, clip 1.0, wd 0.1); overrides "
-        f"{setup['overrides'] or 'none'}\n"
+        f"{setup['overrides'] or 'none'}"
+        + ("; trained with the next-token loss on every position, scored on the targets only"
+           if setup.get("train_on") == "all" else "") + "\n"
         "- accuracy: mean [min, max] over seeds, on 8 fresh held-out batches (the same for "
         "every run) of the training distribution; *frozen at eval*: the trained model scored "
         "with its self-modifying (Hope) or Titans memory frozen (eta_max = 0) at evaluation "

@@ -53,19 +53,20 @@ class Result:
     curve: list
 
 
-def masked_loss(model, inputs, targets, mask, scoring: str = "token"):
+def masked_loss(model, inputs, targets, mask, scoring: str = "token", loss_mask=None):
     """Mean NLL over the masked positions, and accuracy under the task's ``scoring``: "token"
     (the fraction of masked positions predicted right) or "sequence" (the fraction of rows whose
     masked positions are all right: a needle's value counts only if every digit is right).
-    ``inputs``, ``targets`` and ``mask`` are ``Batch.arrays()``."""
+    ``inputs``, ``targets`` and ``mask`` are ``Batch.arrays()``; ``loss_mask`` (default
+    ``mask``) selects the positions the loss averages over."""
     logits = model(inputs).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     right = jnp.argmax(logits, -1) == targets
-    m = mask.astype(jnp.float32)
+    m = (mask if loss_mask is None else loss_mask).astype(jnp.float32)
     if scoring == "sequence":
         acc = jnp.mean(jnp.all(right | ~mask, axis=1).astype(jnp.float32))
     else:
-        acc = (right & mask).sum() / m.sum()
+        acc = (right & mask).sum() / mask.sum()
     return (nll * m).sum() / m.sum(), acc
 
 
@@ -73,9 +74,15 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         lr: float = 3e-3, steps: int = 400, batch: int = 32, eval_batches: int = 8,
         overrides: dict | None = None, freeze_eval: bool = True, log_every: int = 50,
         max_skipped: int = 20, verbose: bool = False, eval_tasks: dict | None = None,
-        eval_batch: int | None = None) -> Result:
+        eval_batch: int | None = None, train_on: str = "target") -> Result:
     """Train on ``task``; score it and every ``eval_tasks`` entry (name -> task, e.g. the same
-    task at longer lengths) on fixed held-out batches."""
+    task at longer lengths) on fixed held-out batches.
+
+    ``train_on="all"`` trains with the next-token loss on every position instead of the scored
+    ones only (scoring is unchanged): for tasks whose scored tokens are a few per long sequence
+    (a needle's value), whose loss alone is too sparse a signal at CPU budgets."""
+    if train_on not in ("target", "all"):
+        raise ValueError(f"train_on={train_on!r}: use 'target' or 'all'")
     over = dict(overrides or {})
     over.update(variant_overrides(model, variant))
     over.setdefault("vocab_size", task.vocab_size)
@@ -98,7 +105,8 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     opt = tx.init(params)
 
     def loss_fn(p, inputs, targets, mask):
-        return masked_loss(nnx.merge(graphdef, p, rest), inputs, targets, mask, scoring)
+        every = jnp.ones_like(mask) if train_on == "all" else None
+        return masked_loss(nnx.merge(graphdef, p, rest), inputs, targets, mask, scoring, every)
 
     @jax.jit
     def step(p, o, inputs, targets, mask):

@@ -36,3 +36,30 @@ def test_every_suite_builds_its_tasks_and_lengths():
             for task, evals in built.values():
                 assert set(evals) == {f"T={n}" for n in scale.eval_lengths}, (suite, name)
                 assert all(t.seq_len > task.seq_len for t in evals.values())
+
+
+def test_the_loss_mask_moves_the_loss_not_the_score():
+    """train_on="all" (needle tasks): the loss averages every position, the accuracy still
+    scores the task's targets only."""
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 7, (2, 5)))
+    mask = jnp.zeros((2, 5), bool).at[:, -2:].set(True)
+    model = lambda inputs: logits  # noqa: E731
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    loss_t, acc_t = train.masked_loss(model, None, targets, mask, "sequence")
+    loss_a, acc_a = train.masked_loss(model, None, targets, mask, "sequence",
+                                      jnp.ones_like(mask))
+    np.testing.assert_allclose(loss_t, nll[:, -2:].mean(), rtol=1e-6)
+    np.testing.assert_allclose(loss_a, nll.mean(), rtol=1e-6)
+    assert acc_a == acc_t
+
+
+def test_unknown_train_on_is_refused():
+    task = tasks.make("mqar", n_pairs=8, seq_len=64, vocab=64)
+    with pytest.raises(ValueError, match="train_on='every'"):
+        train.run(task, "transformer", "tiny", steps=1, train_on="every")
