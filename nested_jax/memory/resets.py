@@ -47,13 +47,19 @@ def check(resets, B: int, T: int, chunk_size: int):
 
 
 def restart(flag, init, state):
-    """``init`` where the scalar ``flag`` is set, else ``state`` (pytrees of equal structure)."""
-    return jax.tree.map(lambda a, b: jnp.where(flag, a.astype(b.dtype), b), init, state)
+    """``init`` where ``flag`` is set, else ``state`` (pytrees of equal structure).  ``flag`` is a
+    scalar, or leads the leaves' axes (e.g. one flag per sequence [B] for leaves [B, ...])."""
+    def one(a, b):
+        return jnp.where(flag.reshape(flag.shape + (1,) * (b.ndim - flag.ndim)),
+                         a.astype(b.dtype), b)
+
+    return jax.tree.map(one, init, state)
 
 
 def at_chunk_starts(chunk_fn, init):
     """``chunk_fn(state, *chunk)`` preceded by a restart when the chunk's first token resets:
-    the wrapped function takes the chunk's resets f[C] before the chunk's other inputs."""
+    the wrapped function takes the chunk's resets bool [C, ...] before the chunk's other inputs
+    (trailing axes: one flag per leading axis of the state, e.g. [C, B] for a time-major batch)."""
 
     def fn(state, resets_C, *chunk):
         return chunk_fn(restart(resets_C[0], init, state), *chunk)

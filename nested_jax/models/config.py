@@ -10,9 +10,11 @@ preset is named for, and tests hold the real count within 10% of it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 
 from nested_jax.config_checks import check_choice, check_divisible, check_positive, fail
@@ -60,8 +62,12 @@ class ModelConfig:
         """Raise ValueError naming the first bad field. Subclasses extend this."""
         check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
         check_divisible(self, "d_model", "n_heads")
-        check_choice(self, "dtype", DTYPES)
-        check_choice(self, "param_dtype", DTYPES)
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) != "float64":
+                check_choice(self, name, DTYPES)
+            elif not jax.config.jax_enable_x64:  # else jnp would quietly compute in float32
+                fail(name, "float64", f"is for the exactness tests and needs "
+                     f"jax.config.update('jax_enable_x64', True); else use one of {list(DTYPES)}")
 
     # ---- presets -------------------------------------------------------------------------------
 
@@ -110,6 +116,28 @@ class ModelConfig:
             if "chunk" in f.name and type(value) is int and value > 0:
                 out[f.name] = value
         return out
+
+    def alignment_fields(self) -> dict[str, Any]:
+        """Every chunk size and CMS period of the model (name -> value): where its chunked levels'
+        chunks start.  Int fields named *chunk* and ``cms_periods``; override for others."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if "chunk" in f.name and type(getattr(self, f.name)) is int}
+        if getattr(self, "cms_periods", None):
+            out["cms_periods"] = tuple(self.cms_periods)
+        return out
+
+    def document_alignment(self) -> int:
+        """R, where a document of a packed row may start: the lcm of ``alignment_fields`` (1
+        without chunked levels).  A document starting at a multiple of R has its chunks where
+        they are when it runs alone (models/documents.py; docs/decisions.md #23)."""
+        sizes = [x for v in self.alignment_fields().values()
+                 for x in (v if isinstance(v, tuple) else (v,))]
+        return math.lcm(1, *sizes)
+
+    def alignment_reason(self) -> str:
+        """``document_alignment``'s provenance for error messages, e.g. 'lcm of chunk_size=8'."""
+        fields = self.alignment_fields()
+        return "lcm of " + ", ".join(f"{k}={v}" for k, v in fields.items()) if fields else ""
 
     def check_seq_len(self, seq_len: int, field: str = "seq_len") -> None:
         """Raise ValueError unless a training sequence of `seq_len` tokens fits this model."""

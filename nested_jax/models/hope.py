@@ -114,6 +114,13 @@ class HopeConfig(SelfModifyingFields, CMSFields, ModelConfig):
         """None: every level handles a ragged last chunk, so any training length is exact."""
         return {}
 
+    def alignment_fields(self) -> dict:
+        """The layer's chunk sizes, and the CMS periods unless use_cms=False (no CMS then)."""
+        fields = super().alignment_fields()
+        if not self.use_cms:
+            fields.pop("cms_periods", None)
+        return fields
+
 
 class HopeState(NamedTuple):
     """Decode state (decision #17): every level's fast state, constant size in the position.
@@ -145,10 +152,10 @@ class Block(nnx.Module):
                                             param_dtype=cfg.weight_dtype, rngs=rngs)
             self.mlp = layers.SwiGLU(cfg.d_model, cfg.ff_dim, out_std=out_std, **kw)
 
-    def __call__(self, x_BxTxD, head: TeachHead, next_BxTxD):
-        x = x_BxTxD + self.mixer(layers.apply_norm(self.mixer_norm, x_BxTxD))
+    def __call__(self, x_BxTxD, head: TeachHead, next_BxTxD, docs=None):
+        x = x_BxTxD + self.mixer(layers.apply_norm(self.mixer_norm, x_BxTxD), docs)
         if self.use_cms:
-            return self.cms(x, head, next_BxTxD)
+            return self.cms(x, head, next_BxTxD, docs)
         return x + self.mlp(layers.apply_norm(self.mlp_norm, x))
 
     def decode(self, x_Bx1xD, state: tuple[LayerState, CMSState | None], head: TeachHead,
@@ -180,8 +187,10 @@ class HopeLM(LanguageModel):
 
     Block = Block
 
-    def block_context(self, x_BxTxD):
-        return self.teach_head(), next_embeddings(x_BxTxD)
+    def block_context(self, x_BxTxD, docs=None):
+        if docs is None:
+            return self.teach_head(), next_embeddings(x_BxTxD)
+        return self.teach_head(), next_embeddings(x_BxTxD), docs
 
     def decode_context(self, state: HopeState, emb_Bx1xD):
         return self.teach_head(), emb_Bx1xD

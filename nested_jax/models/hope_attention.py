@@ -91,12 +91,14 @@ class Block(nnx.Module):
                                                impl=cfg.attention_impl, **kw)
         self.cms = CMS(cfg.cms(), n_layers=cfg.n_layers, **kw)
 
-    def attention(self, x_BxTxD, positions_BxT):
-        return x_BxTxD + self.attn(layers.apply_norm(self.attn_norm, x_BxTxD), positions_BxT)
+    def attention(self, x_BxTxD, positions_BxT, docs=None):
+        return x_BxTxD + self.attn(layers.apply_norm(self.attn_norm, x_BxTxD), positions_BxT, docs)
 
-    def __call__(self, x_BxTxD, positions_BxT, head: TeachHead, next_BxTxD):
+    def __call__(self, x_BxTxD, positions_BxT, head: TeachHead, next_BxTxD, docs=None):
         attention = nnx.remat(_attention) if self.remat else _attention
-        return self.cms(attention(self, x_BxTxD, positions_BxT), head, next_BxTxD)
+        if docs is None:
+            return self.cms(attention(self, x_BxTxD, positions_BxT), head, next_BxTxD)
+        return self.cms(attention(self, x_BxTxD, positions_BxT, docs), head, next_BxTxD, docs)
 
     def decode(self, x_Bx1xD, state: tuple[jax.Array, jax.Array, CMSState], pos, head,
                emb_Bx1xD):
@@ -108,8 +110,8 @@ class Block(nnx.Module):
         return x, (cache_k, cache_v, cms_state)
 
 
-def _attention(block: Block, x, positions):
-    return block.attention(x, positions)
+def _attention(block: Block, x, positions, docs=None):
+    return block.attention(x, positions, docs)
 
 
 @register("hope_attention", HopeAttentionConfig)
@@ -124,8 +126,10 @@ class HopeAttention(LanguageModel):
     Block = Block
     REMAT_BLOCKS = False  # each Block rematerialises its attention sublayer itself
 
-    def block_context(self, x_BxTxD):
-        return positions(x_BxTxD), self.teach_head(), next_embeddings(x_BxTxD)
+    def block_context(self, x_BxTxD, docs=None):
+        if docs is None:
+            return positions(x_BxTxD), self.teach_head(), next_embeddings(x_BxTxD)
+        return docs.positions, self.teach_head(), next_embeddings(x_BxTxD), docs
 
     def decode_context(self, state: HopeAttentionState, emb_Bx1xD):
         return state.pos, self.teach_head(), emb_Bx1xD

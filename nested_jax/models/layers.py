@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nested_jax.models import documents
+
 Initializer = Callable[..., jax.Array]
 normal = nnx.initializers.normal
 # flax >= 0.12 wants module lists wrapped; older versions take a plain list.
@@ -53,8 +55,10 @@ def param_init(init: Initializer, *logical_axes: str | None) -> Initializer:
 
 
 def rms_norm(d_model: int, *, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    """Pre-norm RMSNorm (computed in float32, cast back to the input dtype by the caller)."""
-    return nnx.RMSNorm(d_model, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
+    """Pre-norm RMSNorm (computed in float32, float64 with float64 parameters; cast back to the
+    input dtype by the caller)."""
+    return nnx.RMSNorm(d_model, epsilon=eps, dtype=jnp.promote_types(param_dtype, jnp.float32),
+                       param_dtype=param_dtype,
                        scale_init=param_init(nnx.initializers.ones, "embed"), rngs=rngs)
 
 
@@ -73,12 +77,14 @@ def dense(d_in: int, d_out: int, axes: tuple[str, str], *, std: float, dtype: jn
 
 
 def rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, rotate-half layout (Su et al. 2021; Llama/NeoX convention)."""
+    """Rotary position embedding, rotate-half layout (Su et al. 2021; Llama/NeoX convention).
+    Computed in float32 (float64 for float64 inputs)."""
     half = x_BxTxHxK.shape[-1] // 2
-    freqs_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_BxTxK2 = positions_BxT.astype(jnp.float32)[:, :, None] * freqs_K2[None, None, :]
+    acc = jnp.promote_types(x_BxTxHxK.dtype, jnp.float32)
+    freqs_K2 = theta ** (-jnp.arange(half, dtype=acc) / half)
+    angles_BxTxK2 = positions_BxT.astype(acc)[:, :, None] * freqs_K2[None, None, :]
     sin, cos = jnp.sin(angles_BxTxK2)[:, :, None, :], jnp.cos(angles_BxTxK2)[:, :, None, :]
-    x = x_BxTxHxK.astype(jnp.float32)
+    x = x_BxTxHxK.astype(acc)
     x1, x2 = x[..., :half], x[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxTxHxK.dtype)
@@ -105,7 +111,8 @@ ATTENTION_BLOCK = 512  # query rows per block of ``blockwise_attention``
 
 
 def blockwise_attention(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
-                        block: int = ATTENTION_BLOCK) -> jax.Array:
+                        block: int = ATTENTION_BLOCK, doc_ids_BxT: jax.Array | None = None
+                        ) -> jax.Array:
     """Causal softmax attention one query block at a time, each block rematerialised.
 
     softmax(q k^T / sqrt(K) + causal mask) v, the function of
@@ -113,7 +120,8 @@ def blockwise_attention(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: j
     but only [block, T] scores per head are live, forward and backward, instead of [T, T]:
     plain XLA attention at T = 8192 asked a 23 GB CPU host for 32 GB.  Every block scores all T
     keys (masked), so the FLOPs are the dense path's: use it where memory binds.  Scores and
-    softmax run in float32 or wider (float64 inputs stay float64).
+    softmax run in float32 or wider (float64 inputs stay float64).  ``doc_ids_BxT``
+    (``documents.Documents.ids``): a query sees only keys of its own document.
     """
     B, T, H, K = q_BxTxHxK.shape
     G = k_BxTxGxK.shape[2]
@@ -125,15 +133,23 @@ def blockwise_attention(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: j
 
     @jax.checkpoint
     def one(args):
-        i, q_BxCxGxRxK = args
+        i, q_BxCxGxRxK, *docs = args
         s_BxGxRxCxT = jnp.einsum("bcgrk,btgk->bgrct", q_BxCxGxRxK.astype(acc), k) / jnp.sqrt(
             jnp.asarray(K, acc))
         rows = i * block + jnp.arange(block)
-        causal_CxT = rows[:, None] >= jnp.arange(T)[None, :]
-        p = jax.nn.softmax(jnp.where(causal_CxT, s_BxGxRxCxT, -jnp.inf), axis=-1)
+        keep = rows[:, None] >= jnp.arange(T)[None, :]  # causal [C, T]
+        if docs:  # and the query rows' document ids [B, C] equal to the keys'
+            keep = (keep[None] & (docs[0][:, :, None] == doc_ids_BxT[:, None, :]))[:, None, None]
+        p = jax.nn.softmax(jnp.where(keep, s_BxGxRxCxT, -jnp.inf), axis=-1)
         return jnp.einsum("bgrct,btgk->bcgrk", p, v).astype(q_BxTxHxK.dtype)
 
-    out = jax.lax.map(one, (jnp.arange(n), q_NxBxCxGxRxK))
+    xs = (jnp.arange(n), q_NxBxCxGxRxK)
+    if doc_ids_BxT is not None:
+        # Padded query rows (sliced off) repeat the last id: a row masked everywhere would be
+        # NaN, and its NaN would reach k's and v's gradients.
+        ids = jnp.pad(doc_ids_BxT, ((0, 0), (0, n * block - T)), mode="edge")
+        xs = (*xs, ids.reshape(B, n, block).swapaxes(0, 1))
+    out = jax.lax.map(one, xs)
     return out.swapaxes(0, 1).reshape(B, n * block, H, K)[:, :T]
 
 
@@ -167,11 +183,18 @@ class CausalSelfAttention(nnx.Module):
         v = self.v(x_BxTxD).reshape(B, T, self.n_kv_heads, self.head_dim)
         return rope(q, positions_BxT, self.rope_theta), rope(k, positions_BxT, self.rope_theta), v
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                 docs: documents.Documents | None = None) -> jax.Array:
+        """``docs`` (packed rows): no query attends across a document (positions_BxT should be
+        ``docs.positions``).  With "cudnn" the document mask becomes a dense [B, 1, T, T] bias."""
         B, T, D = x_BxTxD.shape
         q, k, v = self._qkv(x_BxTxD, positions_BxT)
         if self.impl == "blockwise":
-            out_BxTxHxK = blockwise_attention(q, k, v)
+            out_BxTxHxK = blockwise_attention(q, k, v,
+                                              doc_ids_BxT=None if docs is None else docs.ids)
+        elif docs is not None:
+            out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, mask=documents.attention_mask(docs),
+                                                       is_causal=True, implementation=self.impl)
         else:
             out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                        implementation=self.impl)
@@ -205,9 +228,11 @@ class TiedEmbedding(nnx.Module):
         return self.embed(tokens)
 
     def logits(self, x_BxTxD: jax.Array) -> jax.Array:
-        """float32 logits, whatever the compute dtype (the loss needs them in full precision)."""
+        """float32 logits, whatever the compute dtype (the loss needs them in full precision);
+        float64 in float64 (the exactness tests)."""
         table_VxD = self.embed.embedding[...].astype(x_BxTxD.dtype)
-        return jnp.einsum("...d,vd->...v", x_BxTxD, table_VxD, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,vd->...v", x_BxTxD, table_VxD,
+                          preferred_element_type=jnp.promote_types(x_BxTxD.dtype, jnp.float32))
 
 
 def residual_out_std(n_layers: int) -> float:

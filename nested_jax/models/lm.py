@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nested_jax.models import layers
+from nested_jax.models import documents, layers
 from nested_jax.models.cms import TeachHead
 from nested_jax.models.config import ModelConfig
 from nested_jax.models.registry import count_params
@@ -59,10 +59,11 @@ class LanguageModel(nnx.Module):
 
     # ---- hooks a model overrides ---------------------------------------------------------------
 
-    def block_context(self, x_BxTxD: jax.Array) -> tuple:
-        """Extra arguments of every block's forward pass (computed once per call)."""
+    def block_context(self, x_BxTxD: jax.Array, docs: documents.Documents | None = None) -> tuple:
+        """Extra arguments of every block's forward pass (computed once per call); ``docs``, the
+        document layout of packed rows, is None when the call has no segment ids."""
         del x_BxTxD
-        return ()
+        return () if docs is None else (docs,)
 
     def decode_context(self, state: Any, emb_Bx1xD: jax.Array) -> tuple:
         """Extra arguments of every block's ``decode`` for one step."""
@@ -98,12 +99,25 @@ class LanguageModel(nnx.Module):
         return TeachHead(self.embed.embed.embedding[...], self.final_norm.scale[...],
                          self.config.norm_eps)
 
-    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-        return self.forward_embedded(self.embed(tokens_BxT))
+    def __call__(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Logits of every position.  ``segment_ids`` (int [B, T], 0 = padding) marks the
+        documents of packed rows: each then computes what it computes run alone
+        (``models/documents.py``); its starts must be multiples of
+        ``config.document_alignment()`` (``models/packing.py`` packs so)."""
+        return self.forward_embedded(self.embed(tokens_BxT), segment_ids)
 
-    def forward_embedded(self, x_BxTxD: jax.Array) -> jax.Array:
+    def forward_embedded(self, x_BxTxD: jax.Array, segment_ids: jax.Array | None = None
+                         ) -> jax.Array:
         """Logits from already-embedded tokens (the causality tests differentiate this)."""
-        context = self.block_context(x_BxTxD)
+        if segment_ids is None:
+            context = self.block_context(x_BxTxD)
+        else:
+            if jnp.shape(segment_ids) != x_BxTxD.shape[:2]:
+                raise ValueError(f"segment_ids shape {jnp.shape(segment_ids)} must be the tokens' "
+                                 f"[B, T] = {x_BxTxD.shape[:2]}.")
+            docs = documents.from_segment_ids(segment_ids, self.config.document_alignment(),
+                                              self.config.alignment_reason())
+            context = self.block_context(x_BxTxD, docs)
         remat = self.config.remat and self.REMAT_BLOCKS
         forward = nnx.remat(_call_block) if remat else _call_block
         x = x_BxTxD

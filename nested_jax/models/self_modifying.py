@@ -106,7 +106,8 @@ from flax import nnx
 from nested_jax import memory as nm
 from nested_jax.config_checks import check_choice, check_positive, fail
 from nested_jax.memory.memories import activation
-from nested_jax.models import layers
+from nested_jax.memory.resets import restart
+from nested_jax.models import documents, layers
 from nested_jax.models.config import DTYPES
 
 PATHS = ("dual", "chunked")
@@ -416,15 +417,20 @@ class SelfModifyingTitans(nnx.Module):
 
     # ---- pieces shared by the parallel and the decode paths --------------------------------------
 
-    def _conv(self, x_BxTxD: jax.Array, prev_BxPxD: jax.Array) -> jax.Array:
+    def _conv(self, x_BxTxD: jax.Array, prev_BxPxD: jax.Array, docs=None) -> jax.Array:
         """Causal depthwise convs [B, T, G, D]; prev holds the W-1 inputs before x (zeros at the
-        start).  G = ``conv_groups``: every group shares the input window, its taps are its own."""
-        T = x_BxTxD.shape[1]
+        start).  G = ``conv_groups``: every group shares the input window, its taps are its own.
+        With ``docs`` a tap outside token t's document reads zero, as before a document alone."""
+        T, W = x_BxTxD.shape[1], self.cfg.conv_width
         w_WxGxD = self.conv[...].astype(x_BxTxD.dtype)
         xp = jnp.concatenate([prev_BxPxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)[:, :, None]
-        y = xp[:, 0:T] * w_WxGxD[0][None, None]
-        for j in range(1, self.cfg.conv_width):
-            y = y + xp[:, j:j + T] * w_WxGxD[j][None, None]
+        tap = lambda j: xp[:, j:j + T]
+        if docs is not None:  # tap j reads token t - (W - 1 - j); the last (j = W - 1) is t
+            tap = lambda j: xp[:, j:j + T] if j == W - 1 else jnp.where(
+                documents.same_document(docs, W - 1 - j)[:, :, None, None], xp[:, j:j + T], 0)
+        y = tap(0) * w_WxGxD[0][None, None]
+        for j in range(1, W):
+            y = y + tap(j) * w_WxGxD[j][None, None]
         return y
 
     def _coupled_inputs(self, xc_BxTxGxD: jax.Array) -> jax.Array:
@@ -490,11 +496,15 @@ class SelfModifyingTitans(nnx.Module):
 
     # ---- parallel (training) path ------------------------------------------------------------
 
-    def _coupled_chunk(self, state: nm.MemoryState, xs: dict):
+    def _coupled_chunk(self, state: nm.MemoryState, xs: dict, init=None):
         """Advance the coupled memories by one C_other-chunk (or the ragged tail).
 
-        xs: {"x": [B, C, N, H, K]} (+ static "k" / "v"). Returns (state, (q, k, v, Gates)).
+        xs: {"x": [B, C, N, H, K]} (+ static "k" / "v", + "reset" bool [B, C] with documents:
+        a row whose chunk starts a document starts it from ``init``). Returns (state, (q, k, v,
+        Gates)).
         """
+        if "reset" in xs:  # before the boundary read: the chunk's k, v, gates come from it
+            state = restart(xs["reset"][:, 0], init, state)
         q, k, v, gates = self._generate(self._read_coupled(state.params, xs["x"]),
                                         xs.get("k"), xs.get("v"))
         tile = self._tile
@@ -510,6 +520,7 @@ class SelfModifyingTitans(nnx.Module):
 
         xs leaves are [B, T', ...] with T' = n * C_other, n = (number of segments) * (segment
         length) (see ``_padded_len``).  Returns the final state and (q, k, v, Gates) [B, T', ...].
+        ``state`` is the initial state, where document starts (xs["reset"]) return to.
         """
         C = self.cfg.chunk_other
         n = xs["x"].shape[1] // C
@@ -524,7 +535,7 @@ class SelfModifyingTitans(nnx.Module):
             return y.reshape(y.shape[0], n * C, *y.shape[4:])
 
         def segment(st, ys):
-            return jax.lax.scan(self._coupled_chunk, st, ys)
+            return jax.lax.scan(lambda s, y: self._coupled_chunk(s, y, state), st, ys)
 
         if group < n:
             segment = jax.checkpoint(segment)
@@ -538,19 +549,23 @@ class SelfModifyingTitans(nnx.Module):
         group = segment_length(n, self.cfg.remat_group)
         return -(-n // group) * group * C
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, docs: documents.Documents | None = None) -> jax.Array:
         """The layer over a whole sequence; x is the block's pre-normed input.
 
         A sequence that does not fill its last chunk is padded at the end: the layer is causal
         (every output reads only the boundary state and earlier tokens of its chunk), so padded
         positions change no real output; they are sliced off.  This keeps one traced chunk body
         per level (no separate ragged-tail program).
+
+        ``docs`` (packed rows): the convs see only their own document, and all five memories
+        return to their initial states at every document start (a multiple of C_other and
+        C_memory: ``models/documents.py``).
         """
         B, T, D = x_BxTxD.shape
         cfg = self.cfg
         mdt = jnp.dtype(cfg.memory_dtype)
         prev = jnp.zeros((B, cfg.conv_width - 1, D), x_BxTxD.dtype)
-        xc_BxTxGxD = self._conv(x_BxTxD, prev)
+        xc_BxTxGxD = self._conv(x_BxTxD, prev, docs)
         Tc = self._padded_len(T)
         Tm = -(-T // cfg.chunk_memory) * cfg.chunk_memory
         pad = lambda a, n: jnp.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
@@ -559,6 +574,8 @@ class SelfModifyingTitans(nnx.Module):
         coupled0, memory0 = self.initial_states(B)
         xs = {"x": self._coupled_inputs(xc_pad).astype(mdt),
               **{n: static[n] for n in ("k", "v") if n in static}}
+        if docs is not None:
+            xs["reset"] = pad(docs.starts, Tc)
         _, (q, k, v, gates) = self._scan_coupled(coupled0, xs)
         q = static.get("q", q)
         # M_memory: the real tokens, then no-op updates (eta = 0, alpha = 1, beta = 0) to Tm.
@@ -567,8 +584,9 @@ class SelfModifyingTitans(nnx.Module):
             [a[:, :T], jnp.full((B, Tm - T, *a.shape[2:]), value, a.dtype)], axis=1)
         gates = self._memory_gates(gates)
         gates = nm.Gates(noop(gates.eta, 0.0), noop(gates.alpha, 1.0), noop(gates.beta, 0.0))
+        resets = {} if docs is None else {"resets": fit(docs.starts)}
         o_BxTxHxK, _ = nm.apply(self.level(cfg.memory_read), memory0, fit(q), fit(k), fit(v),
-                                gates, chunk_size=cfg.chunk_memory, path=cfg.memory_path)
+                                gates, chunk_size=cfg.chunk_memory, path=cfg.memory_path, **resets)
         return self._output(o_BxTxHxK[:, :T], x_BxTxD)
 
     # ---- streaming (decode) path --------------------------------------------------------------

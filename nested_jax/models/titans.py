@@ -29,7 +29,7 @@ from flax import nnx
 
 from nested_jax import memory as nm
 from nested_jax.config_checks import check_choice, check_positive, fail
-from nested_jax.models import layers
+from nested_jax.models import documents, layers
 from nested_jax.models.config import ModelConfig, Preset
 from nested_jax.models.lm import LanguageModel
 from nested_jax.models.registry import register
@@ -195,17 +195,23 @@ class TitansState(NamedTuple):
     pos: jax.Array  # int32 scalar, tokens consumed
 
 
-def causal_conv(x_BxTxC: jax.Array, w_WxC: jax.Array, prev_BxW1xC: jax.Array | None = None):
-    """Depthwise causal convolution: y_t = sum_j w_j x_{t-W+1+j} (zeros, or ``prev``, before 0)."""
+def causal_conv(x_BxTxC: jax.Array, w_WxC: jax.Array, prev_BxW1xC: jax.Array | None = None,
+                docs: documents.Documents | None = None):
+    """Depthwise causal convolution: y_t = sum_j w_j x_{t-W+1+j} (zeros, or ``prev``, before 0).
+    With ``docs`` a tap outside token t's document reads zero, as before a document run alone."""
     W = w_WxC.shape[0]
     B, T, C = x_BxTxC.shape
     if prev_BxW1xC is None:
         prev_BxW1xC = jnp.zeros((B, W - 1, C), x_BxTxC.dtype)
     padded = jnp.concatenate([prev_BxW1xC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
     w = w_WxC.astype(x_BxTxC.dtype)
-    out = padded[:, 0:T] * w[0][None, None, :]
+    tap = lambda j: padded[:, j:j + T]
+    if docs is not None:  # tap j reads token t - (W - 1 - j); the last (j = W - 1) is t itself
+        tap = lambda j: padded[:, j:j + T] if j == W - 1 else jnp.where(
+            documents.same_document(docs, W - 1 - j)[:, :, None], padded[:, j:j + T], 0)
+    out = tap(0) * w[0][None, None, :]
     for j in range(1, W):
-        out = out + padded[:, j:j + T] * w[j][None, None, :]
+        out = out + tap(j) * w[j][None, None, :]
     return out
 
 
@@ -221,7 +227,7 @@ class NeuralMemory(nnx.Module):
         # Identity init (last tap 1): the convolution starts as a no-op and learns its taps.
         conv = jnp.zeros((W, 3 * D), cfg.weight_dtype).at[-1].set(1.0)
         self.conv = nnx.Param(conv, logical_axes=(None, "heads"))
-        self.gates = nnx.Linear(D, 3 * H, use_bias=True, dtype=jnp.float32,
+        self.gates = nnx.Linear(D, 3 * H, use_bias=True, dtype=self._f32(cfg.weight_dtype),
                                 param_dtype=cfg.weight_dtype,
                                 kernel_init=layers.param_init(layers.normal(0.02), "embed", None),
                                 bias_init=self._gate_bias(cfg), rngs=rngs)
@@ -233,6 +239,11 @@ class NeuralMemory(nnx.Module):
         # Meta-learned per-head initial state of the memory (decision #4): leaves [H, ...].
         self.memory_init = nnx.Dict({k: nnx.Param(v, logical_axes=("heads", None, None))
                                      for k, v in init_H.items()})
+
+    @staticmethod
+    def _f32(dtype):
+        """float32, or float64 for float64 (the exactness tests)."""
+        return jnp.promote_types(dtype, jnp.float32)
 
     @staticmethod
     def _gate_bias(cfg: TitansConfig):
@@ -252,16 +263,17 @@ class NeuralMemory(nnx.Module):
         state_H = nm.MemoryState(params_H, jax.tree.map(jnp.zeros_like, params_H))
         return nm.broadcast_state(state_H, batch_size)
 
-    def _project(self, h_BxTxD, conv_prev=None):
+    def _project(self, h_BxTxD, conv_prev=None, docs=None):
         """q, k, v f[B, T, H, K], gates f[B, T, H] from the normed input, and the conv tail."""
         cfg = self.cfg
         B, T, D = h_BxTxD.shape
         H, K = cfg.n_heads, cfg.head_dim
         pre = self.qkv(h_BxTxD)
-        mixed = jax.nn.silu(causal_conv(pre, self.conv[...], conv_prev))
+        mixed = jax.nn.silu(causal_conv(pre, self.conv[...], conv_prev, docs))
         q, k, v = (z.reshape(B, T, H, K) for z in jnp.split(mixed, 3, axis=-1))
         q, k = layers.l2_normalize(q), layers.l2_normalize(k)
-        eta_l, alpha_l, beta_l = jnp.split(self.gates(h_BxTxD.astype(jnp.float32)), 3, axis=-1)
+        gate_in = h_BxTxD.astype(self._f32(h_BxTxD.dtype))
+        eta_l, alpha_l, beta_l = jnp.split(self.gates(gate_in), 3, axis=-1)
         beta = jax.nn.sigmoid(beta_l)
         eta = cfg.eta_max * jax.nn.sigmoid(eta_l)
         if cfg.ema_momentum and cfg.level().rule.momentum:
@@ -276,24 +288,29 @@ class NeuralMemory(nnx.Module):
 
     def _output(self, h_BxTxD, o_BxTxHxK):
         B, T, H, K = o_BxTxHxK.shape
-        o32 = o_BxTxHxK.astype(jnp.float32)  # per-head RMSNorm, statistics in float32
+        f32 = self._f32(o_BxTxHxK.dtype)
+        o32 = o_BxTxHxK.astype(f32)  # per-head RMSNorm, statistics in float32
         o32 = o32 * jax.lax.rsqrt(jnp.mean(o32 * o32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-        o_norm = (o32.reshape(B, T, H * K) * self.out_norm[...].astype(jnp.float32)[None, None, :])
+        o_norm = (o32.reshape(B, T, H * K) * self.out_norm[...].astype(f32)[None, None, :])
         gated = o_norm.astype(h_BxTxD.dtype) * jax.nn.silu(self.out_gate(h_BxTxD))
         return self.out(gated)
 
-    def _run_memory(self, state, q, k, v, gates):
+    def _run_memory(self, state, q, k, v, gates, resets=None):
         cfg = self.cfg
         level = cfg.level()
+        # resets only when given: the default call stays the one without them
+        extra = {} if resets is None else {"resets": resets}
         if cfg.memory == "linear" and cfg.memory_impl != "xla":
             return nm.apply(level, state, q, k, v, gates, chunk_size=cfg.chunk_size,
-                            path="pallas", impl=cfg.memory_impl)
+                            path="pallas", impl=cfg.memory_impl, **extra)
         return nm.apply(level, state, q, k, v, gates, chunk_size=cfg.chunk_size,
-                        path=cfg.memory_path)
+                        path=cfg.memory_path, **extra)
 
-    def __call__(self, h_BxTxD: jax.Array) -> jax.Array:
-        q, k, v, gates, _ = self._project(h_BxTxD)
-        o, _ = self._run_memory(self.initial_state(h_BxTxD.shape[0]), q, k, v, gates)
+    def __call__(self, h_BxTxD: jax.Array, docs: documents.Documents | None = None) -> jax.Array:
+        """``docs`` (packed rows): the conv and the memory restart at every document start."""
+        q, k, v, gates, _ = self._project(h_BxTxD, docs=docs)
+        o, _ = self._run_memory(self.initial_state(h_BxTxD.shape[0]), q, k, v, gates,
+                                None if docs is None else docs.starts)
         return self._output(h_BxTxD, o.astype(h_BxTxD.dtype))
 
     def init_state(self, batch_size: int) -> BlockState:
@@ -321,8 +338,8 @@ class Block(nnx.Module):
         self.mlp_norm = norm()
         self.mlp = layers.SwiGLU(cfg.d_model, cfg.ff_dim, out_std=out_std, **kw)
 
-    def __call__(self, x_BxTxD):
-        x = x_BxTxD + self.memory(layers.apply_norm(self.mem_norm, x_BxTxD))
+    def __call__(self, x_BxTxD, docs=None):
+        x = x_BxTxD + self.memory(layers.apply_norm(self.mem_norm, x_BxTxD), docs)
         return x + self.mlp(layers.apply_norm(self.mlp_norm, x))
 
     def decode(self, x_Bx1xD, st: BlockState):

@@ -111,8 +111,8 @@ class Block(nnx.Module):
                                         param_dtype=cfg.weight_dtype, rngs=rngs)
         self.mlp = layers.SwiGLU(cfg.d_model, cfg.ff_dim, out_std=out_std, **kw)
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
-        x = x_BxTxD + self.attn(layers.apply_norm(self.attn_norm, x_BxTxD), positions_BxT)
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, docs=None) -> jax.Array:
+        x = x_BxTxD + self.attn(layers.apply_norm(self.attn_norm, x_BxTxD), positions_BxT, docs)
         return x + self.mlp(layers.apply_norm(self.mlp_norm, x))
 
     def decode(self, x_Bx1xD, kv: tuple[jax.Array, jax.Array], pos):
@@ -151,8 +151,10 @@ class Transformer(LanguageModel):
 
     Block = Block
 
-    def block_context(self, x_BxTxD):
-        return (positions(x_BxTxD),)
+    def block_context(self, x_BxTxD, docs=None):
+        if docs is None:
+            return (positions(x_BxTxD),)
+        return docs.positions, docs  # RoPE restarts at 0 in every document
 
     def decode_context(self, state: KVCache, emb_Bx1xD):
         return (state.pos,)

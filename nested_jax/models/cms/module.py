@@ -111,18 +111,26 @@ class CMS(nnx.Module):
         return nm.Gates(eta[..., None], full(self.spec.retention)[..., None],
                         full(self.spec.momentum)[..., None])
 
-    def _run(self, i, state, r_BxTxD, v_BxTxD, mask_BxT, head):
-        """One engine level over the sequence. Returns (branch output f[B, T, D], final state)."""
+    def _run(self, i, state, r_BxTxD, v_BxTxD, mask_BxT, head, resets_BxT=None):
+        """One engine level over the sequence. Returns (branch output f[B, T, D], final state).
+        ``resets_BxT``: document starts, where the level's weights return to ``state``."""
+        resets = {} if resets_BxT is None else {"resets": resets_BxT}
         o, final = nm.apply(self._level(i, head), state, r_BxTxD[:, :, None], r_BxTxD[:, :, None],
                             v_BxTxD[:, :, None], self._gates(i, mask_BxT),
-                            chunk_size=self.spec.periods[i], path="chunked")
+                            chunk_size=self.spec.periods[i], path="chunked", **resets)
         return o[:, :, 0].astype(r_BxTxD.dtype), final
 
     # -- parallel forward --
 
     def __call__(self, x_BxTxD: jax.Array, head: TeachHead | None,
-                 next_BxTxD: jax.Array | None = None) -> jax.Array:
-        """Residual stream in -> out over a whole sequence. next_BxTxD: E[x_{t+1}] (teach)."""
+                 next_BxTxD: jax.Array | None = None, docs=None) -> jax.Array:
+        """Residual stream in -> out over a whole sequence. next_BxTxD: E[x_{t+1}] (teach).
+
+        ``docs`` (packed rows, ``models/documents.py``): every level's weights return to their
+        initial values at a document start (a multiple of every period), and a document's last
+        token writes nothing, as the last token of a row (its next token is another document's);
+        padding writes nothing either.
+        """
         B, T, D = x_BxTxD.shape
         mask_BxT = jnp.ones((B, T), self.gate_dtype)
         if self.spec.signal == "teach":
@@ -135,21 +143,29 @@ class CMS(nnx.Module):
                 v = self._given_target(head, x_BxTxD, v)
         else:
             v = x_BxTxD  # unused by the reconstruction loss, shaped for the engine
+        resets = None
+        if docs is not None:
+            resets = docs.starts
+            writes = docs.has_next if self.spec.signal == "teach" else docs.ids != 0
+            mask_BxT = mask_BxT * writes.astype(mask_BxT.dtype)
         variant = self.spec.variant
         if variant == "nested":
-            return x_BxTxD + self._nested(x_BxTxD, v, mask_BxT, head)
+            return x_BxTxD + self._nested(x_BxTxD, v, mask_BxT, head, resets)
         r = x_BxTxD
         total = x_BxTxD
         for i in range(self.spec.n_levels):
-            y, _ = self._run(i, self._init_state(i, B), r, v, mask_BxT, head)
+            y, _ = self._run(i, self._init_state(i, B), r, v, mask_BxT, head, resets)
             if variant == "sequential":
                 r = r + y
             else:
                 total = total + y
         return r if variant == "sequential" else total
 
-    def _nested(self, x_BxTxD, v_BxTxD, mask_BxT, head):
-        """Levels 0..K-1 nested (module docstring); returns the fastest level's branch output."""
+    def _nested(self, x_BxTxD, v_BxTxD, mask_BxT, head, resets_BxT=None):
+        """Levels 0..K-1 nested (module docstring); returns the fastest level's branch output.
+
+        Document starts (``resets_BxT``, multiples of P_0) return level 0's weights to their
+        initial value; every faster level is re-initialised from its parent there anyway."""
         K = self.spec.n_levels
         B = x_BxTxD.shape[0]
         lam = jnp.minimum(self.etas(), 1.0)
@@ -158,7 +174,7 @@ class CMS(nnx.Module):
         def seg(s, theta, x, v, m):  # x, v f[B, n, D]; m f[B, n]; theta leaves [B, 1, ...]
             if s == K - 1:
                 st = nm.MemoryState(theta, jax.tree.map(jnp.zeros_like, theta))
-                y, final = self._run(s, st, x, v, m, head)
+                y, final = self._run(s, st, x, v, m, head, resets_BxT if s == 0 else None)
                 return y, final.params
 
             def chunk_fn(th, xc, vc, mc):
@@ -166,8 +182,9 @@ class CMS(nnx.Module):
                 th = jax.tree.map(lambda a, b: a + lam[s].astype(a.dtype) * (b - a), th, inner)
                 return th, tmajor(y)
 
+            resets = None if s or resets_BxT is None else tmajor(resets_BxT)
             y, theta = scan_chunks(chunk_fn, theta, (tmajor(x), tmajor(v), tmajor(m)),
-                                   self.spec.periods[s])
+                                   self.spec.periods[s], resets=resets)
             return tmajor(y), theta
 
         return seg(0, self._init_state(0, B).params, x_BxTxD, v_BxTxD, mask_BxT)[0]
