@@ -30,12 +30,34 @@ import optax
 from flax import nnx
 
 
-def next_token_loss(model: nnx.Module, tokens_BxT1: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean NLL, token count) of predicting tokens[:, 1:] from tokens[:, :-1]."""
-    logits_BxTxV = model(tokens_BxT1[:, :-1])
+def next_token_loss(model: nnx.Module, tokens_BxT1: jax.Array,
+                    segment_ids_BxT1: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(mean NLL, token count) of predicting tokens[:, 1:] from tokens[:, :-1].
+
+    ``segment_ids_BxT1`` (packed rows, 0 = padding; ``models/packing.pack_aligned``): the model
+    runs each document as if alone, and only a token's prediction of the next token of its own
+    document counts (not padding, not a document's first token from the previous one's last).
+    """
+    if segment_ids_BxT1 is None:
+        logits_BxTxV = model(tokens_BxT1[:, :-1])
+        nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
+            logits_BxTxV.astype(jnp.float32), tokens_BxT1[:, 1:])
+        return nll_BxT.mean(), jnp.asarray(nll_BxT.size, jnp.float32)
+    logits_BxTxV = model(tokens_BxT1[:, :-1], segment_ids=segment_ids_BxT1[:, :-1])
+    acc = jnp.promote_types(logits_BxTxV.dtype, jnp.float32)  # float64 in the exactness tests
     nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxTxV.astype(jnp.float32), tokens_BxT1[:, 1:])
-    return nll_BxT.mean(), jnp.asarray(nll_BxT.size, jnp.float32)
+        logits_BxTxV.astype(acc), tokens_BxT1[:, 1:])
+    seg = segment_ids_BxT1
+    counted = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)).astype(acc)
+    count = counted.sum()
+    return (nll_BxT * counted).sum() / jnp.maximum(count, 1.0), count
+
+
+def _split_batch(batch):
+    """A batch is a token array, or {"tokens": ..., "segment_ids": ...} for packed rows."""
+    if isinstance(batch, dict):
+        return batch["tokens"], batch["segment_ids"]
+    return batch, None
 
 
 # optax >= 0.2.5 has optax.tree.norm; global_norm is its deprecated older name.
@@ -49,23 +71,24 @@ def all_finite(tree: Any) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                     max_norm_jump: float = 0.0) -> Callable[[dict, jax.Array], tuple[dict, dict]]:
-    """step(state, batch_AxBxT1) -> (state, metrics); A microbatches are averaged.
+    """step(state, batch_AxBxT1) -> (state, metrics); A microbatches are averaged.  The batch
+    may be {"tokens": AxBxT1, "segment_ids": AxBxT1} (packed rows, ``next_token_loss``).
 
     `max_norm_jump` > 0 rejects an update that multiplies or divides the global parameter
     norm by more than that factor (0 disables the check).
     """
 
-    def loss_fn(params, rest, tokens):
-        return next_token_loss(nnx.merge(graphdef, params, rest), tokens)[0]
+    def loss_fn(params, rest, tokens, segment_ids=None):
+        return next_token_loss(nnx.merge(graphdef, params, rest), tokens, segment_ids)[0]
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def step(state: dict, batch_AxBxT1: jax.Array) -> tuple[dict, dict]:
+    def step(state: dict, batch_AxBxT1) -> tuple[dict, dict]:
         params, rest = state["params"], state["rest"]
-        n_micro = batch_AxBxT1.shape[0]
+        n_micro = jax.tree.leaves(batch_AxBxT1)[0].shape[0]
 
-        def micro(grads_sum, tokens):
-            loss, grads = grad_fn(params, rest, tokens)
+        def micro(grads_sum, batch):
+            loss, grads = grad_fn(params, rest, *_split_batch(batch))
             return jax.tree.map(jnp.add, grads_sum, grads), loss
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -102,10 +125,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, jax.Array], jax.Array]:
-    """eval(params, rest, batch_BxT1) -> [sum of NLL, token count] (float32)."""
+    """eval(params, rest, batch_BxT1) -> [sum of NLL, token count] (float32); the batch may be
+    {"tokens": ..., "segment_ids": ...} (packed rows, ``next_token_loss``)."""
 
-    def evaluate(params, rest, tokens_BxT1):
-        mean, count = next_token_loss(nnx.merge(graphdef, params, rest), tokens_BxT1)
+    def evaluate(params, rest, batch_BxT1):
+        mean, count = next_token_loss(nnx.merge(graphdef, params, rest), *_split_batch(batch_BxT1))
         return jnp.stack([mean * count, count])
 
     return evaluate

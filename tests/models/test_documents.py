@@ -2,6 +2,7 @@
 ids, every document of a packed row computes what it computes run alone in its own row, for
 every model, in float64; without them the later documents see the earlier ones."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -145,3 +146,42 @@ def test_unaligned_document_start_is_an_error():
         model(jnp.zeros((1, 16), jnp.int32), segment_ids=jnp.asarray(seg))
     with pytest.raises(ValueError, match=r"segment_ids shape \(1, 8\) must be"):
         model(jnp.zeros((1, 16), jnp.int32), segment_ids=jnp.asarray(seg[:, :8]))
+
+
+def test_packed_loss_and_gradients_equal_documents_alone(x64):
+    """train/step.next_token_loss with segment ids: the packed row's loss is the token-weighted
+    mean of its documents' losses run alone (no prediction across a document or of padding), and
+    so are the outer gradients: the restarts route them to every initial state (HopeLM: the
+    coupled memories' scan, M_memory, the CMS levels)."""
+    from nested_jax.train.step import next_token_loss
+
+    name, overrides = CASES["hope"]
+    model = _model(name, overrides)
+    docs = _docs(seed=1)
+    tokens, seg = pack_aligned(docs, T, ALIGN)
+
+    def alone_loss(m, tok):  # float64 (next_token_loss without segment ids is float32)
+        logp = jax.nn.log_softmax(m(tok[:, :-1]))
+        nll = -jnp.take_along_axis(logp, tok[:, 1:, None], axis=-1)
+        return nll.mean(), jnp.asarray(nll.size, nll.dtype)
+
+    def grads(tok, seg=None):
+        def loss(m):
+            return next_token_loss(m, tok, seg) if seg is not None else alone_loss(m, tok)
+
+        (value, count), g = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+        return float(value), float(count), nnx.state(g, nnx.Param)
+
+    packed, n, g_packed = grads(jnp.asarray(tokens), jnp.asarray(seg))
+    assert n == sum(len(d) - 1 for d in docs)
+    want, g_want = 0.0, None
+    for doc in docs:
+        value, count, g = grads(jnp.asarray(doc)[None])
+        want += value * count / n
+        g = jax.tree.map(lambda x, c=count: x * c / n, g)
+        g_want = g if g_want is None else jax.tree.map(jnp.add, g_want, g)
+    assert abs(packed - want) < TOL
+    err = max(float(jnp.max(jnp.abs(a - b)))
+              for a, b in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_want), strict=True))
+    print(f"hope: |loss diff| {abs(packed - want):.2e}, max |grad diff| {err:.2e}")
+    assert err < TOL
