@@ -2,8 +2,12 @@
 
     model = nested_jax.models.create("transformer", "small", rngs=nnx.Rngs(0), vocab_size=256)
     logits_BxTxV = model(tokens_BxT)                      # float32
+    logits_BxTxV = model(tokens_BxT, segment_ids=seg_BxT) # packed rows: documents kept apart
     state = model.init_state(batch_size)
     logits_BxV, state = model.decode_step(state, tokens_B)
+
+Packed rows (``documents.py``, ``packing.pack_aligned``): documents start at multiples of
+``config.document_alignment()``.
 
 A model file adds itself with `@register(name, ConfigClass)` (see `registry.py`);
 `create` finds files added to this package without any edit here.
