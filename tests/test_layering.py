@@ -1,6 +1,7 @@
 """The package layering: `kernels/` is a leaf (plain arrays; it imports
-nothing from the engine or the models), and models reach the kernels only through the engine's
-front door, `memory.apply(path="pallas")`."""
+nothing from the engine or the models), and models reach the memory kernels only through the
+engine's front door, `memory.apply(path="pallas")`.  The one kernel a model calls itself is
+softmax attention's (`kernels/splash.py`): attention has no engine in between."""
 
 import ast
 import pathlib
@@ -30,7 +31,11 @@ def _imports(package: str) -> dict[str, set[str]]:
     ("memory", ("nested_jax.models", "nested_jax.train")),
 ])
 def test_no_import_runs_against_the_layering(package, forbidden):
-    bad = {f: sorted(n for n in names if n.startswith(forbidden))
+    # `from nested_jax.kernels import splash` lists the package too; any other name it
+    # imports from there is still caught.
+    allowed = ({"nested_jax.kernels", "nested_jax.kernels.splash"} if package == "models"
+               else set())
+    bad = {f: sorted(n for n in names if n.startswith(forbidden) and n not in allowed)
            for f, names in _imports(package).items()}
     assert not {f: n for f, n in bad.items() if n}, bad
 

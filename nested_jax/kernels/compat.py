@@ -9,6 +9,8 @@ Everything version-dependent lives here so the kernels read the same on every ja
 * TPU interpret mode: ``pltpu.InterpretParams`` or ``pltpu.TPUInterpretParams``; ``None`` where
   neither exists (the generic ``interpret=True`` is used then).
 * ``jax.shard_map`` (>= 0.7, ``check_vma``) or ``jax.experimental.shard_map`` (``check_rep``).
+* The context mesh (``jax.set_mesh``) and the mesh axes a kernel's batch and heads split over
+  (``context_mesh``, ``mesh_axes``: shared by the memory kernels and splash attention).
 """
 
 from __future__ import annotations
@@ -83,5 +85,30 @@ def reshard_explicit(tree, specs, mesh):
     return jax.tree.map(reshard, tree, specs)
 
 
-__all__ = ["pl", "pltpu", "reshard_explicit", "shard_map", "tpu_interpret", "tpu_params",
-           "triton_params", "vmem_scratch"]
+def context_mesh():
+    """The mesh set by ``jax.set_mesh``, unless trivial or we already run inside a shard_map
+    (Manual axes: the arrays are per-shard already, so the kernel runs on them as they are)."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    if mesh is None or not getattr(mesh, "axis_names", ()) or mesh.size <= 1:
+        return None
+    if any("Manual" in str(t) for t in getattr(mesh, "axis_types", ())):
+        return None
+    return mesh
+
+
+def mesh_axes(mesh, batch: int, heads: int, batch_axes, head_axis):
+    """Mesh axes that shard batch and heads: present, non-trivial, and dividing the dims."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes")
+                     else mesh.devices.shape, strict=True))
+    b_axes, used = [], 1
+    for a in batch_axes:
+        if sizes.get(a, 1) > 1 and batch % (used * sizes[a]) == 0:
+            b_axes.append(a)
+            used *= sizes[a]
+    h_axis = head_axis if sizes.get(head_axis, 1) > 1 and heads % sizes[head_axis] == 0 else None
+    return (tuple(b_axes) or None), h_axis
+
+
+__all__ = ["context_mesh", "mesh_axes", "pl", "pltpu", "reshard_explicit", "shard_map",
+           "tpu_interpret", "tpu_params", "triton_params", "vmem_scratch"]

@@ -133,29 +133,9 @@ def _local(level: Level, pl_: plan.Plan, chunk_size: int, dual, state, q, k, v, 
     return jnp.concatenate([o, o_t.astype(o.dtype)], axis=1), state
 
 
-def _context_mesh():
-    """The mesh set by ``jax.set_mesh``, unless trivial or we already run inside a shard_map
-    (Manual axes: the arrays are per-shard already, so the kernel runs on them as they are)."""
-    get = getattr(jax.sharding, "get_abstract_mesh", None)
-    mesh = get() if get is not None else None
-    if mesh is None or not getattr(mesh, "axis_names", ()) or mesh.size <= 1:
-        return None
-    if any("Manual" in str(t) for t in getattr(mesh, "axis_types", ())):
-        return None
-    return mesh
-
-
-def _mesh_axes(mesh, batch: int, heads: int, batch_axes, head_axis):
-    """Mesh axes that shard batch and heads: present, non-trivial, and dividing the dims."""
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes")
-                     else mesh.devices.shape, strict=True))
-    b_axes, used = [], 1
-    for a in batch_axes:
-        if sizes.get(a, 1) > 1 and batch % (used * sizes[a]) == 0:
-            b_axes.append(a)
-            used *= sizes[a]
-    h_axis = head_axis if sizes.get(head_axis, 1) > 1 and heads % sizes[head_axis] == 0 else None
-    return (tuple(b_axes) or None), h_axis
+# The mesh helpers are shared with the attention kernel (kernels/splash.py).
+_context_mesh = compat.context_mesh
+_mesh_axes = compat.mesh_axes
 
 
 def plan_for(level: Level, q, k, v, chunk_size: int, impl: str = "auto", kernel: str = "auto",

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nested_jax.kernels import splash
 from nested_jax.models import documents
 
 Initializer = Callable[..., jax.Array]
@@ -153,12 +154,34 @@ def blockwise_attention(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: j
     return out.swapaxes(0, 1).reshape(B, n * block, H, K)[:, :T]
 
 
+def xla_impl(impl: str | None) -> str | None:
+    """``jax.nn.dot_product_attention``'s implementation for ``attention_impl``: the splash
+    settings, where they do not run the kernel, take the default path (None, XLA picks)."""
+    return None if impl in splash.IMPLS else impl
+
+
+def splash_attention(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
+                     impl: str, docs: documents.Documents | None = None) -> jax.Array | None:
+    """Causal attention through the Pallas splash kernel (``kernels/splash.py``) when ``impl``
+    ("auto", "splash", "splash_interpret") picks it for this platform and these shapes; None
+    where "auto" leaves it to XLA.  An impossible "splash" is a ValueError naming
+    ``model.attention_impl`` and the fix."""
+    kind = splash.choose(impl, q_BxTxHxK.shape[1], k_BxTxGxK.shape[1], q_BxTxHxK.dtype)
+    if not kind:
+        return None
+    return splash.attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
+                            doc_ids_BxT=None if docs is None else docs.ids,
+                            interpret=kind == "interpret")
+
+
 class CausalSelfAttention(nnx.Module):
     """Multi-head (or grouped-query) causal attention with RoPE.
 
     Training uses `jax.nn.dot_product_attention(..., is_causal=True)`, which lowers to
     cuDNN flash attention on GPU when `impl="cudnn"`; `impl="blockwise"` is
-    `blockwise_attention` (long sequences where the dense XLA path runs out of memory).
+    `blockwise_attention` (long sequences where the dense XLA path runs out of memory);
+    `impl="splash"` is the Pallas splash (flash) kernel on TPU, `"auto"` the kernel on TPU
+    where the shapes suit it and the default XLA path elsewhere (`splash_attention`).
     Decoding writes one key/value into a fixed-length cache and attends over its first
     `pos + 1` entries.
     """
@@ -189,15 +212,20 @@ class CausalSelfAttention(nnx.Module):
         ``docs.positions``).  With "cudnn" the document mask becomes a dense [B, 1, T, T] bias."""
         B, T, D = x_BxTxD.shape
         q, k, v = self._qkv(x_BxTxD, positions_BxT)
+        if self.impl in splash.IMPLS:
+            out = splash_attention(q, k, v, self.impl, docs)
+            if out is not None:
+                return self.o(out.reshape(B, T, D))
         if self.impl == "blockwise":
             out_BxTxHxK = blockwise_attention(q, k, v,
                                               doc_ids_BxT=None if docs is None else docs.ids)
         elif docs is not None:
             out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, mask=documents.attention_mask(docs),
-                                                       is_causal=True, implementation=self.impl)
+                                                       is_causal=True,
+                                                       implementation=xla_impl(self.impl))
         else:
             out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                       implementation=self.impl)
+                                                       implementation=xla_impl(self.impl))
         return self.o(out_BxTxHxK.reshape(B, T, D))
 
     def decode(self, x_Bx1xD: jax.Array, cache_k_BxSxGxK: jax.Array, cache_v_BxSxGxK: jax.Array,

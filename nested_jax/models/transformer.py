@@ -20,6 +20,9 @@ from nested_jax.models.lm import LanguageModel
 from nested_jax.models.registry import register
 
 
+ATTENTION_IMPLS = (None, "xla", "cudnn", "blockwise", "auto", "splash", "splash_interpret")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TransformerConfig(ModelConfig):
     """Transformer++ hyper-parameters (fields of `ModelConfig` plus these).
@@ -31,7 +34,11 @@ class TransformerConfig(ModelConfig):
       norm_eps: RMSNorm epsilon.
       attention_impl: `jax.nn.dot_product_attention` implementation: None (XLA picks),
         "xla", "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16 only), or "blockwise"
-        (``layers.blockwise_attention``: [512, T] live scores, for long T without a kernel).
+        (``layers.blockwise_attention``: [512, T] live scores, for long T without a kernel);
+        or the Pallas splash (flash) kernel on TPU (``kernels/splash.py``): "splash" (an
+        error off TPU or for a sequence length that is not a multiple of 128), "auto" (splash
+        on TPU where the shapes suit it, else exactly the None path), "splash_interpret"
+        (the kernel interpreted on CPU, for tests).
       remat: rematerialize each block in the backward pass (saves activation memory).
     """
 
@@ -68,10 +75,17 @@ class TransformerConfig(ModelConfig):
         if self.head_dim % 2:
             fail("d_model", self.d_model,
                  f"d_model / n_heads = {self.head_dim} must be even for RoPE")
-        check_choice(self, "attention_impl", (None, "xla", "cudnn", "blockwise"))
+        check_choice(self, "attention_impl", ATTENTION_IMPLS)
         if self.rope_theta <= 0:
             fail("rope_theta", self.rope_theta, "must be positive")
         check_divisible(self, "d_model", "n_heads")
+
+    def check_seq_len(self, seq_len: int, field: str = "seq_len") -> None:
+        super().check_seq_len(seq_len, field)
+        if self.attention_impl in ("splash", "splash_interpret") and seq_len % 128:
+            fail(field, seq_len, f"must be a multiple of 128 for model.attention_impl="
+                 f"{self.attention_impl!r} (the splash kernel's key blocks); use "
+                 f"{max(128, seq_len - seq_len % 128)}, or attention_impl='auto' (XLA there)")
 
     @property
     def head_dim(self) -> int:
