@@ -49,6 +49,7 @@ def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> No
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     first = min((r["seed"] for r in runs), default=0)
     sweep_rows, rows, best_groups = [], [], {}
+    all_lrs = sorted({r["lr"] for r in runs if r["seed"] == first})
     for arm in arms:
         done = {(r["lr"], r["seed"]): r for r in runs if r["arm"] == arm}
         grid = sorted({lr for lr, s in done if s == first})
@@ -56,9 +57,10 @@ def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> No
             best = best_lr(done, first, grid)
         except RuntimeError:
             continue
-        edge = len(grid) > 1 and best in (grid[0], grid[-1])
-        sweep_rows.append((arm, *(f"{done[(lr, first)]['ppl']:.2f}" + (" *" if lr == best else "")
-                                  for lr in grid), "edge of the grid" if edge else "inside"))
+        where = ("not swept (one value)" if len(grid) == 1 else
+                 "edge of the grid" if best in (grid[0], grid[-1]) else "inside")
+        sweep_rows.append((arm, *((f"{done[(lr, first)]['ppl']:.2f}" + (" *" if lr == best else ""))
+                                  if lr in grid else "-" for lr in all_lrs), where))
         group = [r for (lr, s), r in sorted(done.items(), key=lambda kv: kv[0][1]) if lr == best]
         best_groups[arm] = group
         frozen_names = list(group[0]["frozen"])
@@ -76,7 +78,7 @@ def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> No
     notes = os.path.join(HERE, "notes", f"{setup['suite']}.md")
     reading = open(notes).read() if os.path.exists(notes) else "(no notes yet)\n"
     scale = recipes.SCALES[setup["scale"]]
-    grid_cols = [f"lr {lr:g}" for lr in sorted({r["lr"] for r in runs if r["seed"] == first})]
+    grid_cols = [f"lr {lr:g}" for lr in all_lrs]
     body = (
         f"Command: `{command}` (this invocation {total / 60:.1f} min; the tables cover every "
         f"run in `{os.path.basename(log)}` with the same setup)\n\n"
