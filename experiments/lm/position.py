@@ -56,14 +56,15 @@ def windows(tokenizer, length: int, count: int) -> np.ndarray:
 
 
 def losses_by_position(workdir: str, length: int, count: int, batch: int = 4,
-                       freeze: tuple[str, ...] = ()) -> np.ndarray:
+                       freeze: tuple[str, ...] = (), overrides: dict | None = None) -> np.ndarray:
     """Mean next-token loss (nats) at each position 0..length-1 over `count` play windows, for
-    the newest checkpoint in `workdir` (with the named memories frozen: inner rates 0)."""
+    the newest checkpoint in `workdir` (with the named memories frozen: inner rates 0; and any
+    other model `overrides` that leave the parameters' shapes alone, e.g. a CMS retention)."""
     from nested_jax.train.evaluate import freeze_overrides
 
     saved = trainer.saved_config(workdir)
-    run, state, _ = trainer.load_run(workdir, for_training=False,
-                                     model_overrides=freeze_overrides(saved.model, freeze))
+    over = {**freeze_overrides(saved.model, freeze), **(overrides or {})}
+    run, state, _ = trainer.load_run(workdir, for_training=False, model_overrides=over)
     run.model_cfg.check_seq_len(length, field="position_len")
     model_params, rest = state["params"], state["rest"]
 
