@@ -48,13 +48,13 @@ class HopeAttentionConfig(CMSFields, TransformerConfig):
         "small": Preset(23e6, dict(d_model=384, n_layers=6, n_heads=6, d_ff=1024,
                                    max_seq_len=1024)),
         "125M": Preset(125e6, dict(d_model=768, n_layers=12, n_heads=12, d_ff=2560,
-                                   max_seq_len=4096)),
+                                   max_seq_len=4096, attention_impl="auto")),
         "340M": Preset(340e6, dict(d_model=1024, n_layers=24, n_heads=16, d_ff=2816,
-                                   max_seq_len=4096)),
+                                   max_seq_len=4096, attention_impl="auto")),
         "760M": Preset(760e6, dict(d_model=1536, n_layers=24, n_heads=12, d_ff=4096,
-                                   max_seq_len=4096)),
+                                   max_seq_len=4096, attention_impl="auto")),
         "1.3B": Preset(1.3e9, dict(d_model=2048, n_layers=24, n_heads=16, d_ff=5632,
-                                   max_seq_len=4096)),
+                                   max_seq_len=4096, attention_impl="auto")),
     }
 
     def validate(self) -> None:

@@ -15,7 +15,13 @@ Variants:
 
   125M, 340M, 760M, 1.3B   the paper's recipe (Titans/Hope setup: AdamW 4e-4 cosine,
              weight decay 0.1, 0.5M-token batches of 4K tokens, 32k SentencePiece
-             vocabulary, bf16) on your data, FSDP over all devices:
+             vocabulary, bf16) on your data, FSDP over all devices.  Sized for a v5e-16
+             slice (16 GiB per chip): 8 microbatches (one 4K sequence per chip on 16 chips; on
+             N chips 128 / optim.grad_accum must be a multiple of N, e.g. --set
+             optim.grad_accum=4 on 32), every block rematerialised, and the
+             presets' attention_impl="auto" (splash attention on TPU).  Transformer++ and
+             HopeLM 125M fit so (train, eval, decode); Hope-Attention 125M's train step does
+             not yet (experiments/results/tpu_compile.md):
 
                nested-jax train --config lm:760M --model hope \
                    --data /mnt/data/train.array_record-* \
@@ -49,8 +55,9 @@ def get_config(variant: str | None = None) -> TrainConfig:
             eval_batches=16, checkpoint_every=1000, keep_checkpoints=3,
             data=DataConfig(tokenizer="mistral", seq_len=4096, batch_size=128,
                             eval_fraction=0.005),
+            model_overrides={"remat": True},
             optim=OptimConfig(learning_rate=4e-4, warmup_steps=2000, weight_decay=0.1,
-                              b2=0.95, grad_clip=1.0),
+                              b2=0.95, grad_clip=1.0, grad_accum=8),
             mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
     raise ValueError(f"--config lm:{variant}: unknown variant; use cpu_demo, tiny or one of "
                      f"{list(PAPER_SIZES)}")
