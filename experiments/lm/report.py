@@ -126,9 +126,9 @@ def plot(groups: dict, path: str) -> None:
         pos = np.mean([r["position"] for r in group], 0)
         x = np.arange(1, len(pos) + 1)
         ax2.plot(x, _smooth(pos), color=c, label=arm)
-        for name in group[0]["position_frozen"]:
+        for name, ls in zip(group[0]["position_frozen"], ("--", ":", "-."), strict=False):
             frozen = np.mean([r["position_frozen"][name] for r in group], 0)
-            ax2.plot(x, _smooth(frozen), color=c, ls="--", alpha=0.7,
+            ax2.plot(x, _smooth(frozen), color=c, ls=ls, alpha=0.7,
                      label=f"{arm}, {name} frozen")
     ax1.set_xlabel("training step")
     ax1.set_ylabel("held-out loss (nats / token)")
