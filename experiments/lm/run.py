@@ -92,13 +92,13 @@ def arms(a) -> list[tuple[str, str, dict, str]]:
     return [(o, "hope", scale.overrides("hope"), o) for o in a.optimizers or recipes.OPTIMIZERS]
 
 
-def train_config(scale: recipes.Scale, model: str, overrides: dict, optimizer: str, lr: float,
-                 seed: int, steps: int, tokenizer: str):
+def train_config(scale: recipes.Scale, preset: str, model: str, overrides: dict, optimizer: str,
+                 lr: float, seed: int, steps: int, tokenizer: str):
     from nested_jax.train.config import DataConfig, OptimConfig, TrainConfig
 
     quarter = max(steps // 4, 1)
     return TrainConfig(
-        model=model, preset=recipes.PRESET[scale_name(scale)], model_overrides=overrides,
+        model=model, preset=preset, model_overrides=overrides,
         steps=steps, seed=seed, log_every=max(steps // 50, 1), eval_every=quarter,
         eval_batches=scale.eval_batches, checkpoint_every=quarter, keep_checkpoints=1,
         data=DataConfig(tokenizer=tokenizer, seq_len=scale.seq_len, batch_size=scale.batch,
@@ -107,15 +107,11 @@ def train_config(scale: recipes.Scale, model: str, overrides: dict, optimizer: s
                           weight_decay=0.1, b2=0.95, grad_clip=1.0))
 
 
-def scale_name(scale: recipes.Scale) -> str:
-    return next(n for n, s in recipes.SCALES.items() if s is scale)
-
-
 def one_run(cfg, workdir: str, freezes, scale: recipes.Scale) -> dict:
     """Train (or resume) in `workdir`, then score: held-out perplexity, learning and with each
     memory frozen, and the loss by position."""
-    from nested_jax.train import evaluate, metrics, trainer
     from experiments.lm import position
+    from nested_jax.train import evaluate, metrics, trainer
 
     t0 = time.time()
     summary = trainer.train(cfg, workdir, progress=False)
@@ -163,7 +159,8 @@ def main(argv=None) -> None:
                     lr = report.best_lr(report.logged(log, setup, name), a.seeds[0], lrs)
                 if (lr, seed) in done:
                     continue
-                cfg = train_config(scale, model, overrides, optimizer, lr, seed, steps,
+                cfg = train_config(scale, recipes.PRESET[a.scale], model, overrides, optimizer,
+                                   lr, seed, steps,
                                    f"sentencepiece:{os.path.abspath(tok)}")
                 workdir = os.path.join(runs_dir, a.suite, f"{name}-lr{lr:g}-s{seed}")
                 r = one_run(cfg, workdir, FREEZES[model], scale)
