@@ -9,6 +9,10 @@ Training stream (deterministic and checkpointable, `iterator.get_state()`):
 A row of T + 1 tokens gives inputs row[:-1] and targets row[1:]. The held-out stream
 is the same without shuffling, so every evaluation sees the same batches.
 
+With `document_alignment=R` (`data.pack_documents`), concat-then-split gives way to rows of
+whole documents, each starting at a multiple of R, and a batch is {"tokens", "segment_ids"}
+(int32 [B, T + 1], segment id 0 on padding): data/packing.py.
+
 Token shards (`nested-jax prepare-data`, data/shards.py) enter the same stream already
 tokenized: their held-out split is fixed per shard, and each process reads only its own
 shards (`TokenShards.part`) instead of every process_count-th document.
@@ -116,30 +120,48 @@ def _need_grain(docs: Sequence) -> None:
                         "(pip install 'nested_jax[train]')")
 
 
-def _packed_batches(ds, tokenizer: Tokenizer, seq_len: int, batch_size: int, num_threads: int):
+def _packed_batches(ds, tokenizer: Tokenizer, seq_len: int, batch_size: int, num_threads: int,
+                    document_alignment: int | None = None):
     import grain
     from grain.experimental import ConcatThenSplitIterDataset
 
     ds = ds.map(_Encode(tokenizer))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=128))
+    if document_alignment is not None:
+        from nested_jax.data.grain_packing import AlignedRowsIterDataset
+
+        it = AlignedRowsIterDataset(it, seq_len + 1, document_alignment)
+        return it.batch(batch_size, drop_remainder=True)
     it = ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
     return it.map(lambda row: row["tokens"]).batch(batch_size, drop_remainder=True)
 
 
+def _check_alignment(document_alignment: int | None) -> None:
+    if document_alignment is not None and (isinstance(document_alignment, bool) or not isinstance(
+            document_alignment, int | np.integer) or document_alignment < 1):
+        raise ValueError(f"document_alignment={document_alignment!r}: must be a positive int "
+                         "(the model's document_alignment()) or None")
+
+
 def train_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                   seed: int, eval_fraction: float, shard: Shard = Shard(),
-                  num_threads: int = 2) -> Iterator[np.ndarray]:
+                  num_threads: int = 2,
+                  document_alignment: int | None = None) -> Iterator[np.ndarray | dict]:
     """Endless int32 [batch_size, seq_len + 1] batches of this process's training documents.
 
-    The returned iterator has `get_state()` / `set_state()`; restoring a state resumes the
-    exact stream (grain's DatasetIterator, or the numpy fallback's replay).
+    `document_alignment=R`: batches {"tokens", "segment_ids"} of rows of whole documents, each
+    starting at a multiple of R (module docstring). The returned iterator has `get_state()` /
+    `set_state()`; restoring a state resumes the exact stream (grain's DatasetIterator, or
+    the numpy fallback's replay).
     """
+    _check_alignment(document_alignment)
     if not grain_available():
         _need_grain(docs)
         log.warning("grain is not installed: using the numpy fallback pipeline")
         return fallback.PackedBatches(
             fallback.split(docs, heldout_size(len(docs), eval_fraction), "train"), tokenizer,
-            seq_len=seq_len, batch_size=batch_size, seed=seed, shard=(shard.index, shard.count))
+            seq_len=seq_len, batch_size=batch_size, seed=seed, shard=(shard.index, shard.count),
+            document_alignment=document_alignment)
     if isinstance(docs, shards.TokenShards):
         ds = _shard_part(docs, eval_fraction, "train", shard)
     else:
@@ -148,25 +170,29 @@ def train_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, ba
         raise DataError(f"data: process {shard.index} of {shard.count} got no documents; use "
                          "more documents than processes")
     ds = ds.shuffle(seed).repeat(None)
-    return iter(_packed_batches(ds, tokenizer, seq_len, batch_size, num_threads))
+    return iter(_packed_batches(ds, tokenizer, seq_len, batch_size, num_threads,
+                                document_alignment))
 
 
 def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                  num_batches: int, eval_fraction: float, split: str = "heldout",
-                 shard: Shard = Shard()) -> list[np.ndarray]:
+                 shard: Shard = Shard(),
+                 document_alignment: int | None = None) -> list[np.ndarray | dict]:
     """The first `num_batches` int32 [batch_size, seq_len + 1] batches of a split, unshuffled.
 
     `split` is "heldout" (the documents training never sees) or "all". A split shorter
-    than `num_batches` batches is cycled.
+    than `num_batches` batches is cycled. `document_alignment`: as in `train_batches`.
     """
     if split not in ("heldout", "all"):
         raise ValueError(f"split={split!r}: use 'heldout' or 'all'")
+    _check_alignment(document_alignment)
     if not grain_available():
         _need_grain(docs)
         n_eval = heldout_size(len(docs), eval_fraction)
         part = fallback.split(docs, n_eval, split)
         it = fallback.PackedBatches(part, tokenizer, seq_len=seq_len, batch_size=batch_size,
-                                    seed=None, shard=(shard.index, shard.count))
+                                    seed=None, shard=(shard.index, shard.count),
+                                    document_alignment=document_alignment)
         return [next(it) for _ in range(num_batches)]
     if isinstance(docs, shards.TokenShards):  # this process's shards, or all if some get none
         ds = _shard_part(docs, eval_fraction, split, shard, whole_if_short=True)
@@ -179,7 +205,8 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, bat
                         split, len(ds), shard.count)
     if len(ds) == 0:
         raise DataError(f"data: the {split} split has no documents")
-    it = iter(_packed_batches(ds.repeat(None), tokenizer, seq_len, batch_size, num_threads=1))
+    it = iter(_packed_batches(ds.repeat(None), tokenizer, seq_len, batch_size, num_threads=1,
+                              document_alignment=document_alignment))
     return [next(it) for _ in range(num_batches)]
 
 
