@@ -229,6 +229,22 @@ def test_each_host_trains_on_its_own_shards_through_grain(tmp_path, opened):
     assert np.array_equal(next(it), following)
 
 
+def test_shards_feed_packed_rows_of_whole_documents(tmp_path):
+    """data.pack_documents from token shards: the same aligned rows as from the documents'
+    ids (pack_aligned's layout), each closed by the end-of-document id."""
+    from nested_jax.models.packing import pack_aligned
+
+    _prepare(_corpus(tmp_path / "data"), tmp_path / "shards")
+    docs = sources.load_documents(str(tmp_path / "shards"))
+    batches = pipeline.eval_batches(docs, TOK, seq_len=31, batch_size=4, num_batches=6,
+                                    eval_fraction=0.0, split="all", document_alignment=8)
+    want_tok, want_seg = pack_aligned(
+        [np.append(docs[i], TOK.eos_id) for i in range(len(docs))], 32, 8)
+    np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in batches]), want_tok[:24])
+    np.testing.assert_array_equal(np.concatenate([b["segment_ids"] for b in batches]),
+                                  want_seg[:24])
+
+
 def test_fewer_shards_than_hosts_still_split_disjointly(tmp_path, caplog):
     _prepare(_corpus(tmp_path / "data"), tmp_path / "shards", num_shards=1)
     docs = sources.load_documents(str(tmp_path / "shards"))
