@@ -188,6 +188,13 @@ def _analyse(step: str, lower) -> StepReport:
                       float(cost.get("bytes accessed", 0.0)))
 
 
+def _batch_struct(cfg: TrainConfig, shape: tuple[int, ...], sharding_: Any):
+    """The batch the step will get: int32 tokens, or with data.pack_documents the packed
+    {"tokens", "segment_ids"} (document masks and resets are part of the compiled step)."""
+    tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding_)
+    return {"tokens": tokens, "segment_ids": tokens} if cfg.data.pack_documents else tokens
+
+
 def compile_for(cfg: TrainConfig, topology: str, num_slices: int = 1,
                 steps: tuple[str, ...] = STEPS) -> CompileReport:
     """Compile the chosen steps of ``cfg`` for a TPU topology; errors name the bad option."""
@@ -203,14 +210,13 @@ def compile_for(cfg: TrainConfig, topology: str, num_slices: int = 1,
     trainer.check_batch(cfg, run.mesh)
     micro = cfg.data.batch_size // cfg.optim.grad_accum
     T1 = cfg.data.seq_len + 1
-    int_struct = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)
     params, rest = run.abstract_state["params"], run.abstract_state["rest"]
     lowerings = {
         "train": lambda: trainer.train_jit(run).lower(
             run.abstract_state,
-            int_struct((cfg.optim.grad_accum, micro, T1), run.batch_sharding)),
+            _batch_struct(cfg, (cfg.optim.grad_accum, micro, T1), run.batch_sharding)),
         "eval": lambda: trainer.eval_jit(run).lower(
-            params, rest, int_struct((micro, T1), run.eval_sharding)),
+            params, rest, _batch_struct(cfg, (micro, T1), run.eval_sharding)),
         "decode": lambda: _decode_lowering(run, params, rest, micro),
     }
     from nested_jax.kernels import target_platform  # kernels plan for the target chips

@@ -44,6 +44,10 @@ class DataConfig:
       num_threads: grain reader threads per process.
       decode_errors: "strict" refuses a file that is not UTF-8 text (naming the file and
         the byte offset); "replace" decodes it lossily (U+FFFD for bad bytes, NULs dropped).
+      pack_documents: rows of whole documents, each starting at a multiple of the model's
+        `document_alignment()`, with segment ids (0 = padding), so the model runs every
+        document as if alone and no memory carries one into the next (docs/decisions.md #23).
+        False: documents are concatenated and split into rows (no padding).
     """
 
     path: str = "builtin:wikipedia"
@@ -54,10 +58,13 @@ class DataConfig:
     text_field: str = "text"
     num_threads: int = 2
     decode_errors: str = "strict"
+    pack_documents: bool = False
 
     def __post_init__(self):
         _finite(self, "data.")
         check_positive(self, "seq_len", "batch_size", "num_threads", prefix="data.")
+        if not isinstance(self.pack_documents, bool):
+            fail("data.pack_documents", self.pack_documents, "must be true or false")
         if self.decode_errors not in ("strict", "replace"):
             fail("data.decode_errors", self.decode_errors, "must be strict or replace")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -72,7 +72,8 @@ def evaluate_checkpoint(workdir: str, *, data_path: str | None = None,
     batches = data_lib.eval_batches(
         run.documents, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
         num_batches=cfg.eval_batches if num_batches is None else num_batches,
-        eval_fraction=cfg.data.eval_fraction, split=split)
+        eval_fraction=cfg.data.eval_fraction, split=split,
+        document_alignment=trainer.document_alignment(cfg, run.model_cfg))
     loss, ppl = trainer.perplexity(run, state, batches, trainer.make_eval_fn(run))
     log.info("step %d, %s split of %s: loss %.4f", step, split, path, loss)
     return {"step": step, "loss": loss, "perplexity": ppl}

@@ -179,6 +179,24 @@ def check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
              f"each microbatch ({micro}) must split evenly over {jax.process_count()} processes")
 
 
+def document_alignment(cfg: TrainConfig, model_cfg: ModelConfig) -> int | None:
+    """R for the data pipeline with data.pack_documents (rows of whole documents, each at a
+    multiple of R), None without it (concatenated documents)."""
+    return model_cfg.document_alignment() if cfg.data.pack_documents else None
+
+
+def check_packing(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """data.pack_documents needs room for more than one document start per row."""
+    align = document_alignment(cfg, model_cfg)
+    if align is not None and align > cfg.data.seq_len:
+        fail("data.pack_documents", True,
+             f"the model's document alignment is {align} ({model_cfg.alignment_reason()}), "
+             f"more than data.seq_len={cfg.data.seq_len}: a document may start only at a "
+             "multiple of it, so every row would hold one document and padding. Raise "
+             f"data.seq_len to a multiple of {align}, lower those model fields, or set "
+             "data.pack_documents=false")
+
+
 def prepare(cfg: TrainConfig, workdir: epath.PathLike,
             devices: Sequence[jax.Device] | None = None, *, for_training: bool = True) -> Run:
     """Validate `cfg` and build the (abstract) run. Raises ValueError naming the bad field.
@@ -197,6 +215,7 @@ def prepare(cfg: TrainConfig, workdir: epath.PathLike,
         documents.check_tokenizer(tokenizer, cfg.data.tokenizer)
     model_cfg = model_config(cfg, tokenizer)
     model_cfg.check_seq_len(cfg.data.seq_len, field="data.seq_len")
+    check_packing(cfg, model_cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     if for_training:
         check_batch(cfg, mesh)
@@ -294,19 +313,29 @@ def checkpoint_check(run: Run, *, model_config: bool, config: bool, reschedule: 
 # ---- arrays in and out --------------------------------------------------------------------------
 
 
-def global_batch(local_BxT1: np.ndarray, run: Run) -> jax.Array:
-    """Host-local [B_local, T+1] -> global [A, B / A, T+1] sharded over the batch axes."""
+def global_batch(local_BxT1: np.ndarray | dict, run: Run) -> jax.Array | dict:
+    """Host-local [B_local, T+1] -> global [A, B / A, T+1] sharded over the batch axes; a
+    packed batch {"tokens", "segment_ids"} (data.pack_documents) array by array."""
     a = run.cfg.optim.grad_accum
-    local = local_BxT1.reshape(a, local_BxT1.shape[0] // a, local_BxT1.shape[1])
-    return jax.make_array_from_process_local_data(run.batch_sharding, local)
+
+    def one(local_BxT1: np.ndarray) -> jax.Array:
+        local = local_BxT1.reshape(a, local_BxT1.shape[0] // a, local_BxT1.shape[1])
+        return jax.make_array_from_process_local_data(run.batch_sharding, local)
+
+    return jax.tree.map(one, local_BxT1)
 
 
-def perplexity(run: Run, state: dict, batches: list[np.ndarray], eval_fn) -> tuple[float, float]:
-    """(mean NLL in nats/token, perplexity) over held-out batches."""
+def eval_batch(local_BxT1: np.ndarray | dict, run: Run) -> jax.Array | dict:
+    """Host-local [B_local, T+1] (or a packed batch's arrays) -> global [B, T+1]."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(run.eval_sharding, x), local_BxT1)
+
+
+def perplexity(run: Run, state: dict, batches: list, eval_fn) -> tuple[float, float]:
+    """(mean NLL in nats/token, perplexity) over held-out batches (arrays or packed dicts)."""
     total = np.zeros(2)
     for b in batches:
-        tokens = jax.make_array_from_process_local_data(run.eval_sharding, b)
-        total += np.asarray(eval_fn(state["params"], state["rest"], tokens))
+        total += np.asarray(eval_fn(state["params"], state["rest"], eval_batch(b, run)))
     loss = float(total[0] / total[1])
     return loss, math.exp(min(loss, 700.0))
 
@@ -462,15 +491,17 @@ def _train(cfg, workdir, devices, progress, primary, *, restart=False,
 
     shard = data_lib.Shard(jax.process_index(), jax.process_count())
     local_batch = cfg.data.batch_size // jax.process_count()
+    align = document_alignment(cfg, run.model_cfg)
     data_it = data_lib.train_batches(
         run.documents, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=local_batch,
         seed=cfg.seed, eval_fraction=cfg.data.eval_fraction, shard=shard,
-        num_threads=cfg.data.num_threads)
+        num_threads=cfg.data.num_threads, document_alignment=align)
     heldout = []
     if cfg.data.eval_fraction > 0:
         heldout = data_lib.eval_batches(
             run.documents, run.tokenizer, seq_len=cfg.data.seq_len, batch_size=local_batch,
-            num_batches=cfg.eval_batches, eval_fraction=cfg.data.eval_fraction, shard=shard)
+            num_batches=cfg.eval_batches, eval_fraction=cfg.data.eval_fraction, shard=shard,
+            document_alignment=align)
 
     if primary:  # a read-only or full checkpoint disk fails here, before any compilation
         workdir_lib.ensure_writable_dir(workdir / "checkpoints", "checkpoint directory")
