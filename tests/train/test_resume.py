@@ -6,7 +6,9 @@ every step; the resumed loss curve must equal the uninterrupted one bitwise.
 """
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,3 +188,23 @@ def test_eval_and_generate_never_disturb_a_live_run(tmp_path):
     out, err = _communicate(proc)
     assert proc.returncode == 0, err[-3000:]
     assert not (workdir / "checkpoints.corrupt").exists()
+
+
+def test_packed_documents_resume_bitwise(tmp_path):
+    """data.pack_documents (Titans: documents at multiples of its chunk, 8): a run resumed
+    from a checkpoint, the data iterator's state included, continues the uninterrupted loss
+    curve bit for bit."""
+    data = write_corpus(tmp_path / "data")
+    workdir = tmp_path / "packed"
+    packed = ["--model", "titans", "--set", "data.pack_documents=true"]
+    _run = lambda: subprocess.run(_args(data, workdir, 8) + packed, env=_env(),
+                                  capture_output=True, text=True, timeout=300)
+    out = _run()  # checkpoints at 4 and 8
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = _losses(workdir)
+    assert sorted(want) == list(range(1, 9)) and all(math.isfinite(v) for v in want.values())
+    shutil.rmtree(workdir / "checkpoints" / "8")  # as if killed after saving step 4
+    out = _run()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from the checkpoint at step 4" in out.stderr
+    assert _losses(workdir) == want
