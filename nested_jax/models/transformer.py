@@ -19,7 +19,6 @@ from nested_jax.models.config import ModelConfig, Preset
 from nested_jax.models.lm import LanguageModel
 from nested_jax.models.registry import register
 
-
 ATTENTION_IMPLS = (None, "xla", "cudnn", "blockwise", "auto", "splash", "splash_interpret")
 
 
