@@ -162,6 +162,14 @@ class SelfModifyingFields:
       normalize_v: v = l2(M_v(x)) (default; stability) or the paper-literal v = M_v(x).
       ema_momentum: eta_t carries a factor (1 - beta_t), so eta / (1 - beta) <= eta_max.
       memory_init_scale: s of the initial W1 ~ N(0, s^2 / F) of every memory (0 = identity).
+      key_shift: the k memory's conv starts on the previous token (its identity tap at t - 1,
+        not t), so k_t ~ l2(x_{t-1}) while v_t ~ l2(x_t): M_memory starts out storing
+        transitions x_{t-1} -> x_t instead of x_t -> ~x_t, which the residual memory already
+        computes (module notes).  Needs an adaptive k with its own conv group (separate_conv,
+        not static_k) and conv_width >= 2.
+      q_identity: W_q starts as the identity (plus N(0, 0.02)), so q_t ~ l2(x_t) lives in the
+        coordinates of k and v, whose memories start near the identity, instead of a random
+        projection of them.
       memory_path: engine path of every memory: "dual" (matmul form) or "chunked" (generic).
       memory_read: how M_memory is read: "online" (o_t = M_t(q_t), after token t's own write;
         default) or "prior" (o_t = M_{t-1}(q_t), the paper's strictly causal read,
@@ -196,6 +204,8 @@ class SelfModifyingFields:
     separate_conv: bool = True
     ema_momentum: bool = True
     memory_init_scale: float = 0.5
+    key_shift: bool = False
+    q_identity: bool = False
     memory_path: str = "dual"
     memory_read: str = "online"
     remat_group: int = 0
@@ -280,12 +290,15 @@ def validate_fields(cfg) -> None:
              "memories at init, whose self-generated targets give no signal)")
     for name in ("dgd", "momentum", "weight_decay", "stop_grad", "static_k", "static_v",
                  "adaptive_q", "normalize_v", "normalize_target", "separate_conv",
-                 "ema_momentum", "memory_self_target", "reflect"):
+                 "ema_momentum", "memory_self_target", "reflect", "key_shift", "q_identity"):
         if not isinstance(getattr(cfg, name), bool):
             fail(name, getattr(cfg, name), "must be a bool")
     if cfg.reflect and not (cfg.dgd and cfg.inner_rule in ("delta", "dgd_all")):
         fail("reflect", cfg.reflect, "doubles the Sherman-Morrison step of inner_rule='delta' or "
              "'dgd_all' with dgd=True; set those or leave reflect=False")
+    if cfg.key_shift and (cfg.static_k or not cfg.separate_conv or cfg.conv_width < 2):
+        fail("key_shift", cfg.key_shift, "shifts the adaptive k memory's own conv taps; it needs "
+             "static_k=False, separate_conv=True and conv_width >= 2 (or set key_shift=False)")
     check_choice(cfg, "memory_path", PATHS)
     check_choice(cfg, "memory_read", READS)
     check_choice(cfg, "inner_rule", INNER_RULES)
@@ -346,9 +359,14 @@ class SelfModifyingTitans(nnx.Module):
         D, H, K, F, N = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.hidden, len(cfg.coupled)
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.conv = nnx.Param(_conv_init(rngs.params(), (cfg.conv_width, cfg.conv_groups, D), pdt),
-                              logical_axes=(None, None, "embed"))
+        conv = _conv_init(rngs.params(), (cfg.conv_width, cfg.conv_groups, D), pdt)
+        if cfg.key_shift:  # k's group (after q's) moves its identity tap to token t - 1
+            g = 1 + cfg.coupled.index("k")
+            conv = conv.at[-1, g].add(-1.0).at[-2, g].add(1.0)
+        self.conv = nnx.Param(conv, logical_axes=(None, None, "embed"))
         self.q_proj = layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
+        if cfg.q_identity:
+            self.q_proj.kernel[...] = self.q_proj.kernel[...] + jnp.eye(D, dtype=pdt)
         proj = lambda: layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
         self.k_proj = proj() if cfg.static_k else None  # "k static" ablation
         self.v_proj = proj() if cfg.static_v else None  # "v static" ablation
