@@ -345,7 +345,43 @@ def test_gradients_match_finite_differences(x64):
     ({"remat_group": -2}, "remat_group"),
     ({"dgd": 1}, "dgd"),
     ({"memory_dtype": "int8"}, "memory_dtype"),
+    ({"key_shift": 1}, "key_shift"),
+    ({"key_shift": True, "static_k": True}, "key_shift"),
+    ({"key_shift": True, "separate_conv": False}, "key_shift"),
+    ({"key_shift": True, "conv_width": 1}, "key_shift"),
+    ({"q_identity": 1}, "q_identity"),
 ])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"^{field}="):
         SelfModifyingConfig(**{"d_model": 16, "n_heads": 4, **overrides})
+
+
+def _reads_of_next_token(monkeypatch, **overrides):
+    """Mean cos(o_t, x_{t+1}) of M_memory's read on the first and on the second pass of a
+    sequence of 8 random unit vectors seen twice, for a freshly initialised layer (identity
+    memories, per-token chunks, the default gates)."""
+    cfg = SelfModifyingConfig(d_model=32, n_heads=1, chunk_memory=1, chunk_other=1,
+                              memory_init_scale=0.0, **overrides)
+    layer = SelfModifyingTitans(cfg, out_std=0.1, rngs=nnx.Rngs(0))
+    seen = []
+    output = SelfModifyingTitans._output
+    monkeypatch.setattr(SelfModifyingTitans, "_output",
+                        lambda self, o, x: (seen.append(np.array(o)), output(self, o, x))[1])
+    a = np.random.default_rng(0).normal(size=(8, 32))
+    x_TxD = np.concatenate([a, a]) / np.linalg.norm(np.concatenate([a, a]), axis=1)[:, None]
+    layer(jnp.asarray(x_TxD[None], jnp.float32))
+    o_TxK = seen[0][0, :, 0] / np.linalg.norm(seen[0][0, :, 0], axis=-1, keepdims=True)
+    cos = np.sum(o_TxK[:-1] * x_TxD[1:], axis=-1)
+    return cos[:7].mean(), cos[8:15].mean()
+
+
+def test_key_shift_and_q_identity_read_the_continuation_at_init(monkeypatch):
+    """key_shift + q_identity: k_t ~ x_{t-1}, v_t ~ x_t, q_t ~ x_t, so M_memory stores
+    transitions and, on a repeated sequence, its read at x_i turns toward the x_{i+1} that
+    followed before (an induction read before any training).  The default init stores
+    x -> ~x (k ~ v) and reads nothing of the continuation."""
+    first, second = _reads_of_next_token(monkeypatch, key_shift=True, q_identity=True)
+    assert second > 0.2 and second > first + 0.15, (first, second)
+    for overrides in ({}, {"key_shift": True}, {"q_identity": True}):
+        first, second = _reads_of_next_token(monkeypatch, **overrides)
+        assert abs(second) < 0.1, (overrides, first, second)
