@@ -89,6 +89,17 @@ Readings of points the paper leaves open (recorded in docs/paper_map/models.md):
     5.9% (scale 1, self-target), 16.1% (10, self-target), 24.8% (10, v), 34.6% (100, v; seed 1:
     36.2%), 20.0% (1000, v).  ``memory_self_target=True, memory_eta_scale=1`` is the
     paper-literal reading (eq. 84 for every memory, one eta);
+  * k and v must not start equal (decisions.md #24).  With every conv tap at the current token
+    and M_k, M_v near the identity, k_t ~ v_t ~ l2(x_t): M_memory then stores x -> ~x, which
+    its residual read already computes, so its writes change nothing.  Outer training does not
+    leave that point on language: in the LM suite's trained HopeLM (400 steps) cos(k_t, v_t) is
+    0.98 in every layer, the writes move the read by 1-4%, and freezing them costs 0.03
+    perplexity.  ``key_shift`` starts k's own conv taps on the previous token and
+    ``q_identity`` starts W_q at the identity, so k_t ~ x_{t-1}, v_t ~ x_t, q_t ~ x_t: M_memory
+    stores transitions and reads, at x_t, what followed x_t before -- an induction read before
+    any training (tests/models/test_self_modifying.py).  Measured: MQAR with CMS frozen, 400
+    steps, 34.6% -> 99.9%; HopeLM (2 layers, 1000 steps) freezing the self-modifying memories
+    costs 14.5 perplexity instead of ~0 (experiments/results/lm_init_probe.md);
   * the output gate is silu(x W_g) of the block's (normalised, pre-conv) input, as in GatedDeltaNet;
   * the conv starts as the identity (current-token tap 1, others ~N(0, 0.02)).
 """
@@ -165,11 +176,12 @@ class SelfModifyingFields:
       key_shift: the k memory's conv starts on the previous token (its identity tap at t - 1,
         not t), so k_t ~ l2(x_{t-1}) while v_t ~ l2(x_t): M_memory starts out storing
         transitions x_{t-1} -> x_t instead of x_t -> ~x_t, which the residual memory already
-        computes (module notes).  Needs an adaptive k with its own conv group (separate_conv,
-        not static_k) and conv_width >= 2.
+        computes (module notes; decisions.md #24).  Default on.  A no-op where k has no conv
+        taps of its own (static_k, separate_conv=False) or there is no previous tap
+        (conv_width=1).
       q_identity: W_q starts as the identity (plus N(0, 0.02)), so q_t ~ l2(x_t) lives in the
         coordinates of k and v, whose memories start near the identity, instead of a random
-        projection of them.
+        projection of them (decisions.md #24).  Default on; a no-op with adaptive_q.
       memory_path: engine path of every memory: "dual" (matmul form) or "chunked" (generic).
       memory_read: how M_memory is read: "online" (o_t = M_t(q_t), after token t's own write;
         default) or "prior" (o_t = M_{t-1}(q_t), the paper's strictly causal read,
@@ -204,8 +216,8 @@ class SelfModifyingFields:
     separate_conv: bool = True
     ema_momentum: bool = True
     memory_init_scale: float = 0.5
-    key_shift: bool = False
-    q_identity: bool = False
+    key_shift: bool = True
+    q_identity: bool = True
     memory_path: str = "dual"
     memory_read: str = "online"
     remat_group: int = 0
@@ -296,9 +308,6 @@ def validate_fields(cfg) -> None:
     if cfg.reflect and not (cfg.dgd and cfg.inner_rule in ("delta", "dgd_all")):
         fail("reflect", cfg.reflect, "doubles the Sherman-Morrison step of inner_rule='delta' or "
              "'dgd_all' with dgd=True; set those or leave reflect=False")
-    if cfg.key_shift and (cfg.static_k or not cfg.separate_conv or cfg.conv_width < 2):
-        fail("key_shift", cfg.key_shift, "shifts the adaptive k memory's own conv taps; it needs "
-             "static_k=False, separate_conv=True and conv_width >= 2 (or set key_shift=False)")
     check_choice(cfg, "memory_path", PATHS)
     check_choice(cfg, "memory_read", READS)
     check_choice(cfg, "inner_rule", INNER_RULES)
@@ -360,12 +369,13 @@ class SelfModifyingTitans(nnx.Module):
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
         conv = _conv_init(rngs.params(), (cfg.conv_width, cfg.conv_groups, D), pdt)
-        if cfg.key_shift:  # k's group (after q's) moves its identity tap to token t - 1
+        if cfg.key_shift and "k" in cfg.coupled and cfg.separate_conv and cfg.conv_width > 1:
+            # k's own group (group 0 serves q) moves its identity tap to token t - 1
             g = 1 + cfg.coupled.index("k")
             conv = conv.at[-1, g].add(-1.0).at[-2, g].add(1.0)
         self.conv = nnx.Param(conv, logical_axes=(None, None, "embed"))
         self.q_proj = layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
-        if cfg.q_identity:
+        if cfg.q_identity and not cfg.adaptive_q:
             self.q_proj.kernel[...] = self.q_proj.kernel[...] + jnp.eye(D, dtype=pdt)
         proj = lambda: layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
         self.k_proj = proj() if cfg.static_k else None  # "k static" ablation
