@@ -14,12 +14,14 @@ MQAR = tasks.MQAR(n_pairs=8, seq_len=64, vocab=64)
 
 def test_hope_self_modifying_memories_learn_recall():
     """Hope with CMS frozen (cms_lr = 0), 400 steps (~5 min on 2 cores): the self-modifying
-    memories alone lift recall far above the frozen-memory score of the same weights (measured
-    with the defaults of decisions #21: 34.6% / 36.2% against 3.1% / 3.0%, seeds 0 and 1; with
-    one shared eta bound of 0.1 and M_memory on its self-generated target it was 5.9%)."""
+    memories alone recall almost every key, and the same weights with them frozen are at
+    chance.  Measured with the defaults of decisions #24 (k from the previous token, W_q at
+    the identity): 99.9% / 99.95% against 3.1% / 2.7% frozen at eval, seeds 0 and 1
+    (`experiments/results/icl_mqar_keyshift.md`); the #21 initialisation reached 34.6% / 36.2%,
+    and one eta bound of 0.1 with M_memory on its self-generated target 5.9%."""
     r = train.run(MQAR, "hope", "tiny", "sm_only", seed=0, steps=400)
     assert r.skipped == 0
-    assert r.accuracy > r.accuracy_frozen_eval + 0.15, r
+    assert r.accuracy > 0.95 and r.accuracy_frozen_eval < 0.1, r
 
 
 def test_titans_trains_finite_and_learns_recall():
