@@ -2,7 +2,8 @@
 
 Every parameter carries `logical_axes` metadata (names such as "embed", "mlp",
 "heads", "vocab"); `nested_jax.train.sharding` maps those names to mesh axes through
-one rules table. Model code never names a mesh axis.
+one rules table. Model code names a mesh axis in one place only: `shard_batch`, which keeps
+activations split over the batch's mesh axes when a mesh is set.
 
 Shape suffixes: B batch, T query length, S key/cache length, D d_model, H heads,
 G kv heads, K head dim, F mlp width, V vocab.
@@ -21,6 +22,10 @@ from nested_jax.kernels import splash
 from nested_jax.models import documents
 
 Initializer = Callable[..., jax.Array]
+# The mesh axes a batch is split over: the "batch" rule of `nested_jax.train.sharding` (and
+# the splash kernel's BATCH_AXES), restated because models do not import the trainer;
+# tests/models/test_activation_sharding.py checks that they agree.
+BATCH_AXES = ("data", "fsdp")
 normal = nnx.initializers.normal
 # flax >= 0.12 wants module lists wrapped; older versions take a plain list.
 ModuleList = getattr(nnx, "List", list)
@@ -48,6 +53,35 @@ def rms_normalize(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
     scale = scale.astype(dt).reshape((1,) * (x.ndim - 1) + (-1,))
     return (xf * (jax.lax.rsqrt(var + eps) * scale)).astype(x.dtype)
+
+
+def shard_batch(x_Bx: jax.Array) -> jax.Array:
+    """``x_Bx`` [B, ...] constrained to split B over ``BATCH_AXES`` of the context mesh (the
+    ``jax.set_mesh`` that the trainer and ``nested-jax compile`` trace under); ``x_Bx`` itself,
+    so the very same traced program, without a mesh, on one device, inside ``shard_map``
+    (Manual axes: already per shard), on Explicit axes (the sharding is in the types there) or
+    where the mesh axes do not divide B.
+
+    Why: ``fsdp`` splits both the batch and the weights' "embed" dimension; with nothing
+    pinning the activations, XLA may keep the weights in place and gather the activations
+    instead: the 125M train step compiled for v5e-16 then held the whole microbatch on every
+    chip (experiments/results/tpu_compile.md).  Only B is constrained.  The other dimensions
+    stay UNCONSTRAINED, not None: None would mean replicated, and "tensor" splits heads, MLP
+    width and vocabulary in the weights (the logits come out split by vocabulary), which a
+    replicated constraint would all-gather.
+    """
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    if mesh is None or not mesh.axis_names:
+        return x_Bx
+    sizes = dict(mesh.shape)
+    axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    if (not axes or not set(axes) <= set(getattr(mesh, "auto_axes", ()))
+            or x_Bx.shape[0] % math.prod(sizes[a] for a in axes)):
+        return x_Bx
+    spec = jax.sharding.PartitionSpec(axes, *[jax.sharding.PartitionSpec.UNCONSTRAINED]
+                                      * (x_Bx.ndim - 1))
+    return jax.lax.with_sharding_constraint(x_Bx, spec)
 
 
 def param_init(init: Initializer, *logical_axes: str | None) -> Initializer:
@@ -105,7 +139,7 @@ class SwiGLU(nnx.Module):
         self.down = dense(d_ff, d_model, ("mlp", "embed"), std=out_std, **kw)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x_BxTxD)) * self.up(x_BxTxD))
+        return shard_batch(self.down(jax.nn.silu(self.gate(x_BxTxD)) * self.up(x_BxTxD)))
 
 
 ATTENTION_BLOCK = 512  # query rows per block of ``blockwise_attention``
@@ -211,22 +245,20 @@ class CausalSelfAttention(nnx.Module):
         """``docs`` (packed rows): no query attends across a document (positions_BxT should be
         ``docs.positions``).  With "cudnn" the document mask becomes a dense [B, 1, T, T] bias."""
         B, T, D = x_BxTxD.shape
-        q, k, v = self._qkv(x_BxTxD, positions_BxT)
+        out_BxTxHxK = self._attend(*self._qkv(x_BxTxD, positions_BxT), docs)
+        return shard_batch(self.o(out_BxTxHxK.reshape(B, T, D)))
+
+    def _attend(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, docs) -> jax.Array:
+        qkv = q_BxTxHxK, k_BxTxGxK, v_BxTxGxK
         if self.impl in splash.IMPLS:
-            out = splash_attention(q, k, v, self.impl, docs)
+            out = splash_attention(*qkv, self.impl, docs)
             if out is not None:
-                return self.o(out.reshape(B, T, D))
+                return out
         if self.impl == "blockwise":
-            out_BxTxHxK = blockwise_attention(q, k, v,
-                                              doc_ids_BxT=None if docs is None else docs.ids)
-        elif docs is not None:
-            out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, mask=documents.attention_mask(docs),
-                                                       is_causal=True,
-                                                       implementation=xla_impl(self.impl))
-        else:
-            out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                       implementation=xla_impl(self.impl))
-        return self.o(out_BxTxHxK.reshape(B, T, D))
+            return blockwise_attention(*qkv, doc_ids_BxT=None if docs is None else docs.ids)
+        mask = None if docs is None else documents.attention_mask(docs)
+        return jax.nn.dot_product_attention(*qkv, mask=mask, is_causal=True,
+                                            implementation=xla_impl(self.impl))
 
     def decode(self, x_Bx1xD: jax.Array, cache_k_BxSxGxK: jax.Array, cache_v_BxSxGxK: jax.Array,
                pos: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -28,7 +28,8 @@ from nested_jax.models.registry import count_params
 
 
 def _call_block(block: nnx.Module, x_BxTxD: jax.Array, context: tuple) -> jax.Array:
-    return block(x_BxTxD, *context)
+    # Every block's input and output stay split by batch under a mesh (layers.shard_batch).
+    return layers.shard_batch(block(layers.shard_batch(x_BxTxD), *context))
 
 
 class LanguageModel(nnx.Module):
@@ -123,7 +124,7 @@ class LanguageModel(nnx.Module):
         x = x_BxTxD
         for block in self.blocks:
             x = forward(block, x, context)
-        return self.embed.logits(layers.apply_norm(self.final_norm, x))
+        return layers.shard_batch(self.embed.logits(layers.apply_norm(self.final_norm, x)))
 
     def init_state(self, batch_size: int) -> Any:
         """The decode state at position 0: every block's fast state at its initial value."""

@@ -615,7 +615,7 @@ class SelfModifyingTitans(nnx.Module):
         resets = {} if docs is None else {"resets": fit(docs.starts)}
         o_BxTxHxK, _ = nm.apply(self.level(cfg.memory_read), memory0, fit(q), fit(k), fit(v),
                                 gates, chunk_size=cfg.chunk_memory, path=cfg.memory_path, **resets)
-        return self._output(o_BxTxHxK[:, :T], x_BxTxD)
+        return layers.shard_batch(self._output(o_BxTxHxK[:, :T], x_BxTxD))
 
     # ---- streaming (decode) path --------------------------------------------------------------
 

@@ -311,7 +311,7 @@ class NeuralMemory(nnx.Module):
         q, k, v, gates, _ = self._project(h_BxTxD, docs=docs)
         o, _ = self._run_memory(self.initial_state(h_BxTxD.shape[0]), q, k, v, gates,
                                 None if docs is None else docs.starts)
-        return self._output(h_BxTxD, o.astype(h_BxTxD.dtype))
+        return layers.shard_batch(self._output(h_BxTxD, o.astype(h_BxTxD.dtype)))
 
     def init_state(self, batch_size: int) -> BlockState:
         cfg = self.cfg

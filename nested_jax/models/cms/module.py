@@ -118,7 +118,7 @@ class CMS(nnx.Module):
         o, final = nm.apply(self._level(i, head), state, r_BxTxD[:, :, None], r_BxTxD[:, :, None],
                             v_BxTxD[:, :, None], self._gates(i, mask_BxT),
                             chunk_size=self.spec.periods[i], path="chunked", **resets)
-        return o[:, :, 0].astype(r_BxTxD.dtype), final
+        return layers.shard_batch(o[:, :, 0].astype(r_BxTxD.dtype)), final
 
     # -- parallel forward --
 
