@@ -116,20 +116,36 @@ class CompileReport:
     tokens_per_step: int
     model_flops_per_step: float  # 6 N (or the model's count) per token, all chips
     steps: list[StepReport]
+    microbatches: int = 1  # the train step scans this many microbatches (optim.grad_accum)
 
     def fits(self, r: StepReport) -> bool | None:
         return None if self.hbm_bytes is None or not r.compiled else (
             r.total_bytes <= self.hbm_bytes)
 
+    def train_counts(self) -> tuple[float, float] | None:
+        """XLA's FLOPs and bytes per chip for the whole train step.  XLA's cost analysis
+        counts a loop body once, so the microbatch scan's body is counted grad_accum times
+        here (the optimizer update outside it is small beside it)."""
+        r = next((s for s in self.steps if s.step == "train" and s.compiled), None)
+        if r is None or r.flops <= 0:
+            return None
+        return r.flops * self.microbatches, r.bytes_accessed * self.microbatches
+
     def mfu_ceiling(self) -> float | None:
         """Model FLOPs / (peak x the train step's roofline time per chip): the MFU the step
         cannot exceed, whichever bound (XLA's FLOPs at peak, or its bytes at HBM bandwidth)
-        binds."""
-        r = next((s for s in self.steps if s.step == "train" and s.compiled), None)
-        if r is None or not (self.peak_flops and self.hbm_bandwidth) or r.flops <= 0:
+        binds.  None where it cannot be trusted: XLA's FLOPs below the model's mean XLA
+        missed work (a loop inside the model, e.g. a chunk scan, counted once; Pallas
+        kernels, which it does not count), so the bound would be too loose to mean anything."""
+        counts = self.train_counts()
+        if counts is None or not (self.peak_flops and self.hbm_bandwidth):
             return None
-        t = max(r.flops / self.peak_flops, r.bytes_accessed / self.hbm_bandwidth)
-        return self.model_flops_per_step / self.chips / (self.peak_flops * t)
+        flops, bytes_ = counts
+        model_per_chip = self.model_flops_per_step / self.chips
+        if flops < model_per_chip:
+            return None
+        t = max(flops / self.peak_flops, bytes_ / self.hbm_bandwidth)
+        return model_per_chip / (self.peak_flops * t)
 
     def text(self) -> str:
         gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
@@ -148,10 +164,17 @@ class CompileReport:
                 f"{gib(r.argument_bytes)}, temporaries {gib(r.temp_bytes)}, outputs "
                 f"{gib(r.output_bytes)} (donated {gib(r.alias_bytes)}), total "
                 f"{gib(r.total_bytes)} of {hbm}: {fit}; XLA {r.flops / 1e9:.3g} GFLOP")
-        mfu = self.mfu_ceiling()
+        mfu, counts = self.mfu_ceiling(), self.train_counts()
+        if mfu is not None:
+            ceiling = f"{100 * mfu:.1f}%"
+        elif counts is None or not self.peak_flops:
+            ceiling = "unknown (no train step or unknown chip)"
+        else:
+            ceiling = (f"unknown: XLA counts {counts[0] / 1e9:.4g} GFLOP per chip for the train "
+                       f"step, below the model's {self.model_flops_per_step / self.chips / 1e9:.4g}"
+                       " (it counts a loop body once and leaves Pallas kernels out)")
         lines.append(f"  model FLOPs/step {self.model_flops_per_step / 1e9:.4g} GFLOP (all "
-                     "chips); MFU ceiling " + (f"{100 * mfu:.1f}%" if mfu is not None else
-                                               "unknown (no train step or unknown chip)"))
+                     f"chips); MFU ceiling {ceiling}")
         return "\n".join(lines)
 
 
@@ -230,7 +253,7 @@ def compile_for(cfg: TrainConfig, topology: str, num_slices: int = 1,
         topology=topology_name(topology), num_slices=num_slices, chips=len(devices),
         device_kind=kind, hbm_bytes=hbm, hbm_bandwidth=bw, peak_flops=peak_flops(devices[0]),
         model=cfg.model, preset=cfg.preset, n_params=run.n_params, mesh=dict(run.mesh.shape),
-        tokens_per_step=tokens,
+        tokens_per_step=tokens, microbatches=cfg.optim.grad_accum,
         model_flops_per_step=flops_per_token(run.abstract_model, run.n_params,
                                              cfg.data.seq_len) * tokens,
         steps=reports)
@@ -239,16 +262,25 @@ def compile_for(cfg: TrainConfig, topology: str, num_slices: int = 1,
 def _decode_lowering(run, params, rest, batch: int):
     """One token of ``decode_step`` for ``batch`` sequences, the cache sharded like the batch."""
     graphdef = run.graphdef
-    cache = jax.eval_shape(lambda p, r: nnx.merge(graphdef, p, r).init_state(batch),
-                           params, rest)
+
+    def init(b):
+        return jax.eval_shape(lambda p, r: nnx.merge(graphdef, p, r).init_state(b), params, rest)
+
+    cache = init(batch)
     batch_spec = run.eval_sharding.spec[0]
+    # Each leaf's batch axis is the one that grows with the batch: stacked caches put the layer
+    # axis first ([L, B, S, G, K] KV caches), so "axis 0 has size B" would replicate them.
+    batch_axes = jax.tree.map(_grown_axis, cache, init(2 * batch))
 
-    def cache_sharding(x):
-        spec = [batch_spec if x.ndim and x.shape[0] == batch else None] + [None] * (x.ndim - 1)
-        return jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(*spec[:x.ndim]))
+    def cache_sharding(x, axis):
+        spec = [None] * x.ndim
+        if axis is not None:
+            spec[axis] = batch_spec
+        return jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(*spec))
 
-    cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                        sharding=cache_sharding(x)), cache)
+    cache = jax.tree.map(lambda x, a: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=cache_sharding(x, a)),
+                         cache, batch_axes)
     token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=jax.sharding.NamedSharding(
         run.mesh, jax.sharding.PartitionSpec(batch_spec)))
 
@@ -256,6 +288,13 @@ def _decode_lowering(run, params, rest, batch: int):
         return nnx.merge(graphdef, params, rest).decode_step(cache, token_B)
 
     return jax.jit(advance, donate_argnums=2).lower(params, rest, cache, token)
+
+
+def _grown_axis(small, large) -> int | None:
+    """The one axis where ``large`` (the state at 2B) differs from ``small`` (at B), or None
+    for a leaf without a batch axis (a position counter)."""
+    grown = [i for i, (a, b) in enumerate(zip(small.shape, large.shape, strict=True)) if a != b]
+    return grown[0] if len(grown) == 1 else None
 
 
 def as_record(report: CompileReport) -> dict[str, Any]:
