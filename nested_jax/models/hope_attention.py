@@ -37,8 +37,10 @@ class HopeAttentionConfig(CMSFields, TransformerConfig):
 
     ``d_ff`` is the MLP width budget of a block: with ``cms_d_ff=0`` each of the K levels gets
     d_ff / K (rounded up to 64), so a preset has about Transformer++'s parameter count.
-    ``remat`` rematerialises the attention sublayers (the engine already rematerialises every
-    CMS level chunk by chunk).
+    ``remat`` rematerialises each block, attention and CMS together.  The engine already
+    rematerialises every CMS level chunk by chunk, so this recomputes the levels once more in
+    the backward pass; an attention-only remat left the 125M train step at 17.24 GB per v5e
+    chip, the block-level one 2.75 GiB (experiments/results/tpu_compile.md).
     """
 
     PRESETS = {
@@ -81,9 +83,6 @@ class Block(nnx.Module):
     def __init__(self, cfg: HopeAttentionConfig, *, rngs: nnx.Rngs):
         out_std = layers.residual_out_std(cfg.n_layers)
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-        # remat covers the attention sublayer only: the engine already rematerialises the CMS
-        # chunk by chunk, and a second (block-level) remat would recompute every level again.
-        self.remat = cfg.remat
         self.attn_norm = layers.rms_norm(cfg.d_model, eps=cfg.norm_eps,
                                          param_dtype=cfg.weight_dtype, rngs=rngs)
         self.attn = layers.CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads,
@@ -95,10 +94,9 @@ class Block(nnx.Module):
         return x_BxTxD + self.attn(layers.apply_norm(self.attn_norm, x_BxTxD), positions_BxT, docs)
 
     def __call__(self, x_BxTxD, positions_BxT, head: TeachHead, next_BxTxD, docs=None):
-        attention = nnx.remat(_attention) if self.remat else _attention
         if docs is None:
-            return self.cms(attention(self, x_BxTxD, positions_BxT), head, next_BxTxD)
-        return self.cms(attention(self, x_BxTxD, positions_BxT, docs), head, next_BxTxD, docs)
+            return self.cms(self.attention(x_BxTxD, positions_BxT), head, next_BxTxD)
+        return self.cms(self.attention(x_BxTxD, positions_BxT, docs), head, next_BxTxD, docs)
 
     def decode(self, x_Bx1xD, state: tuple[jax.Array, jax.Array, CMSState], pos, head,
                emb_Bx1xD):
@@ -108,10 +106,6 @@ class Block(nnx.Module):
                                                cache_k, cache_v, pos)
         x, cms_state = self.cms.decode(x_Bx1xD + h, cms_state, head, emb_Bx1xD)
         return x, (cache_k, cache_v, cms_state)
-
-
-def _attention(block: Block, x, positions, docs=None):
-    return block.attention(x, positions, docs)
 
 
 @register("hope_attention", HopeAttentionConfig)
@@ -124,7 +118,6 @@ class HopeAttention(LanguageModel):
     """
 
     Block = Block
-    REMAT_BLOCKS = False  # each Block rematerialises its attention sublayer itself
 
     def block_context(self, x_BxTxD, docs=None):
         if docs is None:

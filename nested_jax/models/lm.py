@@ -43,9 +43,6 @@ class LanguageModel(nnx.Module):
     """
 
     Block: ClassVar[type[nnx.Module]]
-    # False where the block rematerialises its own sublayers (Hope-Attention: the CMS engine
-    # already rematerialises chunk by chunk, so a block-level remat would recompute it twice).
-    REMAT_BLOCKS: ClassVar[bool] = True
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -119,8 +116,7 @@ class LanguageModel(nnx.Module):
             docs = documents.from_segment_ids(segment_ids, self.config.document_alignment(),
                                               self.config.alignment_reason())
             context = self.block_context(x_BxTxD, docs)
-        remat = self.config.remat and self.REMAT_BLOCKS
-        forward = nnx.remat(_call_block) if remat else _call_block
+        forward = nnx.remat(_call_block) if self.config.remat else _call_block
         x = x_BxTxD
         for block in self.blocks:
             x = forward(block, x, context)
