@@ -19,9 +19,9 @@ Variants:
              slice (16 GiB per chip): 8 microbatches (one 4K sequence per chip on 16 chips; on
              N chips 128 / optim.grad_accum must be a multiple of N, e.g. --set
              optim.grad_accum=4 on 32), every block rematerialised, and the
-             presets' attention_impl="auto" (splash attention on TPU).  Transformer++ and
-             HopeLM 125M fit so (train, eval, decode); Hope-Attention 125M's train step does
-             not yet (experiments/results/tpu_compile.md):
+             presets' attention_impl="auto" (splash attention on TPU).  Transformer++,
+             Hope-Attention and HopeLM 125M fit so (train, eval, decode; per chip at most
+             2.17, 2.75 and 4.09 GiB to train: experiments/results/tpu_compile.md):
 
                nested-jax train --config lm:760M --model hope \
                    --data /mnt/data/train.array_record-* \

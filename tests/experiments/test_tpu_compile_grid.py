@@ -1,0 +1,45 @@
+"""The TPU compile grid's batch rule and report (experiments/tpu_compile_grid.py).
+
+Compiling needs libtpu and minutes per cell, so here: the batch each topology gets is valid
+for the trainer's mesh on that many devices, and a logged cell (a real record's shape, built
+from ``aot.as_record``) renders into the table and leaves the grid's to-do list.
+"""
+
+import pytest
+
+from experiments import tpu_compile_grid as grid
+from nested_jax.train import aot, config
+
+
+@pytest.mark.parametrize("chips, batch, accum", [(8, 128, 16), (16, 128, 8), (32, 128, 4),
+                                                 (256, 256, 1)])
+def test_one_sequence_per_chip_per_microbatch(chips, batch, accum):
+    settings = dict(grid.batch_settings(chips))
+    assert settings == {"data.batch_size": batch, "optim.grad_accum": accum}
+    assert batch // accum == chips
+
+
+def test_a_logged_cell_is_a_row_and_leaves_the_todo_list():
+    ok = aot.StepReport("train", True, 12.0, argument_bytes=2**30, temp_bytes=2**31)
+    bad = aot.StepReport("eval", False, 3.0, error="RESOURCE_EXHAUSTED: 20 GB\nmore")
+    rep = aot.CompileReport(
+        topology="v5e:4x4", num_slices=1, chips=16, device_kind="TPU v5 lite",
+        hbm_bytes=16 * 2**30, hbm_bandwidth=8.2e11, peak_flops=1.97e14, model="hope",
+        preset="125M", n_params=126_300_000, mesh={"fsdp": 16}, tokens_per_step=524288,
+        model_flops_per_step=1e15, steps=[ok, bad], microbatches=8)
+    run = {"model": "hope", "preset": "125M", "topology": "v5e-16", "libtpu": "0.0.42.1",
+           "settings": dict(grid.batch_settings(16)), "seconds": 15.0,
+           "date": "2026-12-01 05:00 UTC", "report": aot.as_record(rep)}
+    text = grid.report([run], "python -m experiments.tpu_compile_grid")
+    assert "| hope | 126.3 | 125M | v5e-16 | 16 | 128 x 4096, accum 8 | train | yes | 12 | " \
+           "3.00 GiB | yes |" in text
+    assert "| eval | no | 3 | - | ? | RESOURCE_EXHAUSTED: 20 GB |" in text
+    todo = text.split("Cells not yet compiled")[1]
+    assert "hope/125M/v5e-16" not in todo and "hope/340M/v5e-16" in todo
+    assert "(79 of 80)" in todo
+
+
+def test_every_recipe_preset_loads():
+    for p in grid.PRESETS:
+        cfg = config.with_values(config.from_file(f"lm:{p}"), grid.batch_settings(16))
+        assert cfg.preset == p and cfg.data.seq_len == 4096
