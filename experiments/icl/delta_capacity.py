@@ -12,6 +12,12 @@ later writes erase earlier ones along their keys: the figure is the recall a mod
 before training tunes embeddings, keys and gates, at a head width d.
 
 The point is diagnostic: at the tiny preset a head is d = 16 wide (4 heads of a 64-wide model).
+A second table runs the real self-modifying layer (``SelfModifyingTitans``, untrained, the
+tiny preset's width 64 and chunks) on the same sequences, its inputs random Gaussian token
+embeddings: M_memory's read o_t after each query key is scored against the layer's own value
+vector v_s of every value token seen so far (at its latest position), the nearest taken, so it
+measures the same read the idealised table does, with the real keys, gates, momentum, decay
+and 2-layer memory.  The engine call is wrapped to capture q, k, v, the gates and o.
 Results: ``results/icl_delta_capacity.md``.
 """
 
@@ -24,6 +30,7 @@ import sys
 import numpy as np
 
 from experiments import benchlib
+from experiments.icl.tasks.base import RESERVED
 from experiments.icl.tasks.mqar import MQAR
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "results")
@@ -51,6 +58,60 @@ def recall(task: MQAR, d: int, eta: float, seed: int, batch: int = 16) -> float:
     return right / total
 
 
+# Real-layer rows: (label, heads, config overrides).
+LAYER_ROWS = (("defaults", 4, {}), ("defaults", 1, {}),
+              ("no weight decay (alpha = 1)", 1, dict(weight_decay=False)),
+              ("no weight decay, no momentum", 1, dict(weight_decay=False, momentum=False)),
+              ("no weight decay, no momentum", 4, dict(weight_decay=False, momentum=False)))
+
+
+def layer_read(task: MQAR, heads: int, seed: int, batch: int = 8, **overrides) -> dict:
+    """Recall of the untrained real layer's M_memory read, plus its mean gates and how well
+    the query's q matches the key its pair was written under (cosine, per head)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from nested_jax.models import self_modifying as sm
+
+    caught = {}
+    apply = sm.nm.apply
+
+    def capture(level, state, q, k, v, gates, **kw):
+        out = apply(level, state, q, k, v, gates, **kw)
+        caught.update(q=q, k=k, v=v, gates=gates, o=out[0])
+        return out
+
+    rng = np.random.default_rng(seed)
+    b = task.sample(rng, batch)
+    cfg = sm.SelfModifyingConfig(d_model=64, n_heads=heads, chunk_memory=16, chunk_other=4,
+                                 **overrides)
+    layer = sm.SelfModifyingTitans(cfg, out_std=0.02, rngs=nnx.Rngs(seed))
+    e_VxD = rng.standard_normal((task.vocab_size, 64)).astype(np.float32)
+    sm.nm.apply = capture
+    try:
+        layer(jnp.asarray(e_VxD[b.tokens[:, :-1]]))
+    finally:
+        sm.nm.apply = apply
+    q, k, v, o = (np.asarray(caught[n], np.float64) for n in "qkvo")  # [B, T, H, K]
+    cos = lambda a, c: np.mean(np.sum(a * c, -1) / np.linalg.norm(a, axis=-1)
+                               / np.linalg.norm(c, axis=-1))
+    lo = RESERVED + task.vocab // 2  # values are the upper half of the vocabulary
+    right = total = 0
+    match = []
+    for r, (x, mask) in enumerate(zip(b.tokens, b.mask, strict=True)):
+        for t in np.nonzero(mask)[0]:
+            last = {int(c): s for s, c in enumerate(x[: t + 1]) if c >= lo}
+            cands = list(last)
+            scores = [np.sum(o[r, t] * v[r, last[c]]) for c in cands]
+            right += cands[int(np.argmax(scores))] == x[t + 1]
+            total += 1
+            write = next(s for s in range(1, t) if x[s - 1] == x[t])  # the pair's own write
+            match.append(cos(q[r, t], k[r, write]))
+    g = caught["gates"]
+    return {"recall": right / total, "cos": float(np.mean(match)),
+            "alpha": float(np.mean(np.asarray(g.alpha))), "eta": float(np.mean(np.asarray(g.eta)))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -66,6 +127,21 @@ def main(argv: list[str] | None = None) -> int:
                              f"{100 * max(acc):.1f}]", f"{100 / (V // 2):.1f}%"])
     table = benchlib.markdown_table(
         ["MQAR", "head width d", "eta", "recall, mean [min, max] over seeds", "chance"], rows)
+    layer_rows = []
+    for n, T, V in TASKS:
+        task = MQAR(n_pairs=n, seq_len=T, vocab=V)
+        for label, heads, over in LAYER_ROWS:
+            res = [layer_read(task, heads, s, **over) for s in args.seeds]
+            acc = [r["recall"] for r in res]
+            layer_rows.append([f"{n} x {T}", f"{heads} x {64 // heads}", label,
+                               f"{100 * np.mean(acc):.1f}% [{100 * min(acc):.1f}, "
+                               f"{100 * max(acc):.1f}]",
+                               f"{np.mean([r['cos'] for r in res]):.3f}",
+                               f"{np.mean([r['alpha'] for r in res]):.4f}",
+                               f"{np.mean([r['eta'] for r in res]):.2f}"])
+    layer_table = benchlib.markdown_table(
+        ["MQAR", "heads x width", "layer settings", "recall, mean [min, max]",
+         "cos(q at query, k at its write)", "mean alpha", "mean eta (M_memory)"], layer_rows)
     command = "python -m experiments.icl.delta_capacity " + " ".join(argv or sys.argv[1:])
     notes = os.path.join(os.path.dirname(__file__), "notes", "delta_capacity.md")
     reading = open(notes).read() if os.path.exists(notes) else "(no notes yet)\n"
@@ -73,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         os.path.join(RESULTS, "icl_delta_capacity.md"),
         "In-context learning: what an idealised delta-rule induction read holds on MQAR",
         f"Command: `{command.strip()}`\n\nSeeds {args.seeds}, 16 sequences each; every "
-        "token writes its transition; nothing is trained.\n\n" + table + "\n\n" + reading)
+        "token writes its transition; nothing is trained.\n\n" + table + "\n\n"
+        "**The real layer, untrained** (tiny preset width 64, chunks 16 / 4, Gaussian token "
+        "embeddings; 8 sequences per seed):\n\n" + layer_table + "\n\n" + reading)
     return 0
 
 
