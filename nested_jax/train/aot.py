@@ -167,7 +167,7 @@ class CompileReport:
         mfu, counts = self.mfu_ceiling(), self.train_counts()
         if mfu is not None:
             ceiling = f"{100 * mfu:.1f}%"
-        elif counts is None or not self.peak_flops:
+        elif counts is None or not (self.peak_flops and self.hbm_bandwidth):
             ceiling = "unknown (no train step or unknown chip)"
         else:
             ceiling = (f"unknown: XLA counts {counts[0] / 1e9:.4g} GFLOP per chip for the train "
