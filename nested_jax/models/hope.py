@@ -204,8 +204,9 @@ class HopeLM(LanguageModel):
 
     def memory_init_params(self) -> int:
         """Parameters that are initial states of the self-modifying memories (meta-learned)."""
-        names = ("coupled_w1", "coupled_w2", "memory_w1", "memory_w2")
-        return sum(int(getattr(b.mixer, n).size) for b in self.blocks for n in names)
+        names = ("coupled_w1", "coupled_w2", "memory_w1", "memory_w2", "memory_w")
+        return sum(int(getattr(b.mixer, n).size) for b in self.blocks for n in names
+                   if hasattr(b.mixer, n))
 
     def extra_flops(self, seq_len: int):
         """The inner loops, none growing with ``seq_len`` (the layer is recurrent): 3x each

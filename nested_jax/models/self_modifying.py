@@ -122,6 +122,7 @@ from nested_jax.models import documents, layers
 from nested_jax.models.config import DTYPES
 
 PATHS = ("dual", "chunked")
+MEMORY_FORMS = ("mlp", "linear")
 READS = ("online", "prior")
 INNER_RULES = ("delta", "dgd_all", "dgd")
 ETA_MAX_LIMIT = 100.0
@@ -182,6 +183,12 @@ class SelfModifyingFields:
       q_identity: W_q starts as the identity (plus N(0, 0.02)), so q_t ~ l2(x_t) lives in the
         coordinates of k and v, whose memories start near the identity, instead of a random
         projection of them (decisions.md #24).  Default on; a no-op with adaptive_q.
+      memory_form: the form of M_memory, the memory the queries read: "mlp" (default, the
+        paper's 2-layer residual M(z) = z + W1 s(W2 z), like the coupled memories) or "linear"
+        (one matrix M(z) = W z starting at W = 0, the delta rule's state).  Untrained, the
+        residual MLP holds about a third of what one matrix of the same width recalls on MQAR
+        32 x 256 (experiments/results/icl_delta_capacity.md); the coupled memories keep the
+        paper's form either way.
       memory_path: engine path of every memory: "dual" (matmul form) or "chunked" (generic).
       memory_read: how M_memory is read: "online" (o_t = M_t(q_t), after token t's own write;
         default) or "prior" (o_t = M_{t-1}(q_t), the paper's strictly causal read,
@@ -218,6 +225,7 @@ class SelfModifyingFields:
     memory_init_scale: float = 0.5
     key_shift: bool = True
     q_identity: bool = True
+    memory_form: str = "mlp"
     memory_path: str = "dual"
     memory_read: str = "online"
     remat_group: int = 0
@@ -308,6 +316,7 @@ def validate_fields(cfg) -> None:
     if cfg.reflect and not (cfg.dgd and cfg.inner_rule in ("delta", "dgd_all")):
         fail("reflect", cfg.reflect, "doubles the Sherman-Morrison step of inner_rule='delta' or "
              "'dgd_all' with dgd=True; set those or leave reflect=False")
+    check_choice(cfg, "memory_form", MEMORY_FORMS)
     check_choice(cfg, "memory_path", PATHS)
     check_choice(cfg, "memory_read", READS)
     check_choice(cfg, "inner_rule", INNER_RULES)
@@ -391,13 +400,17 @@ class SelfModifyingTitans(nnx.Module):
             return p
 
         coupled = jax.vmap(init_one)(jax.random.split(rngs.params(), N * H))
-        memory = jax.vmap(init_one)(jax.random.split(rngs.params(), H))
+        memory_key = rngs.params()
         axes = ("heads", None, None)
         # Meta-learned initial states: W2 [.., F, K] input side, W1 [.., K, F] output side.
         self.coupled_w1 = nnx.Param(coupled["W1"].reshape(N, H, K, F), logical_axes=(None, *axes))
         self.coupled_w2 = nnx.Param(coupled["W2"].reshape(N, H, F, K), logical_axes=(None, *axes))
-        self.memory_w1 = nnx.Param(memory["W1"], logical_axes=axes)
-        self.memory_w2 = nnx.Param(memory["W2"], logical_axes=axes)
+        if cfg.memory_form == "linear":  # the delta rule's state: empty until the first write
+            self.memory_w = nnx.Param(jnp.zeros((H, K, K), pdt), logical_axes=axes)
+        else:
+            memory = jax.vmap(init_one)(jax.random.split(memory_key, H))
+            self.memory_w1 = nnx.Param(memory["W1"], logical_axes=axes)
+            self.memory_w2 = nnx.Param(memory["W2"], logical_axes=axes)
         # Gate read-outs (decision #7): one scalar per head and token from a memory's output.
         self.gate_w = nnx.Param(0.02 * jax.random.normal(rngs.params(), (3, H, K), pdt),
                                 logical_axes=(None, "heads", None))
@@ -417,10 +430,18 @@ class SelfModifyingTitans(nnx.Module):
     def memory_module(self) -> nm.MLPMemory:
         return nm.MLPMemory(self.cfg.head_dim, self.cfg.head_dim, hidden=self.cfg.hidden)
 
+    @property
+    def output_memory(self) -> nm.MLPMemory | nm.LinearMemory:
+        """M_memory's form (``memory_form``); the coupled memories' is ``memory_module``."""
+        if self.cfg.memory_form == "linear":
+            return nm.LinearMemory(self.cfg.head_dim, self.cfg.head_dim)
+        return self.memory_module
+
     def level(self, read: str) -> nm.Level:
         """read="boundary": the coupled memories; "online"/"prior": M_memory."""
         self_target = read == "boundary" or self.cfg.memory_self_target
-        return nm.Level(self.memory_module, "l2", self.cfg.rule, read, stop_grad=self.cfg.stop_grad,
+        module = self.memory_module if read == "boundary" else self.output_memory
+        return nm.Level(module, "l2", self.cfg.rule, read, stop_grad=self.cfg.stop_grad,
                         self_target=self_target,
                         normalize_target=self_target and self.cfg.normalize_target)
 
@@ -440,7 +461,8 @@ class SelfModifyingTitans(nnx.Module):
 
         coupled = {"W1": cast(self.coupled_w1).reshape(N * H, K, F),
                    "W2": cast(self.coupled_w2).reshape(N * H, F, K)}
-        memory = {"W1": cast(self.memory_w1), "W2": cast(self.memory_w2)}
+        memory = ({"W": cast(self.memory_w)} if self.cfg.memory_form == "linear" else
+                  {"W1": cast(self.memory_w1), "W2": cast(self.memory_w2)})
         return state(coupled), state(memory)
 
     # ---- pieces shared by the parallel and the decode paths --------------------------------------
@@ -666,4 +688,7 @@ class SelfModifyingTitans(nnx.Module):
         def one(C):
             return 14.0 * K * F + 2 * (6.0 * K * F + 4.0 * C * (K + F))
 
-        return N * H * one(cfg.chunk_other) + H * one(cfg.chunk_memory)
+        # A linear M_memory: the read and the target (2 x 2K^2), one matrix's chunk work.
+        linear = 4.0 * K * K + 6.0 * K * K + 8.0 * cfg.chunk_memory * K
+        memory = linear if cfg.memory_form == "linear" else one(cfg.chunk_memory)
+        return N * H * one(cfg.chunk_other) + H * memory
