@@ -97,7 +97,13 @@ def mlp_recall(task: MQAR, d: int, seed: int, orthogonal: bool, write_input_side
 LAYER_ROWS = (("defaults", 4, {}), ("defaults", 1, {}),
               ("no weight decay (alpha = 1)", 1, dict(weight_decay=False)),
               ("no weight decay, no momentum", 1, dict(weight_decay=False, momentum=False)),
-              ("no weight decay, no momentum", 4, dict(weight_decay=False, momentum=False)))
+              ("no weight decay, no momentum", 4, dict(weight_decay=False, momentum=False)),
+              ("linear M_memory", 4, dict(memory_form="linear")),
+              ("linear M_memory", 1, dict(memory_form="linear")),
+              ("linear M_memory, no weight decay", 1, dict(memory_form="linear",
+                                                         weight_decay=False)),
+              ("linear M_memory, no weight decay, no momentum", 1,
+               dict(memory_form="linear", weight_decay=False, momentum=False)))
 
 
 def layer_read(task: MQAR, heads: int, seed: int, batch: int = 8, **overrides) -> dict:

@@ -79,6 +79,11 @@ class TitansConfig(ModelConfig):
         still reached 4e30 (tests/memory/test_write_gain.py shows the contrast).
       eta_init, alpha_init, beta_init: gate values at initialisation (set through the biases).
       stop_grad: engine ablation: outer gradients skip the inner updates (decision #4).
+      induction_init: start the block as an induction read, as Hope's layer does (decisions.md
+        #24): k's conv taps start on the previous token (identity tap at t - 1) and W_k starts
+        equal to W_q, so k_t ~ f(x_{t-1}), q_t ~ f(x_t) in the same coordinates and v_t ~ x_t:
+        the memory stores transitions and its read at x_t is what followed x_t before.  Off by
+        default (Titans' random, independent q, k, v); everything stays learnable.
       norm_eps: RMSNorm epsilon.
       remat: rematerialize each block in the backward pass.
     """
@@ -101,6 +106,7 @@ class TitansConfig(ModelConfig):
     alpha_init: float = 0.99
     beta_init: float = 0.9
     stop_grad: bool = False
+    induction_init: bool = False
     norm_eps: float = 1e-6
     remat: bool = False
 
@@ -145,7 +151,7 @@ class TitansConfig(ModelConfig):
                  "lower chunk_size or raise max_seq_len")
         if not self.eta_max >= 0:
             fail("eta_max", self.eta_max, "must be >= 0 (0 switches the memory's writes off)")
-        for name in ("normalized_step", "ema_momentum"):
+        for name in ("normalized_step", "ema_momentum", "induction_init"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "must be a bool")
         for name in ("eta_init", "alpha_init", "beta_init"):
@@ -226,6 +232,11 @@ class NeuralMemory(nnx.Module):
         self.qkv = layers.dense(D, 3 * D, ("embed", "heads"), std=0.02, **kw)
         # Identity init (last tap 1): the convolution starts as a no-op and learns its taps.
         conv = jnp.zeros((W, 3 * D), cfg.weight_dtype).at[-1].set(1.0)
+        if cfg.induction_init:
+            w = self.qkv.kernel[...]
+            self.qkv.kernel[...] = w.at[:, D:2 * D].set(w[:, :D])  # W_k = W_q
+            if W > 1:  # k's identity tap on token t - 1
+                conv = conv.at[-1, D:2 * D].set(0.0).at[-2, D:2 * D].set(1.0)
         self.conv = nnx.Param(conv, logical_axes=(None, "heads"))
         self.gates = nnx.Linear(D, 3 * H, use_bias=True, dtype=self._f32(cfg.weight_dtype),
                                 param_dtype=cfg.weight_dtype,

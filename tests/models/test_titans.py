@@ -63,9 +63,11 @@ def test_batch_independence():
     {},
     {"memory": "linear"},  # nested_jax.kernels.linear_memory (its XLA plan on CPU)
     {"memory_read": "prior"},  # o_t = M_{t-1}(q_t): decode reads its state before the write
+    {"induction_init": True, "memory": "linear", "rule": "delta"},  # k's tap on t - 1
     pytest.param({"rule": "dgd", "memory_path": "chunked", "memory_depth": 3},
                  marks=pytest.mark.slow),
-], ids=["mlp-titans-dual", "linear-kernel", "prior-read", "mlp3-dgd-chunked"])
+], ids=["mlp-titans-dual", "linear-kernel", "prior-read", "induction-linear-delta",
+         "mlp3-dgd-chunked"])
 def test_decode_matches_forward(overrides):
     """Token-by-token decoding with the engine's stream state == the chunked parallel forward."""
     model = _model(**overrides)
@@ -182,6 +184,7 @@ def test_flops_per_token_is_at_least_6n_without_the_memory_init():
         ({"eta_max": -1.0}, "eta_max"),
         ({"conv_width": 0}, "conv_width"),
         ({"d_model": 66}, "d_model"),
+        ({"induction_init": 1}, "induction_init"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
@@ -194,3 +197,22 @@ def test_training_length_must_fit_the_chunks():
     cfg.check_seq_len(64)
     with pytest.raises(ValueError, match=r"seq_len=60.*chunk_size=8"):
         cfg.check_seq_len(60)
+
+
+def test_induction_init_matches_each_query_to_the_key_written_after_its_token():
+    """induction_init: k_t is built from x_{t-1} with q's own projection, so on a sequence seen
+    twice the query at a token of the second pass equals (cosine ~1) the key written where that
+    token was the previous one in the first pass, and not the default init's (independent
+    W_q, W_k: cosine ~0)."""
+    a = _tokens(B=1, T=10, seed=3)
+    tokens = jnp.concatenate([a, a], axis=1)
+
+    def cos_q_to_written_key(**overrides):
+        mix = _model(**overrides).blocks[0].memory
+        h = jax.random.normal(jax.random.key(0), (V, 64))[tokens]  # distinct inputs per token
+        q, k, *_ = mix._project(h)
+        q_s, k_s = np.asarray(q[0, 10:19, 0]), np.asarray(k[0, 1:10, 0])  # q at x_i, k at x_i's
+        return float(np.mean(np.sum(q_s * k_s, -1)))  # successor: both l2-normalised
+
+    assert cos_q_to_written_key(induction_init=True) > 0.99
+    assert abs(cos_q_to_written_key()) < 0.3
