@@ -123,6 +123,7 @@ from nested_jax.models.config import DTYPES
 
 PATHS = ("dual", "chunked")
 MEMORY_FORMS = ("mlp", "linear")
+MEMORY_IMPLS = ("auto", "pallas", "interpret", "xla")
 READS = ("online", "prior")
 INNER_RULES = ("delta", "dgd_all", "dgd")
 ETA_MAX_LIMIT = 100.0
@@ -189,6 +190,10 @@ class SelfModifyingFields:
         residual MLP holds about a third of what one matrix of the same width recalls on MQAR
         32 x 256 (experiments/results/icl_delta_capacity.md); the coupled memories keep the
         paper's form either way.
+      memory_impl: a linear M_memory only: the kernels' ``impl`` on the engine's "pallas" path
+        ("auto": the Pallas kernel where one runs the level on this backend, else the XLA dual
+        form; "pallas", "interpret"), or "xla" to run ``memory_path`` instead.  The coupled
+        memories are MLPs and always run ``memory_path``.
       memory_path: engine path of every memory: "dual" (matmul form) or "chunked" (generic).
       memory_read: how M_memory is read: "online" (o_t = M_t(q_t), after token t's own write;
         default) or "prior" (o_t = M_{t-1}(q_t), the paper's strictly causal read,
@@ -226,6 +231,7 @@ class SelfModifyingFields:
     key_shift: bool = True
     q_identity: bool = True
     memory_form: str = "mlp"
+    memory_impl: str = "auto"
     memory_path: str = "dual"
     memory_read: str = "online"
     remat_group: int = 0
@@ -317,6 +323,7 @@ def validate_fields(cfg) -> None:
         fail("reflect", cfg.reflect, "doubles the Sherman-Morrison step of inner_rule='delta' or "
              "'dgd_all' with dgd=True; set those or leave reflect=False")
     check_choice(cfg, "memory_form", MEMORY_FORMS)
+    check_choice(cfg, "memory_impl", MEMORY_IMPLS)
     check_choice(cfg, "memory_path", PATHS)
     check_choice(cfg, "memory_read", READS)
     check_choice(cfg, "inner_rule", INNER_RULES)
@@ -444,6 +451,13 @@ class SelfModifyingTitans(nnx.Module):
         return nm.Level(module, "l2", self.cfg.rule, read, stop_grad=self.cfg.stop_grad,
                         self_target=self_target,
                         normalize_target=self_target and self.cfg.normalize_target)
+
+    def _memory_path(self) -> dict:
+        """Engine path of M_memory: the kernels for a linear one (``memory_impl``)."""
+        cfg = self.cfg
+        if cfg.memory_form == "linear" and cfg.memory_impl != "xla":
+            return dict(path="pallas", impl=cfg.memory_impl)
+        return dict(path=cfg.memory_path)
 
     def _memory_gates(self, gates: nm.Gates) -> nm.Gates:
         """M_memory's gates: the coupled memories' with eta scaled by ``memory_eta_scale``."""
@@ -636,7 +650,8 @@ class SelfModifyingTitans(nnx.Module):
         gates = nm.Gates(noop(gates.eta, 0.0), noop(gates.alpha, 1.0), noop(gates.beta, 0.0))
         resets = {} if docs is None else {"resets": fit(docs.starts)}
         o_BxTxHxK, _ = nm.apply(self.level(cfg.memory_read), memory0, fit(q), fit(k), fit(v),
-                                gates, chunk_size=cfg.chunk_memory, path=cfg.memory_path, **resets)
+                                gates, chunk_size=cfg.chunk_memory, **self._memory_path(),
+                                **resets)
         return layers.shard_batch(self._output(o_BxTxHxK[:, :T], x_BxTxD))
 
     # ---- streaming (decode) path --------------------------------------------------------------

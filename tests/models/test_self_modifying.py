@@ -410,3 +410,18 @@ def test_linear_memory_reads_the_continuation_more_clearly(monkeypatch):
     _, mlp = _reads_of_next_token(monkeypatch)
     _, linear = _reads_of_next_token(monkeypatch, memory_form="linear")
     assert linear > 0.8 and linear > mlp + 0.4, (mlp, linear)  # measured 0.88 against 0.31
+
+
+@pytest.mark.parametrize("read", ["online", "prior"])
+def test_linear_memory_kernel_path_equals_the_xla_path(read):
+    """memory_form="linear": M_memory runs through the engine's Pallas path (the kernels in
+    interpret mode here; "auto" picks them on TPU and GPU, the XLA dual form on CPU) and
+    matches the XLA dual form, for both reads (the prior read shifts the queries)."""
+    x = _x(T=40, dtype=jnp.float32)
+    layer = lambda impl: _layer(memory_form="linear", memory_impl=impl, memory_read=read,
+                                chunk_memory=16, chunk_other=4)
+    want = np.asarray(_forward(layer("xla"), x))
+    assert np.max(np.abs(want)) > 1e-2
+    for impl in ("auto", "interpret"):
+        np.testing.assert_allclose(np.asarray(_forward(layer(impl), x)), want, rtol=0,
+                                   atol=2e-5, err_msg=impl)
