@@ -21,9 +21,11 @@ One layer, for every sequence b and head h (decisions #1: the fast state is per 
                                                           memory_read="prior": before it)
     y_t       = W_o (RMSNorm(o_t) * silu(x_t W_g))       (norm + output gate, Titans §3)
 
-for □ in {k, v, eta, alpha, memory}; every M_□ is a 2-layer residual MLP M(z) = z + W1 s(W2 z)
-acting on one head slice (K -> F -> K, ``memory.MLPMemory``) whose initial state is an outer
-``nnx.Param`` (meta-learned: the outer gradient flows through every inner update, #4).
+for □ in {k, v, eta, alpha, memory}; M_k, M_v, M_eta, M_alpha are 2-layer residual MLPs
+M(z) = z + W1 s(W2 z) acting on one head slice (K -> F -> K, ``memory.MLPMemory``); M_memory is
+one K x K matrix starting at zero (``memory_form="linear"``, decisions.md #25; "mlp" makes it
+the paper's residual MLP too).  Every initial state is an outer ``nnx.Param`` (meta-learned:
+the outer gradient flows through every inner update, #4).
 
 Chunking (decisions #2, #10).  M_k, M_v, M_eta, M_alpha (the "coupled" memories) share the chunk
 size C_other: every k, v, eta, alpha, beta and vhat of a chunk is produced from the four memories'
@@ -184,12 +186,13 @@ class SelfModifyingFields:
       q_identity: W_q starts as the identity (plus N(0, 0.02)), so q_t ~ l2(x_t) lives in the
         coordinates of k and v, whose memories start near the identity, instead of a random
         projection of them (decisions.md #24).  Default on; a no-op with adaptive_q.
-      memory_form: the form of M_memory, the memory the queries read: "mlp" (default, the
-        paper's 2-layer residual M(z) = z + W1 s(W2 z), like the coupled memories) or "linear"
-        (one matrix M(z) = W z starting at W = 0, the delta rule's state).  Untrained, the
-        residual MLP holds about a third of what one matrix of the same width recalls on MQAR
-        32 x 256 (experiments/results/icl_delta_capacity.md); the coupled memories keep the
-        paper's form either way.
+      memory_form: the form of M_memory, the memory the queries read: "linear" (default: one
+        matrix M(z) = W z per head starting at W = 0, the delta rule's state) or "mlp" (the
+        paper's 2-layer residual M(z) = z + W1 s(W2 z), like the coupled memories; decisions.md
+        #25).  Untrained, the residual MLP reads 10% of MQAR 32 x 256 at a head of 64 where one
+        matrix reads 64-71%, and trained with CMS frozen it stays at chance where the matrix
+        recalls 100% (experiments/results/icl_mqar32_linear.md).  The coupled memories keep
+        the paper's form either way.
       memory_impl: a linear M_memory only: the kernels' ``impl`` on the engine's "pallas" path
         ("auto": the Pallas kernel where one runs the level on this backend, else the XLA dual
         form; "pallas", "interpret"), or "xla" to run ``memory_path`` instead.  The coupled
@@ -230,7 +233,7 @@ class SelfModifyingFields:
     memory_init_scale: float = 0.5
     key_shift: bool = True
     q_identity: bool = True
-    memory_form: str = "mlp"
+    memory_form: str = "linear"
     memory_impl: str = "auto"
     memory_path: str = "dual"
     memory_read: str = "online"

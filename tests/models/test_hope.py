@@ -92,7 +92,7 @@ def test_outer_gradients_reach_every_meta_learned_state():
             g = np.asarray(getattr(mixer, n)[...])
             # every stacked memory (k, v, eta, alpha) and every head, separately
             assert np.all(np.any(g.reshape(*g.shape[:2], -1) != 0, axis=-1)), (i, n)
-        for n in ("memory_w1", "memory_w2", "gate_w", "gate_b", "conv"):
+        for n in ("memory_w", "gate_w", "gate_b", "conv"):  # linear M_memory (decisions #25)
             names.append((i, n, np.asarray(getattr(mixer, n)[...])))
         for j in range(len(model.blocks[i].cms.levels)):
             level = block.cms.levels[j]

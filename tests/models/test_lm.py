@@ -19,7 +19,8 @@ PATHS = {
     "transformer": (20, ["blocks/0/attn", "blocks/0/attn_norm", "blocks/0/mlp",
                          "blocks/0/mlp_norm"]),
     "titans": (30, ["blocks/0/mem_norm", "blocks/0/memory", "blocks/0/mlp", "blocks/0/mlp_norm"]),
-    "hope": (52, ["blocks/0/cms", "blocks/0/mixer", "blocks/0/mixer_norm"]),
+    # hope: 52 arrays before decisions #25 (M_memory's W1, W2 are now one matrix W per layer)
+    "hope": (50, ["blocks/0/cms", "blocks/0/mixer", "blocks/0/mixer_norm"]),
     "hope_attention": (38, ["blocks/0/attn", "blocks/0/attn_norm", "blocks/0/cms"]),
 }
 
@@ -48,7 +49,7 @@ def test_parameter_paths_are_unchanged(name):
 
 def test_hope_without_cms_keeps_its_mlp_paths():
     paths = _paths(models.abstract_model("hope", "tiny", use_cms=False))
-    assert len(paths) == 34
+    assert len(paths) == 32  # 34 with the MLP M_memory (decisions #25)
     assert {p for p in paths if p.startswith("blocks/1/mlp")} == {
         "blocks/1/mlp/down/kernel", "blocks/1/mlp/gate/kernel", "blocks/1/mlp/up/kernel",
         "blocks/1/mlp_norm/scale"}

@@ -17,7 +17,7 @@ F64 = dict(dtype="float64", param_dtype="float64", memory_dtype="float64")
 def _layer(seed=0, perturb=0.1, **overrides):
     """A small layer; every parameter gets N(0, perturb) noise so no memory starts as identity."""
     fields = dict(d_model=16, n_heads=2, memory_hidden=6, chunk_memory=1, chunk_other=1,
-                  eta_max=0.5)
+                  eta_max=0.5, memory_form="mlp")  # the linear form: the "linear-memory" cases
     fields.update(overrides)
     layer = SelfModifyingTitans(SelfModifyingConfig(**fields), out_std=0.1, rngs=nnx.Rngs(seed))
     if perturb:
@@ -303,11 +303,14 @@ def test_layer_is_causal():
         assert np.all(np.any(g[:, : t + 1] != 0.0, axis=-1)), t
 
 
-def test_outer_gradients_reach_every_initial_state():
-    """decision #4: backprop through the unrolled inner updates meta-learns every memory's init."""
-    layer = _layer(perturb=0.0, chunk_memory=4, chunk_other=2)  # the real init (W1 = 0)
+@pytest.mark.parametrize("form, memory", [("mlp", ("memory_w1", "memory_w2")),
+                                          ("linear", ("memory_w",))])
+def test_outer_gradients_reach_every_initial_state(form, memory):
+    """decision #4: backprop through the unrolled inner updates meta-learns every memory's init
+    (the linear M_memory's too, though it starts at zero)."""
+    layer = _layer(perturb=0.0, chunk_memory=4, chunk_other=2, memory_form=form)  # real init
     grads, _ = _layer_grads(layer, _x(T=12, dtype=jnp.float32), _w())
-    for name in ("coupled_w1", "coupled_w2", "memory_w1", "memory_w2", "gate_w", "gate_b",
+    for name in ("coupled_w1", "coupled_w2", *memory, "gate_w", "gate_b",
                  "conv", "q_proj", "gate_proj", "o_proj", "out_norm"):
         for leaf in jax.tree.leaves(getattr(grads, name)):
             leaf = np.asarray(leaf)
@@ -407,7 +410,7 @@ def test_linear_memory_reads_the_continuation_more_clearly(monkeypatch):
     repeat is the stored continuation alone, not the residual z plus a small correction: the
     read turns most of the way toward x_{t+1} where the residual MLP's turns about a third of
     the way (experiments/results/icl_delta_capacity.md: the same gap on MQAR 32 x 256)."""
-    _, mlp = _reads_of_next_token(monkeypatch)
+    _, mlp = _reads_of_next_token(monkeypatch, memory_form="mlp")
     _, linear = _reads_of_next_token(monkeypatch, memory_form="linear")
     assert linear > 0.8 and linear > mlp + 0.4, (mlp, linear)  # measured 0.88 against 0.31
 
