@@ -94,12 +94,15 @@ def mlp_recall(task: MQAR, d: int, seed: int, orthogonal: bool, write_input_side
 
 
 # Real-layer rows: (label, heads, config overrides).
-LAYER_ROWS = (("defaults", 4, {}), ("defaults", 1, {}),
-              ("no weight decay (alpha = 1)", 1, dict(weight_decay=False)),
-              ("no weight decay, no momentum", 1, dict(weight_decay=False, momentum=False)),
-              ("no weight decay, no momentum", 4, dict(weight_decay=False, momentum=False)),
-              ("linear M_memory", 4, dict(memory_form="linear")),
-              ("linear M_memory", 1, dict(memory_form="linear")),
+MLP = dict(memory_form="mlp")  # the paper's M_memory, Hope's default before decisions #25
+LAYER_ROWS = (("MLP M_memory", 4, MLP), ("MLP M_memory", 1, MLP),
+              ("MLP M_memory, no weight decay (alpha = 1)", 1, dict(MLP, weight_decay=False)),
+              ("MLP M_memory, no weight decay, no momentum", 1,
+               dict(MLP, weight_decay=False, momentum=False)),
+              ("MLP M_memory, no weight decay, no momentum", 4,
+               dict(MLP, weight_decay=False, momentum=False)),
+              ("linear M_memory (the default)", 4, dict(memory_form="linear")),
+              ("linear M_memory (the default)", 1, dict(memory_form="linear")),
               ("linear M_memory, no weight decay", 1, dict(memory_form="linear",
                                                          weight_decay=False)),
               ("linear M_memory, no weight decay, no momentum", 1,
