@@ -73,6 +73,28 @@ def test_titans_mosaic_kernel_compiles_for_tpu():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+def test_hope_mosaic_kernel_compiles_for_tpu(monkeypatch):
+    """HopeLM's linear M_memory (decisions #25) runs through the Mosaic kernel on TPU inside
+    the full model (the coupled MLP memories on the XLA dual form beside it): the train step,
+    forward and backward, compiled by libtpu for real, and the kernel is what was traced."""
+    from nested_jax.memory import pallas
+
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    kernels, part = [], pallas._kernel_part
+
+    def record(level, pl_, *args):
+        kernels.append(pl_.kernel)
+        return part(level, pl_, *args)
+
+    monkeypatch.setattr(pallas, "_kernel_part", record)
+    report = aot.compile_for(_cfg("hope", **{"model.memory_impl": "pallas"}), "v5e:2x2",
+                             steps=("train",))
+    assert report.steps[0].compiled, report.steps[0].error
+    assert kernels and set(kernels) == {"mosaic"}, kernels
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
 def test_batch_that_does_not_split_is_refused_before_compiling():
     with pytest.raises(ValueError, match="data.batch_size"):
         aot.compile_for(_cfg("transformer", **{"data.batch_size": 6}), "v5e:2x2")
