@@ -252,15 +252,17 @@ EXTREME = {"beta-0.5": [30.0, 30.0, 0.0], "beta-0.99": [30.0, 30.0, 4.6],
 
 
 @pytest.mark.parametrize("gates", list(EXTREME))
-@pytest.mark.parametrize("eta_max, scale, reflect", [(10.0, 1.0, False), (100.0, 1.0, False),
-                                                    (1.0, 100.0, False), (1.0, 100.0, True)])
-def test_inner_loop_stays_finite_at_extreme_gates(gates, eta_max, scale, reflect):
-    """Module notes, in-context learning and stability: the default layer (delta rule,
-    normalised self-targets, M_memory on v) stays finite for the worst gates the outer loop
-    could learn: eta = 100 on the coupled memories or on M_memory (memory_eta_scale), alpha = 1
-    (no decay), beta up to 0.999, T = 2048, float32; so does the reflecting step (#22)."""
+@pytest.mark.parametrize("eta_max, scale, reflect, form", [
+    (10.0, 1.0, False, "mlp"), (100.0, 1.0, False, "mlp"), (1.0, 100.0, False, "mlp"),
+    (1.0, 100.0, True, "mlp"), (1.0, 100.0, False, "linear"), (1.0, 100.0, True, "linear")])
+def test_inner_loop_stays_finite_at_extreme_gates(gates, eta_max, scale, reflect, form):
+    """Module notes, in-context learning and stability: the layer (delta rule, normalised
+    self-targets, M_memory on v) stays finite for the worst gates the outer loop could learn:
+    eta = 100 on the coupled memories or on M_memory (memory_eta_scale), alpha = 1 (no decay),
+    beta up to 0.999, T = 2048, float32; so does the reflecting step (#22), and so does the
+    default linear M_memory (#25) at eta = 100."""
     assert np.isfinite(_extreme(EXTREME[gates], eta_max=eta_max, memory_eta_scale=scale,
-                                reflect=reflect))
+                                reflect=reflect, memory_form=form))
 
 
 @pytest.mark.parametrize("rule", ["dgd_all", "delta"])
