@@ -20,6 +20,17 @@ import jax.numpy as jnp
 from nested_jax.config_checks import check_choice, check_divisible, check_positive, fail
 
 DTYPES = ("float32", "bfloat16", "float16")
+# How a model runs a linear memory: the kernels' ``impl`` on the engine's "pallas" path, or "xla"
+# for the model's own ``memory_path`` (TitansLM's memory, Hope's M_memory).
+MEMORY_IMPLS = ("auto", "pallas", "interpret", "xla")
+
+
+def memory_route(linear: bool, impl: str, path: str) -> dict:
+    """``memory.apply`` keywords for a model's memory: the kernels for a linear one unless
+    ``impl="xla"``, else the model's ``memory_path`` (no kernel runs an MLP memory)."""
+    if linear and impl != "xla":
+        return dict(path="pallas", impl=impl)
+    return dict(path=path)
 PRESET_ORDER = ("tiny", "small", "125M", "340M", "760M", "1.3B")
 
 

@@ -121,11 +121,10 @@ from nested_jax.config_checks import check_choice, check_positive, fail
 from nested_jax.memory.memories import activation
 from nested_jax.memory.resets import restart
 from nested_jax.models import documents, layers
-from nested_jax.models.config import DTYPES
+from nested_jax.models.config import DTYPES, MEMORY_IMPLS, memory_route
 
 PATHS = ("dual", "chunked")
 MEMORY_FORMS = ("mlp", "linear")
-MEMORY_IMPLS = ("auto", "pallas", "interpret", "xla")
 READS = ("online", "prior")
 INNER_RULES = ("delta", "dgd_all", "dgd")
 ETA_MAX_LIMIT = 100.0
@@ -455,13 +454,6 @@ class SelfModifyingTitans(nnx.Module):
                         self_target=self_target,
                         normalize_target=self_target and self.cfg.normalize_target)
 
-    def _memory_path(self) -> dict:
-        """Engine path of M_memory: the kernels for a linear one (``memory_impl``)."""
-        cfg = self.cfg
-        if cfg.memory_form == "linear" and cfg.memory_impl != "xla":
-            return dict(path="pallas", impl=cfg.memory_impl)
-        return dict(path=cfg.memory_path)
-
     def _memory_gates(self, gates: nm.Gates) -> nm.Gates:
         """M_memory's gates: the coupled memories' with eta scaled by ``memory_eta_scale``."""
         return gates._replace(eta=gates.eta * self.cfg.memory_eta_scale)
@@ -653,8 +645,9 @@ class SelfModifyingTitans(nnx.Module):
         gates = nm.Gates(noop(gates.eta, 0.0), noop(gates.alpha, 1.0), noop(gates.beta, 0.0))
         resets = {} if docs is None else {"resets": fit(docs.starts)}
         o_BxTxHxK, _ = nm.apply(self.level(cfg.memory_read), memory0, fit(q), fit(k), fit(v),
-                                gates, chunk_size=cfg.chunk_memory, **self._memory_path(),
-                                **resets)
+                                gates, chunk_size=cfg.chunk_memory, **resets,
+                                **memory_route(cfg.memory_form == "linear", cfg.memory_impl,
+                                               cfg.memory_path))
         return layers.shard_batch(self._output(o_BxTxHxK[:, :T], x_BxTxD))
 
     # ---- streaming (decode) path --------------------------------------------------------------

@@ -30,13 +30,12 @@ from flax import nnx
 from nested_jax import memory as nm
 from nested_jax.config_checks import check_choice, check_positive, fail
 from nested_jax.models import documents, layers
-from nested_jax.models.config import ModelConfig, Preset
+from nested_jax.models.config import MEMORY_IMPLS, ModelConfig, Preset, memory_route
 from nested_jax.models.lm import LanguageModel
 from nested_jax.models.registry import register
 
 RULES = {"titans": nm.TITANS, "gd": nm.GD, "dgd": nm.DGD,
          "dgd_all": nm.Rule(momentum=True, dgd=True, dgd_all_layers=True), "delta": nm.DELTA}
-MEMORY_IMPLS = ("auto", "pallas", "interpret", "xla")
 
 
 def _logit(p: float) -> float:
@@ -311,11 +310,8 @@ class NeuralMemory(nnx.Module):
         level = cfg.level()
         # resets only when given: the default call stays the one without them
         extra = {} if resets is None else {"resets": resets}
-        if cfg.memory == "linear" and cfg.memory_impl != "xla":
-            return nm.apply(level, state, q, k, v, gates, chunk_size=cfg.chunk_size,
-                            path="pallas", impl=cfg.memory_impl, **extra)
-        return nm.apply(level, state, q, k, v, gates, chunk_size=cfg.chunk_size,
-                        path=cfg.memory_path, **extra)
+        route = memory_route(cfg.memory == "linear", cfg.memory_impl, cfg.memory_path)
+        return nm.apply(level, state, q, k, v, gates, chunk_size=cfg.chunk_size, **route, **extra)
 
     def __call__(self, h_BxTxD: jax.Array, docs: documents.Documents | None = None) -> jax.Array:
         """``docs`` (packed rows): the conv and the memory restart at every document start."""
