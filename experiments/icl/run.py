@@ -49,7 +49,7 @@ class Scale:
     eval_lengths: tuple = ()
     overrides: dict = dataclasses.field(default_factory=dict)
     eval_batch: int | None = None
-    train_on: str = "target"  # "all": next-token loss on every position (train.run)
+    train_on: str = "target"  # "all" / "both": see train.run
 
 
 def _mad(**kw):
@@ -107,6 +107,8 @@ def parse(argv):
                    help="model config overrides for every run, e.g. eta_max=1.0")
     p.add_argument("--task-set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="task overrides for every task, e.g. prefix_labels=true (formal)")
+    p.add_argument("--train-on", default=None, choices=train.TRAIN_ON,
+                   help="positions the training loss covers (default: the suite's; train.run)")
     p.add_argument("--out", default=None, help="results stem (default icl_<suite>)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rewrite the report from the runs already logged")
@@ -167,8 +169,9 @@ def main(argv=None) -> None:
     stem = a.out or f"icl_{a.suite}"
     log = os.path.join(RESULTS, f"{stem}_runs.jsonl")
     setup = dict(preset=scale.preset, steps=steps, batch=batch, lr=a.lr, overrides=overrides)
-    if scale.train_on != "target":  # absent from older logs, which all trained on the target
-        setup["train_on"] = scale.train_on
+    train_on = a.train_on or scale.train_on
+    if train_on != "target":  # absent from older logs, which all trained on the target
+        setup["train_on"] = train_on
     t0 = time.time()
     for name in [] if a.report_only else names:
         task, evals = built[name]
@@ -178,7 +181,7 @@ def main(argv=None) -> None:
                     r = train.run(task, model, scale.preset, variant, seed, lr=a.lr,
                                   steps=steps, batch=batch, overrides=overrides,
                                   eval_tasks=evals, eval_batch=scale.eval_batch,
-                                  train_on=scale.train_on)
+                                  train_on=train_on)
                     print(f"{name:18s} {model:15s} {variant:9s} seed {seed}: "
                           f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
                           f"evals {r.by_eval} skipped {r.skipped} {r.seconds:.0f}s", flush=True)
@@ -247,8 +250,11 @@ def write(a, argv, scale, built, setup, log, total) -> None:
         f"- preset {setup['preset']}, {setup['steps']} steps of batch {setup['batch']}, AdamW "
         f"peak lr {setup['lr']} (warmup 10%, cosine to 0.1x, clip 1.0, wd 0.1); overrides "
         f"{setup['overrides'] or 'none'}"
-        + ("; trained with the next-token loss on every position, scored on the targets only"
-           if setup.get("train_on") == "all" else "") + "\n"
+        + {"all": "; trained with the next-token loss on every position, scored on the targets "
+                  "only",
+           "both": "; trained on the mean of two next-token losses (every position, and the "
+                   "targets), scored on the targets only"}.get(setup.get("train_on"), "")
+        + "\n"
         "- accuracy: mean [min, max] over seeds, on 8 fresh held-out batches (the same for "
         "every run) of the training distribution; *frozen at eval*: the trained model scored "
         "with its self-modifying (Hope) or Titans memory frozen (eta_max = 0) at evaluation "

@@ -58,7 +58,7 @@ def masked_loss(model, inputs, targets, mask, scoring: str = "token", loss_mask=
     (the fraction of masked positions predicted right) or "sequence" (the fraction of rows whose
     masked positions are all right: a needle's value counts only if every digit is right).
     ``inputs``, ``targets`` and ``mask`` are ``Batch.arrays()``; ``loss_mask`` (default
-    ``mask``) selects the positions the loss averages over."""
+    ``mask``) weights the positions the loss averages over (``loss_weights``)."""
     logits = model(inputs).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     right = jnp.argmax(logits, -1) == targets
@@ -68,6 +68,19 @@ def masked_loss(model, inputs, targets, mask, scoring: str = "token", loss_mask=
     else:
         acc = (right & mask).sum() / mask.sum()
     return (nll * m).sum() / m.sum(), acc
+
+
+TRAIN_ON = ("target", "all", "both")
+
+
+def loss_weights(mask, train_on: str):
+    """Per-position loss weights for ``masked_loss`` (None: the scored positions)."""
+    if train_on == "target":
+        return None
+    every = jnp.full(mask.shape, 1.0 / mask.size, jnp.float32)
+    if train_on == "all":
+        return every
+    return every + mask.astype(jnp.float32) / jnp.maximum(mask.sum(), 1)
 
 
 def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int = 0,
@@ -80,9 +93,11 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
 
     ``train_on="all"`` trains with the next-token loss on every position instead of the scored
     ones only (scoring is unchanged): for tasks whose scored tokens are a few per long sequence
-    (a needle's value), whose loss alone is too sparse a signal at CPU budgets."""
-    if train_on not in ("target", "all"):
-        raise ValueError(f"train_on={train_on!r}: use 'target' or 'all'")
+    (a needle's value), whose loss alone is too sparse a signal at CPU budgets.
+    ``train_on="both"`` averages the two means (every position, and the scored ones), so the
+    few scored tokens carry half the gradient instead of 7 parts in 1024."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on={train_on!r}: use one of {TRAIN_ON}")
     over = dict(overrides or {})
     over.update(variant_overrides(model, variant))
     over.setdefault("vocab_size", task.vocab_size)
@@ -105,8 +120,8 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     opt = tx.init(params)
 
     def loss_fn(p, inputs, targets, mask):
-        every = jnp.ones_like(mask) if train_on == "all" else None
-        return masked_loss(nnx.merge(graphdef, p, rest), inputs, targets, mask, scoring, every)
+        return masked_loss(nnx.merge(graphdef, p, rest), inputs, targets, mask, scoring,
+                           loss_weights(mask, train_on))
 
     @jax.jit
     def step(p, o, inputs, targets, mask):

@@ -57,6 +57,11 @@ def test_the_loss_mask_moves_the_loss_not_the_score():
     np.testing.assert_allclose(loss_t, nll[:, -2:].mean(), rtol=1e-6)
     np.testing.assert_allclose(loss_a, nll.mean(), rtol=1e-6)
     assert acc_a == acc_t
+    for train_on, want in (("all", nll.mean()), ("both", (nll.mean() + nll[:, -2:].mean()) / 2)):
+        loss, acc = train.masked_loss(model, None, targets, mask, "sequence",
+                                      train.loss_weights(mask, train_on))
+        np.testing.assert_allclose(loss, want, rtol=1e-6, err_msg=train_on)
+        assert acc == acc_t
 
 
 def test_unknown_train_on_is_refused():
