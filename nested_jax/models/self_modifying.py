@@ -129,9 +129,9 @@ READS = ("online", "prior")
 INNER_RULES = ("delta", "dgd_all", "dgd")
 ETA_MAX_LIMIT = 100.0
 GATES = ("eta", "alpha", "beta")
-# Gate biases at init: eta = eta_max * sigmoid(0) * (1 - beta), alpha = sigmoid(4.6) ~ 0.99 (slow
-# decay), beta = sigmoid(0) = 0.5 (momentum).
-GATE_BIAS_INIT = {"eta": 0.0, "alpha": 4.6, "beta": 0.0}
+# Gate biases at init: eta = eta_max * sigmoid(0) * (1 - beta), beta = sigmoid(0) = 0.5
+# (momentum); alpha's bias is logit(retention_init) (config field, default 0.99: slow decay).
+GATE_BIAS_INIT = {"eta": 0.0, "beta": 0.0}
 GATE_SOURCE = {"eta": "eta", "alpha": "alpha", "beta": "alpha"}  # memory each gate is read from
 
 
@@ -175,6 +175,10 @@ class SelfModifyingFields:
       adaptive_q: q = l2(M_q(x)) from a fifth coupled memory (decision #9 option; default static).
       normalize_v: v = l2(M_v(x)) (default; stability) or the paper-literal v = M_v(x).
       ema_momentum: eta_t carries a factor (1 - beta_t), so eta / (1 - beta) <= eta_max.
+      retention_init: alpha at initialisation (the gate's bias is logit(retention_init)), for
+        every memory of the layer.  The default 0.99 keeps a write for ~100 tokens (0.99^1000 =
+        4e-5): enough for recall within a few hundred tokens, too short for a needle 1K tokens
+        back, which needs 0.999 or more.  alpha stays data-dependent and learnable either way.
       memory_init_scale: s of the initial W1 ~ N(0, s^2 / F) of every memory (0 = identity).
       key_shift: the k memory's conv starts on the previous token (its identity tap at t - 1,
         not t), so k_t ~ l2(x_{t-1}) while v_t ~ l2(x_t): M_memory starts out storing
@@ -230,6 +234,7 @@ class SelfModifyingFields:
     separate_conv: bool = True
     ema_momentum: bool = True
     memory_init_scale: float = 0.5
+    retention_init: float = 0.99
     key_shift: bool = True
     q_identity: bool = True
     memory_form: str = "linear"
@@ -316,6 +321,9 @@ def validate_fields(cfg) -> None:
     if not (isinstance(cfg.memory_init_scale, (int, float)) and cfg.memory_init_scale >= 0):
         fail("memory_init_scale", cfg.memory_init_scale, "must be a float >= 0 (0: identity "
              "memories at init, whose self-generated targets give no signal)")
+    if not (isinstance(cfg.retention_init, (int, float)) and 0 < cfg.retention_init < 1):
+        fail("retention_init", cfg.retention_init, "must lie strictly between 0 and 1 (alpha at "
+             "init; the gate's bias is its logit); fix alpha = 1 with weight_decay=False")
     for name in ("dgd", "momentum", "weight_decay", "stop_grad", "static_k", "static_v",
                  "adaptive_q", "normalize_v", "normalize_target", "separate_conv",
                  "ema_momentum", "memory_self_target", "reflect", "key_shift", "q_identity"):
@@ -423,7 +431,9 @@ class SelfModifyingTitans(nnx.Module):
         # Gate read-outs (decision #7): one scalar per head and token from a memory's output.
         self.gate_w = nnx.Param(0.02 * jax.random.normal(rngs.params(), (3, H, K), pdt),
                                 logical_axes=(None, "heads", None))
-        bias = jnp.asarray([GATE_BIAS_INIT[g] for g in GATES], pdt)
+        r = cfg.retention_init
+        bias = jnp.asarray([math.log(r / (1 - r)) if g == "alpha" else GATE_BIAS_INIT[g]
+                            for g in GATES], pdt)
         self.gate_b = nnx.Param(jnp.broadcast_to(bias[:, None], (3, H)),
                                 logical_axes=(None, "heads"))
         self.out_norm = nnx.RMSNorm(K, epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.memory_dtype),

@@ -369,29 +369,35 @@ def test_gradients_match_finite_differences(x64):
     ({"key_shift": 1}, "key_shift"),
     ({"q_identity": 1}, "q_identity"),
     ({"memory_form": "mlp3"}, "memory_form"),
+    ({"retention_init": 1.0}, "retention_init"),
+    ({"retention_init": 0.0}, "retention_init"),
 ])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"^{field}="):
         SelfModifyingConfig(**{"d_model": 16, "n_heads": 4, **overrides})
 
 
-def _reads_of_next_token(monkeypatch, **overrides):
+def _reads_of_next_token(monkeypatch, gap: int = 0, **overrides):
     """Mean cos(o_t, x_{t+1}) of M_memory's read on the first and on the second pass of a
-    sequence of 8 random unit vectors seen twice, for a freshly initialised layer (identity
-    memories, per-token chunks, the default gates)."""
-    cfg = SelfModifyingConfig(d_model=32, n_heads=1, chunk_memory=1, chunk_other=1,
+    sequence of 8 random unit vectors seen twice (between the passes, ``gap`` tokens of 4 other
+    random vectors repeated, like a needle's filler), for a freshly initialised layer (identity
+    memories, the default gates)."""
+    chunk = 1 if gap == 0 else 8  # the per-token scan is slow over a long gap
+    cfg = SelfModifyingConfig(d_model=32, n_heads=1, chunk_memory=chunk, chunk_other=chunk,
                               memory_init_scale=0.0, **overrides)
     layer = SelfModifyingTitans(cfg, out_std=0.1, rngs=nnx.Rngs(0))
     seen = []
     output = SelfModifyingTitans._output
     monkeypatch.setattr(SelfModifyingTitans, "_output",
                         lambda self, o, x: (seen.append(np.array(o)), output(self, o, x))[1])
-    a = np.random.default_rng(0).normal(size=(8, 32))
-    x_TxD = np.concatenate([a, a]) / np.linalg.norm(np.concatenate([a, a]), axis=1)[:, None]
+    rng = np.random.default_rng(0)
+    a, filler = rng.normal(size=(8, 32)), np.resize(rng.normal(size=(4, 32)), (gap, 32))
+    x_TxD = np.concatenate([a, filler, a])
+    x_TxD /= np.linalg.norm(x_TxD, axis=1)[:, None]
     layer(jnp.asarray(x_TxD[None], jnp.float32))
     o_TxK = seen[0][0, :, 0] / np.linalg.norm(seen[0][0, :, 0], axis=-1, keepdims=True)
     cos = np.sum(o_TxK[:-1] * x_TxD[1:], axis=-1)
-    return cos[:7].mean(), cos[8:15].mean()
+    return cos[:7].mean(), cos[8 + gap:15 + gap].mean()
 
 
 def test_key_shift_and_q_identity_read_the_continuation_at_init(monkeypatch):
@@ -415,6 +421,16 @@ def test_linear_memory_reads_the_continuation_more_clearly(monkeypatch):
     _, mlp = _reads_of_next_token(monkeypatch, memory_form="mlp")
     _, linear = _reads_of_next_token(monkeypatch, memory_form="linear")
     assert linear > 0.8 and linear > mlp + 0.4, (mlp, linear)  # measured 0.88 against 0.31
+
+
+def test_retention_init_keeps_a_write_across_a_long_gap(monkeypatch):
+    """retention_init sets alpha at init: at the default 0.99 a transition written 1024 tokens
+    back has decayed by 0.99^1024 ~ 3e-5 and the read does not find it; at 0.9999 it still
+    reads it.  (The repeated filler's own writes stop once the delta rule has stored it, so
+    only the decay removes the earlier pairs: a needle 1K tokens back needs the slow one.)"""
+    _, short = _reads_of_next_token(monkeypatch, gap=1024)
+    _, long = _reads_of_next_token(monkeypatch, gap=1024, retention_init=0.9999)
+    assert long > 0.25 and long > short + 0.25, (short, long)  # measured 0.35 against -0.04
 
 
 @pytest.mark.parametrize("read", ["online", "prior"])
