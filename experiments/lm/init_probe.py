@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from experiments.lm import position, recipes
+from experiments.lm import report as lm_report
 from experiments.lm import run as lm_run
 from experiments.lm import tokenizer as tok_lib
 
@@ -115,14 +116,9 @@ def main(argv=None) -> None:
         for v in a.variants:
             for s in a.seeds:
                 if (v, s) not in done:
-                    r = one_run(v, s, a.runs_dir, tok)
-                    print(json.dumps(r), flush=True)
-                    with open(log, "a") as f:
-                        f.write(json.dumps(r) + "\n")
-    out = os.path.join(RESULTS, "lm_init_probe.md")
-    with open(out, "w") as f:
-        f.write(report(log, f"python -m experiments.lm.init_probe {shlex.join(argv)}".strip()))
-    print(f"wrote {out}")
+                    lm_report.append_run(log, one_run(v, s, a.runs_dir, tok))
+    lm_report.write_text(os.path.join(RESULTS, "lm_init_probe.md"), report(
+        log, f"python -m experiments.lm.init_probe {shlex.join(argv)}".strip()))
 
 
 if __name__ == "__main__":

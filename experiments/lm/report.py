@@ -16,6 +16,19 @@ RESULTS = os.path.join(HERE, "..", "results")
 SETUP_KEYS = ("suite", "scale", "steps", "seq_len", "batch", "vocab")
 
 
+def append_run(log: str, record: dict) -> None:
+    """Print one finished run and append it to the suite's JSONL log (shards share a log)."""
+    print(json.dumps(record), flush=True)
+    with open(log, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
 def _runs(log: str, setup: dict) -> list[dict]:
     if not os.path.exists(log):
         return []
