@@ -1,0 +1,140 @@
+"""Do HopeLM and TitansLM train finite in bfloat16 on 16K-token sequences?
+
+    python -m experiments.lm.long_bf16                  # hope, titans; bf16; seeds 0 1
+    python -m experiments.lm.long_bf16 --models titans --dtypes float32 --seeds 0
+    python -m experiments.lm.long_bf16 --report-only
+
+The in-context learning issue asks that the self-modifying memories' setting (decisions #21,
+#25: M_memory's eta bound of 10) train finite in bfloat16 at 16K tokens, and that TitansLM train
+without NaN in float32 and bfloat16 at ordinary learning rates.  Each run trains one model
+with the real trainer (``nested_jax.train.trainer``: its guard rejects a step whose loss or
+gradient is not finite, and counts it) on Shakespeare's plays (byte tokens, documents
+concatenated into rows of 16384 tokens, so every memory runs 16K tokens without a reset; 2 of
+37 plays held out), tiny preset, batch 1, AdamW at lr 3e-3.  Reported per run: the training
+loss at the first and last steps, the largest gradient norm, the rejected steps, and the
+held-out perplexity at 16K tokens learning and with the in-context memory frozen (inner rates
+0 at evaluation only: the control every memory experiment carries).  Runs live in
+``runs/lm/long_bf16/``; one JSON line per run goes to
+``experiments/results/lm_long_bf16_runs.jsonl``, the table to ``lm_long_bf16.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import sys
+import time
+
+import numpy as np
+
+from experiments.lm import report as lm_report
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "..", "results")
+SEQ, STEPS, LR, WARMUP, EVAL_FRACTION = 16384, 20, 3e-3, 2, 0.05
+MODELS, DTYPES = ("hope", "titans"), ("bf16", "float32")
+
+
+def corpus(runs_dir: str) -> str:
+    """A directory of the plays, one text file each (written once)."""
+    from experiments.lm import position
+
+    out = pathlib.Path(runs_dir) / "long_bf16" / "plays"
+    if not out.is_dir():
+        out.mkdir(parents=True)
+        for name, text in position.plays():
+            (out / f"{name}.txt").write_text(text)
+    return str(out)
+
+
+def one_run(model: str, dtype: str, seed: int, runs_dir: str) -> dict:
+    from nested_jax.train import evaluate, metrics, trainer
+    from nested_jax.train.config import DataConfig, OptimConfig, TrainConfig
+
+    cfg = TrainConfig(
+        model=model, preset="tiny", model_overrides=dict(max_seq_len=SEQ), steps=STEPS,
+        seed=seed, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=STEPS,
+        keep_checkpoints=1, bf16=dtype == "bf16",
+        data=DataConfig(path=corpus(runs_dir), tokenizer="byte", seq_len=SEQ, batch_size=1,
+                        eval_fraction=EVAL_FRACTION),
+        optim=OptimConfig(name="adamw", learning_rate=LR, warmup_steps=WARMUP,
+                          weight_decay=0.1, b2=0.95, grad_clip=1.0))
+    workdir = os.path.join(runs_dir, "long_bf16", f"{model}-{dtype}-s{seed}")
+    t0 = time.time()
+    summary = trainer.train(cfg, workdir, progress=False)
+    seconds = time.time() - t0
+    recs = [r for r in metrics.read_records(trainer.workdir_path(workdir) / "metrics.jsonl")
+            if "train/loss" in r]
+    ppl = lambda *f: evaluate.evaluate_checkpoint(workdir, freeze=f)["perplexity"]
+    return dict(model=model, dtype=dtype, seed=seed, params=summary["params"],
+                losses=[r["train/loss"] for r in recs],
+                grad_norm_max=max(r["train/grad_norm"] for r in recs),
+                rejected=int(recs[-1]["train/skipped"]), ppl=ppl(),
+                ppl_frozen=ppl("self_modifying"), seconds=seconds)
+
+
+def report(log: str, command: str) -> str:
+    from experiments.benchlib import machine_header
+
+    runs = {}
+    for line in open(log) if os.path.exists(log) else []:
+        r = json.loads(line)
+        runs[(r["model"], r["dtype"], r["seed"])] = r  # a rerun replaces the earlier one
+    span = lambda xs: f"{np.mean(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]"
+    rows = []
+    for m in MODELS:
+        for d in DTYPES:
+            rs = [r for k, r in sorted(runs.items()) if k[:2] == (m, d)]
+            if not rs:
+                continue
+            col = lambda f: span([f(r) for r in rs])
+            finite = all(np.isfinite(r["losses"]).all() for r in rs)
+            rows.append(
+                f"| {m} | {d} | {rs[0]['params']} | {col(lambda r: r['losses'][0])} | "
+                f"{col(lambda r: r['losses'][-1])} | {col(lambda r: r['grad_norm_max'])} | "
+                f"{'/'.join(str(r['rejected']) for r in rs)} | {'yes' if finite else 'NO'} | "
+                f"{col(lambda r: r['ppl'])} | {col(lambda r: r['ppl_frozen'])} | "
+                f"{col(lambda r: r['ppl_frozen'] - r['ppl'])} | "
+                f"{', '.join(str(r['seed']) for r in rs)} | "
+                f"{np.mean([r['seconds'] for r in rs]):.0f} |")
+    return "\n".join([
+        "# Training finite in bfloat16 at 16K tokens a sequence", "",
+        machine_header(), "", f"Command: `{command}`", "",
+        f"Tiny preset, one sequence of {SEQ} byte tokens a step (Shakespeare's plays "
+        f"concatenated, so every memory runs {SEQ} tokens without a reset), {STEPS} steps, "
+        f"AdamW lr {LR:g} (warmup {WARMUP}, cosine), clip 1.0; *bf16*: bfloat16 compute, "
+        "float32 parameters.  *rejected*: steps the trainer's guard refused (non-finite loss "
+        "or gradient), per seed.  Perplexity (per byte) on the held-out plays at 16K tokens; "
+        "*frozen*: the same checkpoint with the in-context memory's inner rate set to 0 at "
+        "evaluation only (HopeLM: the self-modifying memories; TitansLM: its memory).  "
+        "Mean [min, max] over seeds.", "",
+        "| model | compute | params | loss, step 1 | loss, last step | max grad norm | "
+        "rejected | all finite | ppl | ppl, frozen | gap | seeds | s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "## Reading (hand-written; experiments/lm/notes/long_bf16.md)", "",
+        open(os.path.join(HERE, "notes", "long_bf16.md")).read()])
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--runs-dir", default=os.path.join("runs", "lm"))
+    p.add_argument("--report-only", action="store_true")
+    a = p.parse_args(argv)
+    log = os.path.join(RESULTS, "lm_long_bf16_runs.jsonl")
+    for m in [] if a.report_only else a.models:
+        for d in a.dtypes:
+            for s in a.seeds:
+                lm_report.append_run(log, one_run(m, d, s, a.runs_dir))
+    lm_report.write_text(os.path.join(RESULTS, "lm_long_bf16.md"), report(
+        log, f"python -m experiments.lm.long_bf16 {shlex.join(argv)}".strip()))
+
+
+if __name__ == "__main__":
+    main()
