@@ -13,7 +13,9 @@ concatenated into rows of 16384 tokens, so every memory runs 16K tokens without 
 37 plays held out), tiny preset, batch 1, AdamW at lr 3e-3.  Reported per run: the training
 loss at the first and last steps, the largest gradient norm, the rejected steps, and the
 held-out perplexity at 16K tokens learning and with the in-context memory frozen (inner rates
-0 at evaluation only: the control every memory experiment carries).  Runs live in
+0 at evaluation only: the control every memory experiment carries).  ``--probe`` adds the
+outer gradient's norm at initialisation on one 16K window of a play, bf16, for HopeLM's
+defaults and with one part changed at a time (which memory the gradient comes from).  Runs live in
 ``runs/lm/long_bf16/``; one JSON line per run goes to
 ``experiments/results/lm_long_bf16_runs.jsonl``, the table to ``lm_long_bf16.md``.
 """
@@ -76,13 +78,48 @@ def one_run(model: str, dtype: str, seed: int, runs_dir: str) -> dict:
                 ppl_frozen=ppl("self_modifying"), seconds=seconds)
 
 
+PROBES = {"defaults": {}, "self-modifying frozen": dict(eta_max=0.0),
+          "CMS frozen": dict(cms_lr=0.0), "CMS retention 0.99": dict(cms_retention=0.99),
+          "CMS retention 0.999": dict(cms_retention=0.999),
+          "retention_init 0.9999, CMS frozen": dict(retention_init=0.9999, cms_lr=0.0)}
+
+
+def probe(name: str, seed: int = 0) -> dict:
+    """HopeLM's (tiny, bf16) loss and outer-gradient norm at init on the first 16K bytes of the
+    first play, with PROBES[name] overriding the defaults."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from experiments.lm import position
+    from nested_jax.models.registry import create, make_config
+
+    ids = np.frombuffer(position.plays()[0][1].encode()[:SEQ + 1], np.uint8).astype(np.int32)
+    x, y = jnp.asarray(ids[None, :-1]), jnp.asarray(ids[None, 1:])
+    cfg = make_config("hope", "tiny", vocab_size=256, max_seq_len=SEQ, dtype="bfloat16",
+                      **PROBES[name])
+    graph, params, rest = nnx.split(create("hope", cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+
+    def loss(p):
+        logits = nnx.merge(graph, p, rest)(x).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return dict(kind="probe", probe=name, seed=seed, loss=float(value),
+                grad_norm=float(optax.global_norm(grads)))
+
+
 def report(log: str, command: str) -> str:
     from experiments.benchlib import machine_header
 
-    runs = {}
+    runs, probes = {}, {}
     for line in open(log) if os.path.exists(log) else []:
         r = json.loads(line)
-        runs[(r["model"], r["dtype"], r["seed"])] = r  # a rerun replaces the earlier one
+        if r.get("kind") == "probe":
+            probes[r["probe"]] = r
+        else:
+            runs[(r["model"], r["dtype"], r["seed"])] = r  # a rerun replaces the earlier one
     span = lambda xs: f"{np.mean(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]"
     rows = []
     for m in MODELS:
@@ -114,6 +151,11 @@ def report(log: str, command: str) -> str:
         "| model | compute | params | loss, step 1 | loss, last step | max grad norm | "
         "rejected | all finite | ppl | ppl, frozen | gap | seeds | s / run |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "Outer gradient at initialisation (`--probe`): HopeLM, tiny, bf16, the first "
+        f"{SEQ} bytes of one play, seed 0, one part changed at a time.", "",
+        "| HopeLM | overrides | loss | gradient norm |", "|---|---|---|---|",
+        *[f"| {n} | {PROBES[n] or '-'} | {probes[n]['loss']:.3f} | {probes[n]['grad_norm']:.4g} |"
+          for n in PROBES if n in probes], "",
         "## Reading (hand-written; experiments/lm/notes/long_bf16.md)", "",
         open(os.path.join(HERE, "notes", "long_bf16.md")).read()])
 
@@ -125,10 +167,13 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--runs-dir", default=os.path.join("runs", "lm"))
+    p.add_argument("--probe", action="store_true", help="the gradient-at-init table only")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args(argv)
     log = os.path.join(RESULTS, "lm_long_bf16_runs.jsonl")
-    for m in [] if a.report_only else a.models:
+    for name in PROBES if a.probe and not a.report_only else []:
+        lm_report.append_run(log, probe(name))
+    for m in [] if a.report_only or a.probe else a.models:
         for d in a.dtypes:
             for s in a.seeds:
                 lm_report.append_run(log, one_run(m, d, s, a.runs_dir))
