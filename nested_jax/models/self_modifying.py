@@ -132,6 +132,8 @@ GATES = ("eta", "alpha", "beta")
 # Gate biases at init: eta = eta_max * sigmoid(0) * (1 - beta), beta = sigmoid(0) = 0.5
 # (momentum); alpha's bias is logit(retention_init) (config field, default 0.99: slow decay).
 GATE_BIAS_INIT = {"eta": 0.0, "beta": 0.0}
+# alpha = sigmoid(4.6) = 0.99005 at init: the bias every result before retention_init used.
+RETENTION_INIT = 1.0 / (1.0 + math.exp(-4.6))
 GATE_SOURCE = {"eta": "eta", "alpha": "alpha", "beta": "alpha"}  # memory each gate is read from
 
 
@@ -176,7 +178,7 @@ class SelfModifyingFields:
       normalize_v: v = l2(M_v(x)) (default; stability) or the paper-literal v = M_v(x).
       ema_momentum: eta_t carries a factor (1 - beta_t), so eta / (1 - beta) <= eta_max.
       retention_init: alpha at initialisation (the gate's bias is logit(retention_init)), for
-        every memory of the layer.  The default 0.99 keeps a write for ~100 tokens (0.99^1000 =
+        every memory of the layer.  The default sigmoid(4.6) = 0.99005 keeps a write for ~100 tokens (0.99^1000 =
         4e-5): enough for recall within a few hundred tokens, too short for a needle 1K tokens
         back, which needs 0.999 or more.  alpha stays data-dependent and learnable either way.
       memory_init_scale: s of the initial W1 ~ N(0, s^2 / F) of every memory (0 = identity).
@@ -234,7 +236,7 @@ class SelfModifyingFields:
     separate_conv: bool = True
     ema_momentum: bool = True
     memory_init_scale: float = 0.5
-    retention_init: float = 0.99
+    retention_init: float = RETENTION_INIT
     key_shift: bool = True
     q_identity: bool = True
     memory_form: str = "linear"
