@@ -178,9 +178,10 @@ class SelfModifyingFields:
       normalize_v: v = l2(M_v(x)) (default; stability) or the paper-literal v = M_v(x).
       ema_momentum: eta_t carries a factor (1 - beta_t), so eta / (1 - beta) <= eta_max.
       retention_init: alpha at initialisation (the gate's bias is logit(retention_init)), for
-        every memory of the layer.  The default sigmoid(4.6) = 0.99005 keeps a write for ~100 tokens (0.99^1000 =
-        4e-5): enough for recall within a few hundred tokens, too short for a needle 1K tokens
-        back, which needs 0.999 or more.  alpha stays data-dependent and learnable either way.
+        every memory of the layer.  The default sigmoid(4.6) = 0.99005 keeps a write for ~100
+        tokens (0.99^1000 = 4e-5): enough for recall within a few hundred tokens, too short for
+        a needle 1K tokens back, which needs 0.999 or more (decisions.md #27).  alpha stays
+        data-dependent and learnable either way.
       memory_init_scale: s of the initial W1 ~ N(0, s^2 / F) of every memory (0 = identity).
       key_shift: the k memory's conv starts on the previous token (its identity tap at t - 1,
         not t), so k_t ~ l2(x_{t-1}) while v_t ~ l2(x_t): M_memory starts out storing
