@@ -31,6 +31,8 @@ def memory_route(linear: bool, impl: str, path: str) -> dict:
     if linear and impl != "xla":
         return dict(path="pallas", impl=impl)
     return dict(path=path)
+
+
 PRESET_ORDER = ("tiny", "small", "125M", "340M", "760M", "1.3B")
 
 
