@@ -81,8 +81,11 @@ def one_run(model: str, dtype: str, seed: int, runs_dir: str) -> dict:
 
 
 PROBES = {"defaults": {}, "self-modifying frozen": dict(eta_max=0.0),
-          "CMS frozen": dict(cms_lr=0.0), "CMS retention 0.99": dict(cms_retention=0.99),
+          "CMS frozen": dict(cms_lr=0.0),
+          "CMS teach signal stop-gradient (before decisions #28)": dict(cms_teach_stop_grad=True),
+          "CMS retention 0.99": dict(cms_retention=0.99),
           "CMS retention 0.999": dict(cms_retention=0.999),
+          "CMS retention 0.999 toward init": dict(cms_retention=0.999, cms_decay_to="init"),
           "retention_init 0.9999, CMS frozen": dict(retention_init=0.9999, cms_lr=0.0)}
 
 

@@ -22,10 +22,12 @@ LR = (0.05, 0.03, 0.08)
 
 
 def _setup(variant="sequential", signal="teach", periods=(3, 5, 2), lr=None, momentum=0.0,
-           retention=1.0, dtype=jnp.float64, seed=0, teach_at="output"):
+           retention=1.0, dtype=jnp.float64, seed=0, teach_at="output", decay_to="zero",
+           teach_stop_grad=False):
     lr = LR[:len(periods)] if lr is None else lr
     spec = C.CMSSpec(d_model=D, periods=periods, d_ff=F, lr=lr, variant=variant, signal=signal,
-                     momentum=momentum, retention=retention, teach_at=teach_at)
+                     momentum=momentum, retention=retention, teach_at=teach_at,
+                     decay_to=decay_to, teach_stop_grad=teach_stop_grad)
     model = C.CMS(spec, n_layers=2, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
     ks = jax.random.split(jax.random.key(seed + 1), 8)
     normal = lambda k, shape, std: std * jax.random.normal(k, shape, dtype)
@@ -89,6 +91,7 @@ def _reference_level(model, i, r_TxD, tokens_T, head, block_in_TxD):
     """Eq. 71 for one level and one sequence, token by token. Returns the branch outputs."""
     s = model.spec
     w, scale, mix = _level_args(model, i)
+    anchor = w if s.decay_to == "init" else jax.tree.map(jnp.zeros_like, w)
     eta = float(model.etas()[i])
     mom = jax.tree.map(jnp.zeros_like, w)
     boundary = w
@@ -101,7 +104,7 @@ def _reference_level(model, i, r_TxD, tokens_T, head, block_in_TxD):
         g = _token_grad(boundary, scale, mix, r_TxD[t], head.embedding_VxD, head.norm_scale_D,
                         tokens_T[min(t + 1, T - 1)], _signal(model), block_in_TxD[t])
         mom = jax.tree.map(lambda m, g: s.momentum * m - eta_t * g, mom, g)
-        w = jax.tree.map(lambda a, m: s.retention * a + m, w, mom)
+        w = jax.tree.map(lambda a, a0, m: a0 + s.retention * (a - a0) + m, w, anchor, mom)
     return jnp.stack(out)
 
 
@@ -219,6 +222,9 @@ CASES = [
     dict(variant="independent", signal="teach", periods=(3, 5)),
     dict(variant="sequential", signal="teach", periods=(3,), momentum=0.6, retention=0.9),
     dict(variant="sequential", signal="teach", periods=(3, 5), teach_at="input"),
+    dict(variant="sequential", signal="teach", periods=(3,), momentum=0.6, retention=0.9,
+         decay_to="init"),
+    dict(variant="independent", signal="teach", periods=(3, 5), retention=0.8, decay_to="init"),
     dict(variant="nested", signal="teach", periods=(6, 3, 1), lr=(0.5, 0.7, 0.05)),
     dict(variant="nested", signal="reconstruction", periods=(4, 2), lr=(0.5, 0.05)),
 ]
@@ -246,6 +252,33 @@ def test_zero_learning_rates_give_the_static_network(x64, variant):
                                atol=TOL)
 
 
+def test_decay_to_init_forgets_the_context_not_the_weights(x64):
+    """decisions #28: with ``decay_to="init"`` retention decays only the in-context change.
+    Without writes (lr 0) the level is the static network at any retention, where
+    ``decay_to="zero"`` shrinks the meta-learned weights themselves; at retention 1 the two are
+    the same function (the fast state is W - W_0 instead of W)."""
+    model, head, tokens, x = _setup(periods=(3, 5), lr=0.0, retention=0.5, decay_to="init")
+    np.testing.assert_allclose(_forward(model, head, tokens, x), _static(model, x), rtol=0,
+                               atol=TOL)
+    model, head, tokens, x = _setup(periods=(3, 5), lr=0.0, retention=0.5)
+    assert float(jnp.max(jnp.abs(_forward(model, head, tokens, x) - _static(model, x)))) > 1e-2
+    outs = [_forward(*_setup(periods=(3, 5), decay_to=d)) for d in ("zero", "init")]
+    np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("decay_to", ["zero", "init"])
+def test_outer_gradients_reach_the_initial_weights_with_retention(decay_to):
+    """The meta-learned weights get finite, non-zero outer gradients whichever way retention
+    decays (with ``init`` they reach the read through the closed-over base, not the state)."""
+    model, head, tokens, x = _setup(periods=(3, 5), retention=0.9, decay_to=decay_to,
+                                    dtype=jnp.float32)
+    nxt = C.next_embeddings(head.embedding_VxD[tokens])
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, head, nxt) ** 2)))(model)
+    for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
+        assert np.all(np.isfinite(g)), path
+        assert float(jnp.max(jnp.abs(g))) > 0, path
+
+
 @pytest.mark.parametrize("variant", ["independent", "nested"])  # sequential: Hope-Attention test
 def test_outer_gradients_reach_every_initial_state(variant):
     """Levels' initial weights are meta-learned: outer gradients reach all of them, finite."""
@@ -256,6 +289,32 @@ def test_outer_gradients_reach_every_initial_state(variant):
     for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
         assert np.all(np.isfinite(g)), path
         assert float(jnp.max(jnp.abs(g))) > 0, path
+
+
+@pytest.mark.parametrize("teach_stop_grad", [False, True])
+def test_outer_gradient_is_the_derivative_of_the_forward(x64, teach_stop_grad):
+    """decisions #28: the outer gradient is the derivative of the forward (central differences
+    in float64, along a random direction in every outer parameter).  The teach signal delta
+    depends on the level's weights; with ``teach_stop_grad`` (the earlier form) the gradient
+    skips that dependence and is not the forward's derivative."""
+    model, head, tokens, x = _setup(periods=(3, 5), teach_stop_grad=teach_stop_grad)
+    nxt = C.next_embeddings(head.embedding_VxD[tokens])
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    f = jax.jit(lambda p: jnp.sum(jnp.sin(nnx.merge(graph, p, rest)(x, head, nxt))))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    u = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape, a.dtype)
+                                  for k, a in zip(keys, leaves, strict=True)])
+    along = lambda g: sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(u),
+                                                          strict=True))
+    eps = 1e-5
+    shift = lambda s: jax.tree.map(lambda a, b: a + s * eps * b, params, u)
+    fd = (f(shift(1.0)) - f(shift(-1.0))) / (2 * eps)
+    rel = abs(float(along(jax.grad(f)(params)) - fd)) / abs(float(fd))
+    if teach_stop_grad:
+        assert rel > 1e-3, rel
+    else:
+        assert rel < 1e-7, rel
 
 
 def test_initial_weights_reach_later_chunks_through_the_updates(x64):
@@ -292,6 +351,9 @@ def test_batch_rows_have_their_own_fast_state(x64):
         (dict(periods=(4,), teach_at="middle"), "teach_at"),
         (dict(periods=(4,), momentum=1.0), "momentum"),
         (dict(periods=(4,), retention=0.0), "retention"),
+        (dict(periods=(4,), decay_to="one"), "decay_to"),
+        (dict(periods=(4,), teach_stop_grad=1), "teach_stop_grad"),
+        (dict(periods=(8, 4), variant="nested", decay_to="init"), "decay_to"),
         (dict(periods=(4, 8), variant="nested"), "periods"),
         (dict(periods=(8, 3), variant="nested"), "periods"),
         (dict(periods=(8, 4), variant="nested", d_ff=(8, 16)), "d_ff"),

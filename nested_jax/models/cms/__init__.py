@@ -31,9 +31,11 @@ Semantics (all documented in docs/paper_map/models.md):
     - E[x_{t+1}]), the next-token error carried to the level's output through the final norm and
     the tied LM head (J_f = Jacobian of the final norm; without it delta would not be the gradient
     of any loss).  The level minimises the engine's "dot" objective -<y_t, -delta_t>, i.e. takes a
-    GD step on the logit-lens next-token loss of the stream it writes.  delta_t is a
-    stop-gradient constant: outer gradients do not flow through it (they do flow through the
-    update's dependence on r_t and on the boundary weights).  For the last level of the last
+    GD step on the logit-lens next-token loss of the stream it writes.  delta_t is a target of
+    the inner problem (the inner gradient is J_y^T delta_t), but the outer gradient flows through
+    its dependence on the boundary weights and r_t (``level.inner_dot``), so it is the exact
+    derivative of the forward (decisions.md #28; ``teach_stop_grad=True`` restores the earlier
+    stop-gradient, whose gradient at init grows from 1.9 to 386 at 16K tokens).  For the last level of the last
     block, delta_t is the exact per-token gradient of the model's loss w.r.t. that level's output.
     E[x_{t+1}] = the input embedding of the next token (tied embeddings), so the targets are the
     input embeddings shifted left; the last position has no next token and is masked (eta = 0).
@@ -44,7 +46,10 @@ Semantics (all documented in docs/paper_map/models.md):
   - "reconstruction": the l2 objective 1/2 ||y_t - RMSNorm_l(r_t)||^2 on the level's own input.
 * Inner rule: GD (default; the engine's one-VJP-per-chunk boundary path), or momentum
   (``momentum > 0``: Titans momentum with constant beta).  ``retention`` alpha < 1 adds weight
-  decay.
+  decay: toward zero (``decay_to="zero"``, the rule's own form) or toward the level's initial,
+  meta-learned weights (``decay_to="init"``: the fast state is then the in-context change
+  W - W_0 and only that decays, so a level forgets old context without forgetting what outer
+  training put in it; decisions.md #28).
   Per-level learning rate eta_l = lr_l * 2 sigmoid(g_l) with a learned scalar g_l (init 0, so
   eta_l = lr_l at init, bounded by 2 lr_l).  lr_l = 0 makes level l static.
 * Variants (#14):
@@ -67,6 +72,7 @@ Semantics (all documented in docs/paper_map/models.md):
 from nested_jax.models.cms.level import CMSLevel, SwiGLUMemory
 from nested_jax.models.cms.module import CMS, CMSState, LevelParams
 from nested_jax.models.cms.spec import (
+                                        DECAY_TO,
                                         SIGNALS,
                                         TEACH_AT,
                                         VARIANTS,
@@ -76,6 +82,6 @@ from nested_jax.models.cms.spec import (
 )
 from nested_jax.models.cms.teach import TeachHead, next_embeddings, teach_delta
 
-__all__ = ["CMS", "SIGNALS", "TEACH_AT", "VARIANTS", "CMSFields", "CMSLevel", "CMSSpec",
+__all__ = ["CMS", "DECAY_TO", "SIGNALS", "TEACH_AT", "VARIANTS", "CMSFields", "CMSLevel", "CMSSpec",
            "CMSState", "LevelParams", "SwiGLUMemory", "TeachHead", "next_embeddings",
            "teach_delta", "validate_spec"]

@@ -15,6 +15,27 @@ from nested_jax.models.cms.teach import TeachHead, teach_delta
 from nested_jax.models.layers import rms_normalize
 
 
+@jax.custom_vjp
+def inner_dot(y, delta):
+    """<y, delta> whose gradient w.r.t. delta is zero: delta is the inner problem's target.
+
+    The inner gradient is then J_y^T delta, as with a stop-gradient delta, but the outer
+    gradient, which differentiates that inner gradient, still flows through delta's dependence
+    on the level's weights: the exact derivative of the forward (decisions.md #28)."""
+    return jnp.sum(y * delta)
+
+
+def _inner_dot_fwd(y, delta):
+    return inner_dot(y, delta), delta
+
+
+def _inner_dot_bwd(delta, ct):
+    return ct * delta, jnp.zeros_like(delta)
+
+
+inner_dot.defvjp(_inner_dot_fwd, _inner_dot_bwd)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SwiGLUMemory:
     """A CMS level's memory for the engine: y = w * W_down(silu(W_gate n) * W_up n), n = RMSNorm(x).
@@ -31,6 +52,7 @@ class SwiGLUMemory:
     norm_scale: Any
     eps: float
     out_scale: Any = None
+    base: Any = None
 
     def init(self, key, dtype=jnp.float32):
         k1, k2 = jax.random.split(key)
@@ -42,6 +64,8 @@ class SwiGLUMemory:
     def parts(self, params, x_D):
         """(normalised input n, branch output y) for one token."""
         n = rms_normalize(x_D, self.norm_scale, self.eps)
+        if self.base is not None:
+            params = {k: self.base[k] + v for k, v in params.items()}
         w = {k: v.astype(x_D.dtype) for k, v in params.items()}
         a = jax.nn.silu(n @ w["gate"]) * (n @ w["up"])
         y = a @ w["down"]
@@ -61,20 +85,25 @@ class SwiGLUMemory:
 class CMSLevel(nm.Level):
     """An engine level whose inner loss is the CMS signal (the engine's objectives are its base).
 
-    "teach": loss = dot(y, -sg(delta(x + y))) -- the engine's "dot" objective with target -delta,
-    delta taken at the parameters the engine differentiates at (always the chunk boundary).
+    "teach": loss = <y, delta(x + y)> with delta a target of the inner problem (``inner_dot``),
+    taken at the parameters the engine differentiates at (always the chunk boundary); the outer
+    gradient flows through delta unless ``teach_stop_grad`` (then the engine's "dot" objective
+    with the stop-gradient target -delta, the earlier form).
     "given": loss = dot(y, v), v = -delta precomputed by the caller (``teach_at="input"``).
     "reconstruction": loss = l2(y, sg(RMSNorm(x))).
     """
 
     signal: str = "teach"
     head: TeachHead | None = None
+    teach_stop_grad: bool = False
 
     def inner_loss(self, params, k, v):
         if self.signal == "teach":
             y = self.memory.apply(params, k)
-            delta = jax.lax.stop_gradient(teach_delta(self.head, k + y, v))
-            return objectives.loss("dot", y, -delta)
+            delta = teach_delta(self.head, k + y, v)
+            if not self.teach_stop_grad:
+                return inner_dot(y, delta)
+            return objectives.loss("dot", y, -jax.lax.stop_gradient(delta))
         if self.signal == "given":
             return objectives.loss("dot", self.memory.apply(params, k), v)
         n, y = self.memory.parts(params, k)

@@ -81,8 +81,9 @@ class CMS(nnx.Module):
     def _memory(self, i: int) -> SwiGLUMemory:
         p = self.levels[0 if self.spec.variant == "nested" else i]
         out = self.mix[...][i] if self.spec.variant == "independent" else None
+        base = p.weights() if self.spec.decay_to == "init" else None
         return SwiGLUMemory(self.spec.d_model, self.spec.d_model, self.spec.d_ff[i],
-                            p.norm.scale[...], self.spec.norm_eps, out)
+                            p.norm.scale[...], self.spec.norm_eps, out, base)
 
     def _level(self, i: int, head: TeachHead | None) -> CMSLevel:
         s = self.spec
@@ -91,7 +92,8 @@ class CMS(nnx.Module):
             raise ValueError("cms_signal='teach' needs the model's TeachHead (tied LM head).")
         signal = "given" if (s.signal, s.teach_at) == ("teach", "input") else s.signal
         return CMSLevel(self._memory(i), "dot" if s.signal == "teach" else "l2", rule,
-                        "boundary", s.stop_grad, signal=signal, head=head)
+                        "boundary", s.stop_grad, signal=signal, head=head,
+                        teach_stop_grad=s.teach_stop_grad)
 
     def _given_target(self, head, r_BxTxD, next_BxTxD):
         """v = -delta at the CMS input (teach_at="input"): a stop-gradient constant."""
@@ -100,6 +102,8 @@ class CMS(nnx.Module):
 
     def _init_state(self, i: int, batch_size: int) -> nm.MemoryState:
         p = self.levels[0 if self.spec.variant == "nested" else i].weights()
+        if self.spec.decay_to == "init":  # the fast state is the change from p (_memory)
+            p = jax.tree.map(jnp.zeros_like, p)
         params_H = {k: v[None] for k, v in p.items()}  # one head
         state_H = nm.MemoryState(params_H, jax.tree.map(jnp.zeros_like, params_H))
         return nm.broadcast_state(state_H, batch_size)

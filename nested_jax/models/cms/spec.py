@@ -11,6 +11,7 @@ from nested_jax.config_checks import fail
 VARIANTS = ("sequential", "independent", "nested")
 SIGNALS = ("teach", "reconstruction")
 TEACH_AT = ("output", "input")
+DECAY_TO = ("zero", "init")
 
 
 def _per_level(value, n: int) -> tuple:
@@ -32,6 +33,12 @@ class CMSSpec:
         at the CMS input, shared by the levels: cheaper).
       momentum: constant inner momentum beta (0 = plain GD, the fast path).
       retention: alpha, weight-decay gate of the inner rule (1 = none).
+      decay_to: what retention < 1 decays the fast weights toward: "zero" (weight decay, the
+        rule's own form) or "init" (the level's initial, meta-learned weights: only the
+        in-context change decays, decisions.md #28).
+      teach_stop_grad: the earlier form of the teach signal's outer gradient (decisions.md
+        #13 as first written): outer gradients skip delta's dependence on the level's weights.
+        Not the gradient of the forward, and it grows with the context (decisions.md #28).
       norm_eps: epsilon of each level's RMSNorm.
       stop_grad: engine ablation (decisions.md #4): outer gradients skip the inner updates.
     """
@@ -45,6 +52,8 @@ class CMSSpec:
     teach_at: str = "output"
     momentum: float = 0.0
     retention: float = 1.0
+    decay_to: str = "zero"
+    teach_stop_grad: bool = False
     norm_eps: float = 1e-6
     stop_grad: bool = False
 
@@ -100,6 +109,13 @@ def validate_spec(spec: Any, prefix: str = "cms_", max_seq_len: int | None = Non
         fail(name("momentum"), spec.momentum, "must lie in [0, 1) (0 = plain GD)")
     if not 0.0 < spec.retention <= 1.0:
         fail(name("retention"), spec.retention, "must lie in (0, 1] (1 = no weight decay)")
+    if not isinstance(spec.teach_stop_grad, bool):
+        fail(name("teach_stop_grad"), spec.teach_stop_grad, "must be True or False")
+    if spec.decay_to not in DECAY_TO:
+        fail(name("decay_to"), spec.decay_to, f"must be one of {list(DECAY_TO)}")
+    if spec.decay_to == "init" and spec.variant == "nested":
+        fail(name("decay_to"), spec.decay_to, "the nested variant hands weights between levels; "
+             "use decay_to='zero' or the sequential / independent variant")
     if spec.variant == "nested":
         for a, b in zip(periods, periods[1:], strict=False):
             if not (a > b and a % b == 0):
@@ -129,13 +145,16 @@ class CMSFields:
     cms_teach_at: str = "output"
     cms_momentum: float = 0.0
     cms_retention: float = 1.0
+    cms_decay_to: str = "zero"
+    cms_teach_stop_grad: bool = False
     cms_stop_grad: bool = False
 
     @property
     def cms_fields(self) -> dict[str, Any]:
         return dict(periods=self.cms_periods, d_ff=self.cms_d_ff, lr=self.cms_lr,
                     variant=self.cms_variant, signal=self.cms_signal, teach_at=self.cms_teach_at,
-                    momentum=self.cms_momentum, retention=self.cms_retention)
+                    momentum=self.cms_momentum, retention=self.cms_retention,
+                    decay_to=self.cms_decay_to, teach_stop_grad=self.cms_teach_stop_grad)
 
     def validate_cms(self) -> None:
         view = type("_View", (), self.cms_fields)
@@ -151,5 +170,6 @@ class CMSFields:
                        lr=self.cms_lr,
                        variant=self.cms_variant, signal=self.cms_signal,
                        teach_at=self.cms_teach_at, momentum=self.cms_momentum,
-                       retention=self.cms_retention,
+                       retention=self.cms_retention, decay_to=self.cms_decay_to,
+                       teach_stop_grad=self.cms_teach_stop_grad,
                        norm_eps=getattr(self, "norm_eps", 1e-6), stop_grad=self.cms_stop_grad)
