@@ -297,12 +297,14 @@ class CMS(nnx.Module):
 
     def flops_per_token(self, vocab_size: int) -> float:
         """Training FLOPs per token beyond 6 N (the read-outs are in 6 N): the teach signal's two
-        V x D matmuls (forward only; per level and recomputed once by remat, or once per block
-        with teach_at="input") and per level the inner VJP (MLP forward + backward, 12 D F) with
-        its outer backward (~2x)."""
+        V x D matmuls (per level: forward, recomputed once by remat, and the outer backward
+        through delta (~2x, decisions.md #28) unless teach_stop_grad; or forward only, once per
+        block, with teach_at="input") and per level the inner VJP (MLP forward + backward,
+        12 D F) with its outer backward (~2x)."""
         s = self.spec
         lens = 4.0 * vocab_size * s.d_model if s.signal == "teach" else 0.0
-        total = lens if s.teach_at == "input" else 2 * lens * s.n_levels
+        passes = 2 if s.teach_stop_grad else 4
+        total = lens if s.teach_at == "input" else passes * lens * s.n_levels
         for i in range(s.n_levels):
             total += 3 * 12.0 * s.d_model * s.d_ff[i]
         return total
