@@ -35,8 +35,9 @@ Semantics (all documented in docs/paper_map/models.md):
     the inner problem (the inner gradient is J_y^T delta_t), but the outer gradient flows through
     its dependence on the boundary weights and r_t (``level.inner_dot``), so it is the exact
     derivative of the forward (decisions.md #28; ``teach_stop_grad=True`` restores the earlier
-    stop-gradient, whose gradient at init grows from 1.9 to 386 at 16K tokens).  For the last level of the last
-    block, delta_t is the exact per-token gradient of the model's loss w.r.t. that level's output.
+    stop-gradient, whose gradient at init grows from 1.9 to 386 at 16K tokens).  For the last
+    level of the last block, delta_t is the exact per-token gradient of the model's loss w.r.t.
+    that level's output.
     E[x_{t+1}] = the input embedding of the next token (tied embeddings), so the targets are the
     input embeddings shifted left; the last position has no next token and is masked (eta = 0).
     ``teach_at="input"`` is the cheap option: delta_t taken once per block at the CMS input
