@@ -87,8 +87,8 @@ class CMSLevel(nm.Level):
 
     "teach": loss = <y, delta(x + y)> with delta a target of the inner problem (``inner_dot``),
     taken at the parameters the engine differentiates at (always the chunk boundary); the outer
-    gradient flows through delta unless ``teach_stop_grad`` (then the engine's "dot" objective
-    with the stop-gradient target -delta, the earlier form).
+    gradient flows through delta unless ``teach_stop_grad`` (a stop-gradient delta, the earlier
+    form).
     "given": loss = dot(y, v), v = -delta precomputed by the caller (``teach_at="input"``).
     "reconstruction": loss = l2(y, sg(RMSNorm(x))).
     """
@@ -101,9 +101,9 @@ class CMSLevel(nm.Level):
         if self.signal == "teach":
             y = self.memory.apply(params, k)
             delta = teach_delta(self.head, k + y, v)
-            if not self.teach_stop_grad:
-                return inner_dot(y, delta)
-            return objectives.loss("dot", y, -jax.lax.stop_gradient(delta))
+            if self.teach_stop_grad:
+                delta = jax.lax.stop_gradient(delta)
+            return inner_dot(y, delta)
         if self.signal == "given":
             return objectives.loss("dot", self.memory.apply(params, k), v)
         n, y = self.memory.parts(params, k)
