@@ -2,6 +2,7 @@
 
     python -m experiments.lm.long_bf16                  # hope, titans; bf16; seeds 0 1
     python -m experiments.lm.long_bf16 --models titans --dtypes float32 --seeds 0
+    python -m experiments.lm.long_bf16 --sensitivity        # float64 gradient table (~30 min)
     python -m experiments.lm.long_bf16 --report-only
 
 The in-context learning issue asks that the self-modifying memories' setting (decisions #21,
@@ -17,7 +18,10 @@ loss at the first and last steps, the largest gradient norm, the rejected steps,
 held-out perplexity at 16K tokens learning and with the in-context memory frozen (inner rates
 0 at evaluation only: the control every memory experiment carries).  ``--probe`` adds the
 outer gradient's norm at initialisation on one 16K window of a play, bf16, for HopeLM's
-defaults and with one part changed at a time (which memory the gradient comes from).  Runs live in
+defaults and with one part changed at a time (which memory the gradient comes from).
+``--sensitivity`` adds the true (float64) outer gradient at init on one sentence repeated, the
+slow test's worst case, by length and with one part changed at a time, with a central-difference
+check: where it grows with the length, the forward itself is that sensitive.  Runs live in
 ``runs/lm/long_bf16/``; one JSON line per run goes to
 ``experiments/results/lm_long_bf16_runs.jsonl``, the table to ``lm_long_bf16.md``.
 """
@@ -115,14 +119,85 @@ def probe(name: str, seed: int = 0) -> dict:
                 grad_norm=float(optax.global_norm(grads)))
 
 
+# ``--sensitivity``: the true outer gradient at init (float64 everywhere, the memory states
+# included) on one sentence repeated, the slow test's worst case, by length and with one part
+# changed at a time; (name, text, length, compute dtype, overrides).  The float32 rows show
+# what rounding does to the gradient of the same forward.
+REPEATED = b"the memory level writes the chunk; "
+SENSITIVITY = [
+    ("defaults", "repeated", 4096, "float64", {}),
+    ("defaults", "repeated", 8192, "float64", {}),
+    ("defaults", "repeated", 16384, "float64", {}),
+    ("defaults", "repeated", 4096, "float32", {}),
+    ("defaults", "repeated", 8192, "float32", {}),
+    ("CMS frozen", "repeated", 8192, "float64", dict(cms_lr=0.0)),
+    ("self-modifying frozen", "repeated", 8192, "float64", dict(eta_max=0.0)),
+    ("one layer", "repeated", 8192, "float64", dict(n_layers=1)),
+    ("CMS level 0 (period 4) alone", "repeated", 8192, "float64", dict(cms_lr=(1e-2, 0.0, 0.0))),
+    ("CMS level 1 (period 16) alone", "repeated", 8192, "float64", dict(cms_lr=(0.0, 1e-2, 0.0))),
+    ("CMS level 2 (period 64) alone", "repeated", 8192, "float64", dict(cms_lr=(0.0, 0.0, 1e-2))),
+    ("CMS level 2 alone, lr 3e-3", "repeated", 8192, "float64", dict(cms_lr=(0.0, 0.0, 3e-3))),
+    ("CMS level 2 alone, lr 1e-3", "repeated", 8192, "float64", dict(cms_lr=(0.0, 0.0, 1e-3))),
+    ("M_memory eta bound 1", "repeated", 8192, "float64", dict(memory_eta_scale=10.0)),
+    ("defaults", "play", 16384, "float64", {}),
+    ("retention_init 0.9999, CMS frozen", "play", 16384, "float64",
+     dict(retention_init=0.9999, cms_lr=0.0)),
+]
+FD_EPS = (1e-9, 1e-7, 1e-5)  # central differences along the gradient, on the first row
+
+
+def sensitivity(index: int) -> dict:
+    """SENSITIVITY[index]: loss and outer-gradient norm at init (tiny HopeLM, seed 0, the slow
+    test's chunk sizes); on the first row also the directional derivative along the gradient
+    by central differences (equal to the norm where the forward is locally linear)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from experiments.lm import position
+    from nested_jax.models.registry import create, make_config
+
+    name, text, T, dtype, over = SENSITIVITY[index]
+    if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    raw = (REPEATED * (T // len(REPEATED) + 2) if text == "repeated"
+           else position.plays()[0][1].encode())
+    ids = np.frombuffer(raw[:T + 1], np.uint8).astype(np.int32)
+    x, y = jnp.asarray(ids[None, :-1]), jnp.asarray(ids[None, 1:])
+    cfg = make_config("hope", "tiny", vocab_size=256, max_seq_len=T, dtype=dtype,
+                      param_dtype=dtype, memory_dtype=dtype, chunk_memory=64, chunk_other=8,
+                      **over)
+    graph, params, rest = nnx.split(create("hope", cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss(p):
+        logits = nnx.merge(graph, p, rest)(x).astype(jnp.float64 if dtype == "float64"
+                                                      else jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    norm = float(optax.global_norm(grads))
+    fd = {}
+    if index == 0:
+        f = jax.jit(loss)
+        unit = jax.tree.map(lambda g: g / norm, grads)
+        for eps in FD_EPS:
+            at = lambda s: f(jax.tree.map(lambda p, u: p + s * eps * u, params, unit))
+            fd[f"{eps:g}"] = float((at(1.0) - at(-1.0)) / (2 * eps))
+    return dict(kind="sensitivity", row=index, name=name, text=text, T=T, dtype=dtype,
+                loss=float(value), grad_norm=norm, fd=fd)
+
+
 def report(log: str, command: str) -> str:
     from experiments.benchlib import machine_header
 
-    runs, probes = {}, {}
+    runs, probes, sens = {}, {}, {}
     for line in open(log) if os.path.exists(log) else []:
         r = json.loads(line)
         if r.get("kind") == "probe":
             probes[r["probe"]] = r
+        elif r.get("kind") == "sensitivity":
+            sens[r["row"]] = r
         else:
             runs[(r["model"], r["dtype"], r["seed"])] = r  # a rerun replaces the earlier one
     span = lambda xs: f"{np.mean(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]"
@@ -164,6 +239,19 @@ def report(log: str, command: str) -> str:
         "| HopeLM | overrides | loss | gradient norm |", "|---|---|---|---|",
         *[f"| {n} | {PROBES[n] or '-'} | {probes[n]['loss']:.3f} | {probes[n]['grad_norm']:.4g} |"
           for n in PROBES if n in probes], "",
+        "Sensitivity of the forward (`--sensitivity`): HopeLM, tiny, seed 0, at init, the "
+        "slow test's chunk sizes (chunk_memory 64, chunk_other 8); *repeated*: the sentence "
+        f"`{REPEATED.decode()}` repeated; *play*: the first bytes of one play.  *float64*: "
+        "compute, parameters and memory states in float64, so the gradient is the forward's "
+        "true derivative; *float32*: the same forward's gradient as float32 computes it.", "",
+        "| HopeLM | text | T | dtype | overrides | loss | gradient norm |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r['name']} | {r['text']} | {r['T']} | {r['dtype']} | "
+          f"{SENSITIVITY[i][4] or '-'} | {r['loss']:.4f} | {r['grad_norm']:.4g} |"
+          for i, r in sorted(sens.items())], "",
+        *(["First row, central differences along the gradient: "
+           + ", ".join(f"eps {e}: {v:.4g}" for e, v in sens[0]["fd"].items())
+           + f" (the gradient norm: {sens[0]['grad_norm']:.4g}).", ""] if 0 in sens else []),
         "## Reading (hand-written; experiments/lm/notes/long_bf16.md)", "",
         open(os.path.join(HERE, "notes", "long_bf16.md")).read()])
 
@@ -176,12 +264,26 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--runs-dir", default=os.path.join("runs", "lm"))
     p.add_argument("--probe", action="store_true", help="the gradient-at-init table only")
+    p.add_argument("--sensitivity", nargs="*", type=int, metavar="ROW",
+                   help="the float64 sensitivity table only (all rows, or these indices; "
+                        "each row runs in its own process: x64 is process-wide)")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args(argv)
     log = os.path.join(RESULTS, "lm_long_bf16_runs.jsonl")
-    for name in PROBES if a.probe and not a.report_only else []:
+    if a.sensitivity is not None and not a.report_only:
+        bad = [i for i in a.sensitivity if not 0 <= i < len(SENSITIVITY)]
+        if bad:
+            p.error(f"--sensitivity: rows {bad} out of range 0..{len(SENSITIVITY) - 1}")
+        for i in a.sensitivity or range(len(SENSITIVITY)):
+            if len(a.sensitivity) == 1:
+                lm_report.append_run(log, sensitivity(i))
+            else:  # one process a row: float64 is a process-wide switch
+                import subprocess
+                subprocess.run([sys.executable, "-m", "experiments.lm.long_bf16",
+                                "--sensitivity", str(i)], check=True)
+    for name in PROBES if a.probe and not a.report_only and a.sensitivity is None else []:
         lm_report.append_run(log, probe(name))
-    for m in [] if a.report_only or a.probe else a.models:
+    for m in [] if a.report_only or a.probe or a.sensitivity is not None else a.models:
         for d in a.dtypes:
             for s in a.seeds:
                 lm_report.append_run(log, one_run(m, d, s, a.runs_dir))

@@ -57,12 +57,13 @@ def test_titans_bf16_trains_finite():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known defect (decisions #28): on 16K tokens of one repeated sentence, Hope's "
-    "self-modifying memories and CMS together make the forward exponentially sensitive to "
-    "the parameters; the exact outer gradient at init is 1.4e17 in float32 and overflows in "
-    "bfloat16 (2.55 with CMS frozen, 2.18 with the self-modifying memories frozen; the "
-    "stop-gradient of the teach signal, used before #28, hid it at 6.5e6). On real text at "
-    "16K the gradient is 1.92 (experiments/results/lm_long_bf16.md)."))
+    "known defect (decisions #28): on one sentence repeated, a CMS level's chunk write is "
+    "full-batch GD on the same problem chunk after chunk, and past its step's stability limit "
+    "the forward is chaotic: the true (float64) outer gradient at init is 49 at 4K tokens, "
+    "2.0e10 at 8K and 4.6e11 at 16K (central differences agree only below eps 1e-9), so float32 "
+    "and bfloat16 cannot compute it (bf16 overflows). It needs CMS and the self-modifying "
+    "memories learning together (2.9 / 2.2 with either frozen at 8K); on real text it is 1.72 "
+    "at 16K (experiments/results/lm_long_bf16.md, `--sensitivity`)."))
 def test_hope_bf16_training_stays_finite_at_16k_tokens():
     """decisions #19, #21: the defaults (delta rule, eta_max = 0.1 on the coupled memories,
     M_memory trained toward v with an eta bound of 10) stay finite in bfloat16 at 16K tokens:
