@@ -93,27 +93,38 @@ PROBES = {"defaults": {}, "self-modifying frozen": dict(eta_max=0.0),
           "retention_init 0.9999, CMS frozen": dict(retention_init=0.9999, cms_lr=0.0)}
 
 
-def probe(name: str, seed: int = 0) -> dict:
-    """HopeLM's (tiny, bf16) loss and outer-gradient norm at init on the first 16K bytes of the
-    first play, with PROBES[name] overriding the defaults."""
-    import jax
+def loss_at_init(ids, seed: int = 0, **overrides):
+    """(next-token loss of params, params) of a fresh tiny HopeLM on the byte ids [T + 1];
+    ``overrides`` go to its config.  The logits are read in float32 (float64 for a float64
+    model)."""
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from experiments.lm import position
     from nested_jax.models.registry import create, make_config
 
-    ids = np.frombuffer(position.plays()[0][1].encode()[:SEQ + 1], np.uint8).astype(np.int32)
     x, y = jnp.asarray(ids[None, :-1]), jnp.asarray(ids[None, 1:])
-    cfg = make_config("hope", "tiny", vocab_size=256, max_seq_len=SEQ, dtype="bfloat16",
-                      **PROBES[name])
+    cfg = make_config("hope", "tiny", vocab_size=256, max_seq_len=len(ids) - 1, **overrides)
     graph, params, rest = nnx.split(create("hope", cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+    acc = jnp.promote_types(cfg.dtype, jnp.float32)
 
     def loss(p):
-        logits = nnx.merge(graph, p, rest)(x).astype(jnp.float32)
+        logits = nnx.merge(graph, p, rest)(x).astype(acc)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
+    return loss, params
+
+
+def probe(name: str, seed: int = 0) -> dict:
+    """HopeLM's (tiny, bf16) loss and outer-gradient norm at init on the first 16K bytes of the
+    first play, with PROBES[name] overriding the defaults."""
+    import jax
+    import optax
+
+    from experiments.lm import position
+
+    ids = np.frombuffer(position.plays()[0][1].encode()[:SEQ + 1], np.uint8).astype(np.int32)
+    loss, params = loss_at_init(ids, seed, dtype="bfloat16", **PROBES[name])
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     return dict(kind="probe", probe=name, seed=seed, loss=float(value),
                 grad_norm=float(optax.global_norm(grads)))
@@ -151,12 +162,9 @@ def sensitivity(index: int) -> dict:
     test's chunk sizes); on the first row also the directional derivative along the gradient
     by central differences (equal to the norm where the forward is locally linear)."""
     import jax
-    import jax.numpy as jnp
     import optax
-    from flax import nnx
 
     from experiments.lm import position
-    from nested_jax.models.registry import create, make_config
 
     name, text, T, dtype, over = SENSITIVITY[index]
     if dtype == "float64":
@@ -164,17 +172,8 @@ def sensitivity(index: int) -> dict:
     raw = (REPEATED * (T // len(REPEATED) + 2) if text == "repeated"
            else position.plays()[0][1].encode())
     ids = np.frombuffer(raw[:T + 1], np.uint8).astype(np.int32)
-    x, y = jnp.asarray(ids[None, :-1]), jnp.asarray(ids[None, 1:])
-    cfg = make_config("hope", "tiny", vocab_size=256, max_seq_len=T, dtype=dtype,
-                      param_dtype=dtype, memory_dtype=dtype, chunk_memory=64, chunk_other=8,
-                      **over)
-    graph, params, rest = nnx.split(create("hope", cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-
-    def loss(p):
-        logits = nnx.merge(graph, p, rest)(x).astype(jnp.float64 if dtype == "float64"
-                                                      else jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
+    loss, params = loss_at_init(ids, dtype=dtype, param_dtype=dtype, memory_dtype=dtype,
+                                chunk_memory=64, chunk_other=8, **over)
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     norm = float(optax.global_norm(grads))
     fd = {}
@@ -274,13 +273,13 @@ def main(argv=None) -> None:
         bad = [i for i in a.sensitivity if not 0 <= i < len(SENSITIVITY)]
         if bad:
             p.error(f"--sensitivity: rows {bad} out of range 0..{len(SENSITIVITY) - 1}")
-        for i in a.sensitivity or range(len(SENSITIVITY)):
-            if len(a.sensitivity) == 1:
-                lm_report.append_run(log, sensitivity(i))
-            else:  # one process a row: float64 is a process-wide switch
-                import subprocess
-                subprocess.run([sys.executable, "-m", "experiments.lm.long_bf16",
-                                "--sensitivity", str(i)], check=True)
+        rows = a.sensitivity or list(range(len(SENSITIVITY)))
+        if len(rows) == 1:
+            lm_report.append_run(log, sensitivity(rows[0]))
+        for i in rows if len(rows) > 1 else []:  # a process a row: float64 is process-wide
+            import subprocess
+            subprocess.run([sys.executable, "-m", "experiments.lm.long_bf16",
+                            "--sensitivity", str(i)], check=True)
     for name in PROBES if a.probe and not a.report_only and a.sensitivity is None else []:
         lm_report.append_run(log, probe(name))
     for m in [] if a.report_only or a.probe or a.sensitivity is not None else a.models:

@@ -295,9 +295,9 @@ def test_outer_gradients_reach_every_initial_state(variant):
 @pytest.mark.parametrize("teach_stop_grad", [False, True])
 def test_outer_gradient_is_the_derivative_of_the_forward(x64, teach_stop_grad):
     """decisions #28: the outer gradient is the derivative of the forward (``check_grads``:
-    central differences in float64 along random directions in every outer parameter).  The teach signal delta
-    depends on the level's weights; with ``teach_stop_grad`` (the earlier form) the gradient
-    skips that dependence and is not the forward's derivative."""
+    central differences in float64 along random directions in every outer parameter).  The
+    teach signal delta depends on the level's weights; with ``teach_stop_grad`` (the earlier
+    form) the gradient skips that dependence and is not the forward's derivative."""
     model, head, tokens, x = _setup(periods=(3, 5), teach_stop_grad=teach_stop_grad)
     nxt = C.next_embeddings(head.embedding_VxD[tokens])
     graph, params, rest = nnx.split(model, nnx.Param, ...)
