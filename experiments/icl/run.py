@@ -16,12 +16,18 @@ Variants freeze in-context memories for training *and* evaluation (``train.VARIA
 Hope ``all`` / ``sm_only`` (CMS frozen) / ``cms_only`` (self-modifying memories frozen) /
 ``none``; TitansLM and Hope-Attention ``all`` / ``none``.  Each ``all`` run of a model with
 self-modifying or Titans memories is also scored with those memories frozen at evaluation only.
+
+Each run checkpoints every ``--checkpoint-every`` steps under
+``<--runs-dir>/<stem>/<task>-<model>-<variant>-s<seed>-<setup hash>/``; rerunning the same
+command after an interruption (a signal, the end of a session) resumes every unfinished run
+where it stopped and ends bitwise where an uninterrupted run would (``train.run``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
@@ -110,9 +116,16 @@ def parse(argv):
     p.add_argument("--train-on", default=None, choices=train.TRAIN_ON,
                    help="positions the training loss covers (default: the suite's; train.run)")
     p.add_argument("--out", default=None, help="results stem (default icl_<suite>)")
+    p.add_argument("--runs-dir", default="runs/icl",
+                   help="where each run checkpoints (resumable: rerun the same command)")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="steps between checkpoints; 0 turns checkpointing off")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rewrite the report from the runs already logged")
     a = p.parse_args(argv)
+    if a.checkpoint_every < 0:
+        p.error(f"--checkpoint-every={a.checkpoint_every}: use a positive step count, or 0 "
+                "for no checkpoints")
     if a.suite not in SUITES:
         p.error(f"suite={a.suite!r} is unknown; choose one of {sorted(SUITES)}")
     if a.scale not in SUITES[a.suite]:
@@ -156,6 +169,15 @@ def build(scale: Scale, names, task_set: dict | None = None):
     return out
 
 
+def run_dir(root: str, stem: str, name: str, model: str, variant: str, seed: int,
+            setup: dict) -> str:
+    """One run's checkpoint directory; the setup's hash in its name keeps runs of one stem with
+    other budgets or overrides apart (each resumes only itself)."""
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()
+    return os.path.abspath(os.path.join(root, stem, f"{name}-{model}-{variant}-s{seed}-"
+                                                    f"{digest[:10]}"))
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     a = parse(argv)
@@ -178,10 +200,15 @@ def main(argv=None) -> None:
         for model in a.models:
             for variant in a.variants or list(train.VARIANTS[model]):
                 for seed in a.seeds:
+                    ckdir = None
+                    if a.checkpoint_every:
+                        ckdir = run_dir(a.runs_dir, stem, name, model, variant, seed,
+                                        dict(setup, task=repr(task), train_on=train_on))
                     r = train.run(task, model, scale.preset, variant, seed, lr=a.lr,
                                   steps=steps, batch=batch, overrides=overrides,
                                   eval_tasks=evals, eval_batch=scale.eval_batch,
-                                  train_on=train_on)
+                                  train_on=train_on, checkpoint_dir=ckdir,
+                                  checkpoint_every=a.checkpoint_every or 1)
                     print(f"{name:18s} {model:15s} {variant:9s} seed {seed}: "
                           f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
                           f"evals {r.by_eval} skipped {r.skipped} {r.seconds:.0f}s", flush=True)

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from nested_jax.models import create, make_config
+from nested_jax.train.checkpoints import CheckpointMismatchError, Checkpoints, normalize
 from nested_jax.train.step import all_finite
 
 # Inner learning rates that each variant sets to zero (config overrides).
@@ -83,11 +84,47 @@ def loss_weights(mask, train_on: str):
     return every + mask.astype(jnp.float32) / jnp.maximum(mask.sum(), 1)
 
 
+class _Progress:
+    """The loop's host-side state, checkpointed as JSON next to the arrays: the numpy
+    generator that draws the training batches (so a resumed run sees the same batches), and
+    the curve, skip count and training seconds so far."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng, self.curve, self.skipped, self.seconds, self.loss = rng, [], 0, 0.0, None
+
+    def get_state(self) -> dict:
+        return dict(rng=self.rng.bit_generator.state, curve=self.curve, skipped=self.skipped,
+                    seconds=self.seconds, loss=self.loss)
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.curve = [tuple(c) for c in state["curve"]]
+        self.skipped, self.seconds = int(state["skipped"]), float(state["seconds"])
+        self.loss = state["loss"]
+
+
+def _same_run(identity: dict, directory: str):
+    """The checkpoint check: a step saved by another run (task, model, variant, seed, budget,
+    overrides) is refused with the differing fields, before any array is read."""
+
+    def check(step: int, saved: dict) -> None:
+        lines = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
+                 for k, v in identity.items() if saved.get(k) != v]
+        if lines:
+            raise CheckpointMismatchError(
+                f"checkpoint {directory}/{step} belongs to another run:\n  "
+                + "\n  ".join(lines) + "\nRun with the settings it was saved with, or point "
+                "checkpoint_dir (--runs-dir) elsewhere; nothing was changed")
+
+    return check
+
+
 def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int = 0,
         lr: float = 3e-3, steps: int = 400, batch: int = 32, eval_batches: int = 8,
         overrides: dict | None = None, freeze_eval: bool = True, log_every: int = 50,
         max_skipped: int = 20, verbose: bool = False, eval_tasks: dict | None = None,
-        eval_batch: int | None = None, train_on: str = "target") -> Result:
+        eval_batch: int | None = None, train_on: str = "target",
+        checkpoint_dir: str | None = None, checkpoint_every: int = 100) -> Result:
     """Train on ``task``; score it and every ``eval_tasks`` entry (name -> task, e.g. the same
     task at longer lengths) on fixed held-out batches.
 
@@ -95,7 +132,12 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     ones only (scoring is unchanged): for tasks whose scored tokens are a few per long sequence
     (a needle's value), whose loss alone is too sparse a signal at CPU budgets.
     ``train_on="both"`` averages the two means (every position, and the scored ones), so the
-    few scored tokens carry half the gradient instead of 7 parts in 1024."""
+    few scored tokens carry half the gradient instead of 7 parts in 1024.
+
+    ``checkpoint_dir``: save the parameters, optimizer state and batch generator there every
+    ``checkpoint_every`` steps and at the end (orbax, ``nested_jax.train.checkpoints``), and
+    resume from the newest step found: an interrupted run continues where it stopped and ends
+    bitwise where the uninterrupted run would (long runs span several sessions this way)."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}: use one of {TRAIN_ON}")
     over = dict(overrides or {})
@@ -138,20 +180,41 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         p, o = jax.lax.cond(finite, apply, lambda args: args, (p, o))
         return p, o, loss, acc, finite
 
-    rng = np.random.default_rng(seed)
-    t0, curve, loss, skipped = time.time(), [], jnp.nan, 0
-    for i in range(steps):
-        b = task.sample(rng, batch)
+    prog = _Progress(np.random.default_rng(seed))
+    start, ckpt = 0, None
+    if checkpoint_dir is not None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={checkpoint_every}: must be >= 1")
+        ckpt = Checkpoints(checkpoint_dir, keep=2, use_async=False)
+        identity = normalize(dict(task=repr(task), model=model, preset=preset, variant=variant,
+                                  seed=seed, lr=lr, steps=steps, batch=batch, overrides=over,
+                                  train_on=train_on, max_skipped=max_skipped))
+        found = ckpt.restore({"params": params, "opt": opt}, prog,
+                             check=_same_run(identity, checkpoint_dir))
+        if found is not None:
+            start, state = found
+            params, opt = state["params"], state["opt"]
+    t0, loss = time.time(), jnp.nan if prog.loss is None else prog.loss
+    i = start
+    while i < steps and prog.skipped <= max_skipped:  # a run that keeps failing stops there
+        b = task.sample(prog.rng, batch)
         params, opt, loss, acc, finite = step(params, opt, *map(jnp.asarray, b.arrays()))
-        skipped += int(not bool(finite))
-        if (i + 1) % log_every == 0 or i == steps - 1:
-            curve.append((i + 1, float(loss), float(acc)))
+        prog.skipped += int(not bool(finite))
+        i += 1
+        if i % log_every == 0 or i == steps:
+            prog.curve.append((i, float(loss), float(acc)))
             if verbose:
-                print(f"  step {i + 1}: loss {float(loss):.3f} acc {float(acc):.3f} "
-                      f"skipped {skipped}", flush=True)
-        if skipped > max_skipped:
-            break  # a run that keeps failing is reported as diverged, not retried
-    secs = time.time() - t0
+                print(f"  step {i}: loss {float(loss):.3f} acc {float(acc):.3f} "
+                      f"skipped {prog.skipped}", flush=True)
+        if ckpt is not None and (i % checkpoint_every == 0 or i == steps
+                                 or prog.skipped > max_skipped):
+            prog.seconds, prog.loss, t0 = prog.seconds + time.time() - t0, float(loss), time.time()
+            ckpt.save(i, {"params": params, "opt": opt}, prog, metadata=identity, force=True)
+    if ckpt is not None:
+        ckpt.wait()
+        ckpt.close()
+    secs = prog.seconds + time.time() - t0
+    curve, skipped = prog.curve, prog.skipped
 
     def score(p, graph, t):
         ev = np.random.default_rng(10_000 + seed)  # the same held-out batches for every variant

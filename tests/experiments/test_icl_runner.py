@@ -14,11 +14,22 @@ from experiments.icl import run, tasks, train
     (["mqar", "--scale", "tpu"], "--scale='tpu' is unknown"),
     (["mqar", "--task-set", "prefix_labels=true"], "--task-set: 'prefix_labels=true' must be"),
     (["formal", "--task-set", "prefix_labels"], "--task-set: 'prefix_labels' must be"),
+    (["mqar", "--checkpoint-every", "-1"], "--checkpoint-every=-1: use a positive"),
 ])
 def test_bad_names_fail_with_the_option(capsys, argv, needle):
     with pytest.raises(SystemExit):
         run.parse(argv)
     assert needle in capsys.readouterr().err
+
+
+def test_run_dirs_are_per_run_and_per_setup():
+    setup = dict(preset="tiny", steps=400, batch=8, lr=3e-3, overrides={})
+    d = run.run_dir("runs/icl", "icl_mqar", "mqar_8x64", "hope", "all", 0, setup)
+    assert "/runs/icl/icl_mqar/mqar_8x64-hope-all-s0-" in d
+    assert d == run.run_dir("runs/icl", "icl_mqar", "mqar_8x64", "hope", "all", 0, dict(setup))
+    assert d != run.run_dir("runs/icl", "icl_mqar", "mqar_8x64", "hope", "all", 0,
+                            dict(setup, steps=800))
+    assert d != run.run_dir("runs/icl", "icl_mqar", "mqar_8x64", "hope", "all", 1, setup)
 
 
 def test_length_beyond_max_seq_len_fails_before_training():
@@ -68,3 +79,49 @@ def test_unknown_train_on_is_refused():
     task = tasks.make("mqar", n_pairs=8, seq_len=64, vocab=64)
     with pytest.raises(ValueError, match="train_on='every'"):
         train.run(task, "transformer", "tiny", steps=1, train_on="every")
+
+
+class _Interrupting:
+    """The task, but the batch draw after ``after`` of them raises KeyboardInterrupt (Ctrl-C
+    in the middle of a run)."""
+
+    def __init__(self, task, after: int):
+        self.task, self.after, self.calls = task, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def __repr__(self):
+        return repr(self.task)
+
+    def sample(self, rng, n):
+        self.calls += 1
+        if self.calls > self.after:
+            raise KeyboardInterrupt
+        return self.task.sample(rng, n)
+
+
+def test_an_interrupted_run_resumes_bitwise_and_refuses_another_runs_checkpoint(tmp_path):
+    """Stopped after step 5 with checkpoints every 2 steps, the rerun restores step 4 (params,
+    AdamW state, the batch generator) and ends with the uninterrupted run's every-step loss
+    curve and held-out accuracy, bit for bit; a run with another seed is refused on that
+    directory, naming the field, before anything is read or moved."""
+    from nested_jax.train.checkpoints import CheckpointMismatchError
+
+    task = tasks.make("mqar", n_pairs=4, seq_len=32, vocab=32)
+    kw = dict(steps=7, batch=4, eval_batches=1, log_every=1, freeze_eval=False)
+    whole = train.run(task, "transformer", "tiny", **kw)
+    ckdir = str(tmp_path / "ck")
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_Interrupting(task, after=5), "transformer", "tiny", checkpoint_dir=ckdir,
+                  checkpoint_every=2, **kw)
+    resumed = train.run(task, "transformer", "tiny", checkpoint_dir=ckdir, checkpoint_every=2,
+                        **kw)
+    assert [c[0] for c in resumed.curve] == list(range(1, 8))
+    assert resumed.curve == whole.curve
+    assert resumed.final_loss == whole.final_loss
+    assert resumed.accuracy == whole.accuracy
+    steps_before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    with pytest.raises(CheckpointMismatchError, match="seed: checkpoint 0, this run 1"):
+        train.run(task, "transformer", "tiny", seed=1, checkpoint_dir=ckdir, **kw)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == steps_before
