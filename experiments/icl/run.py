@@ -170,10 +170,11 @@ def build(scale: Scale, names, task_set: dict | None = None):
 
 
 def run_dir(root: str, stem: str, name: str, model: str, variant: str, seed: int,
-            setup: dict) -> str:
-    """One run's checkpoint directory; the setup's hash in its name keeps runs of one stem with
-    other budgets or overrides apart (each resumes only itself)."""
-    digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()
+            identity: dict) -> str:
+    """One run's checkpoint directory; the hash of its identity (``train.run_identity``: the
+    budget and the whole model config) in its name keeps runs of one stem with other budgets,
+    overrides or defaults apart, so each resumes only itself."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return os.path.abspath(os.path.join(root, stem, f"{name}-{model}-{variant}-s{seed}-"
                                                     f"{digest[:10]}"))
 
@@ -203,7 +204,9 @@ def main(argv=None) -> None:
                     ckdir = None
                     if a.checkpoint_every:
                         ckdir = run_dir(a.runs_dir, stem, name, model, variant, seed,
-                                        dict(setup, task=repr(task), train_on=train_on))
+                                        train.run_identity(task, model, scale.preset, variant,
+                                                           seed, a.lr, steps, batch, overrides,
+                                                           train_on))
                     r = train.run(task, model, scale.preset, variant, seed, lr=a.lr,
                                   steps=steps, batch=batch, overrides=overrides,
                                   eval_tasks=evals, eval_batch=scale.eval_batch,

@@ -84,6 +84,27 @@ def loss_weights(mask, train_on: str):
     return every + mask.astype(jnp.float32) / jnp.maximum(mask.sum(), 1)
 
 
+def model_config(task, model: str, preset: str, variant: str, overrides: dict | None):
+    """The model's config for one run: the preset, ``overrides``, the variant's frozen inner
+    learning rates, and the task's vocabulary unless overridden."""
+    over = dict(overrides or {})
+    over.update(variant_overrides(model, variant))
+    over.setdefault("vocab_size", task.vocab_size)
+    return make_config(model, preset, **over)
+
+
+def run_identity(task, model: str, preset: str, variant: str, seed: int, lr: float,
+                 steps: int, batch: int, overrides: dict | None, train_on: str,
+                 max_skipped: int = 20) -> dict:
+    """What a checkpoint must match to be resumed by a run (JSON, as it reads back): the
+    whole model config, not only the overrides, so a changed default is not resumed."""
+    cfg = model_config(task, model, preset, variant, overrides)
+    return normalize(dict(task=repr(task), model=model, preset=preset, variant=variant,
+                          seed=seed, lr=lr, steps=steps, batch=batch,
+                          config=dataclasses.asdict(cfg), train_on=train_on,
+                          max_skipped=max_skipped))
+
+
 class _Progress:
     """The loop's host-side state, checkpointed as JSON next to the arrays: the numpy
     generator that draws the training batches (so a resumed run sees the same batches), and
@@ -140,10 +161,7 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     bitwise where the uninterrupted run would (long runs span several sessions this way)."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}: use one of {TRAIN_ON}")
-    over = dict(overrides or {})
-    over.update(variant_overrides(model, variant))
-    over.setdefault("vocab_size", task.vocab_size)
-    cfg = make_config(model, preset, **over)
+    cfg = model_config(task, model, preset, variant, overrides)
     evals = {"train": task, **(eval_tasks or {})}
     for name, t in evals.items():
         if t.seq_len > cfg.max_seq_len:
@@ -186,9 +204,8 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={checkpoint_every}: must be >= 1")
         ckpt = Checkpoints(checkpoint_dir, keep=2, use_async=False)
-        identity = normalize(dict(task=repr(task), model=model, preset=preset, variant=variant,
-                                  seed=seed, lr=lr, steps=steps, batch=batch, overrides=over,
-                                  train_on=train_on, max_skipped=max_skipped))
+        identity = run_identity(task, model, preset, variant, seed, lr, steps, batch,
+                                overrides, train_on, max_skipped)
         found = ckpt.restore({"params": params, "opt": opt}, prog,
                              check=_same_run(identity, checkpoint_dir))
         if found is not None:
