@@ -1,6 +1,7 @@
 """Do HopeLM and TitansLM train finite in bfloat16 on 16K-token sequences?
 
-    python -m experiments.lm.long_bf16                  # hope, titans; bf16; seeds 0 1
+    python -m experiments.lm.long_bf16                  # every arm; bf16; seeds 0 1
+    python -m experiments.lm.long_bf16 --models hope_first_order   # decisions #29
     python -m experiments.lm.long_bf16 --models titans --dtypes float32 --seeds 0
     python -m experiments.lm.long_bf16 --sensitivity        # float64 gradient table (~30 min)
     python -m experiments.lm.long_bf16 --report-only
@@ -43,7 +44,10 @@ from experiments.lm import report as lm_report
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "..", "results")
 SEQ, STEPS, LR, WARMUP, EVAL_FRACTION = 16384, 20, 3e-3, 2, 0.05
-MODELS, DTYPES = ("hope", "titans"), ("bf16", "float32")
+# arm -> (registered model, config overrides); hope_first_order: decisions #29
+ARMS = {"hope": ("hope", {}), "hope_first_order": ("hope", dict(cms_first_order=True)),
+        "titans": ("titans", {})}
+MODELS, DTYPES = tuple(ARMS), ("bf16", "float32")
 
 
 def corpus(runs_dir: str) -> str:
@@ -62,8 +66,10 @@ def one_run(model: str, dtype: str, seed: int, runs_dir: str) -> dict:
     from nested_jax.train import evaluate, metrics, trainer
     from nested_jax.train.config import DataConfig, OptimConfig, TrainConfig
 
+    registered, overrides = ARMS[model]
     cfg = TrainConfig(
-        model=model, preset="tiny", model_overrides=dict(max_seq_len=SEQ), steps=STEPS,
+        model=registered, preset="tiny", model_overrides=dict(max_seq_len=SEQ, **overrides),
+        steps=STEPS,
         seed=seed, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=STEPS,
         keep_checkpoints=1, bf16=dtype == "bf16",
         data=DataConfig(path=corpus(runs_dir), tokenizer="byte", seq_len=SEQ, batch_size=1,
@@ -153,6 +159,12 @@ SENSITIVITY = [
     ("defaults", "play", 16384, "float64", {}),
     ("retention_init 0.9999, CMS frozen", "play", 16384, "float64",
      dict(retention_init=0.9999, cms_lr=0.0)),
+    # decisions #29: CMS's first-order outer gradient, same forward (same loss as above)
+    ("CMS first-order", "repeated", 4096, "float64", dict(cms_first_order=True)),
+    ("CMS first-order", "repeated", 8192, "float64", dict(cms_first_order=True)),
+    ("CMS first-order", "repeated", 16384, "float64", dict(cms_first_order=True)),
+    ("CMS first-order", "repeated", 8192, "float32", dict(cms_first_order=True)),
+    ("CMS first-order", "play", 16384, "float64", dict(cms_first_order=True)),
 ]
 FD_EPS = (1e-9, 1e-7, 1e-5)  # central differences along the gradient, on the first row
 

@@ -109,6 +109,9 @@ def validate(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size
     _check_state(level, {"params": state.params, "mom": state.mom}, B, H,
                  jnp.result_type(q, k, v),
                  "use nested_jax.memory.broadcast_state")
+    if path in ("dual", "pallas") and level.first_order:
+        raise ValueError(f"path={path!r} differentiates through the memory state; "
+                         "first_order=True needs path='chunked' or 'oracle' (or 'auto').")
     if path in ("dual", "pallas") and not dual.supports(level):
         raise ValueError(f"path={path!r} does not support {level.memory}; use path='chunked' "
                          "(or 'auto').")
@@ -197,6 +200,8 @@ def resolve_path(level: Level, path: str) -> str:
     else the generic chunked path."""
     if path != "auto":
         return path
+    if level.first_order:
+        return "chunked"
     if isinstance(level.memory, LinearMemory):
         return "pallas"
     return "dual" if dual.supports(level) else "chunked"

@@ -21,12 +21,13 @@ from nested_jax.memory.resets import at_chunk_starts
 def chunk_step(level: Level, state: MemoryState, q, k, v, gates: Gates):
     """One chunk. q, k: f[C, dk]; v: f[C, dv]; gates f[C]. Returns (state, o f[C, dv])."""
     boundary = state.params
-    eta = jax.vmap(level.step_eta, in_axes=(None, 0, 0))(boundary, k, gates.eta)
+    point = level.grad_point(boundary)  # the boundary, detached under first_order
+    eta = jax.vmap(level.step_eta, in_axes=(None, 0, 0))(point, k, gates.eta)
     gates = Gates(eta, gates.alpha, gates.beta)
     if level.read == "boundary" and not level.rule.momentum and not level.rule.dgd:
-        v = level.target(boundary, v)
+        v = level.target(point, v)
         return _boundary_gd_chunk(level, state, q, k, v, gates)
-    grads, inputs = jax.vmap(level.writes, in_axes=(None, 0, 0))(boundary, k, v)
+    grads, inputs = jax.vmap(level.writes, in_axes=(None, 0, 0))(point, k, v)
 
     def body(st, xs):
         g, x, q_t, eta, alpha, beta = xs
@@ -47,14 +48,15 @@ def _boundary_gd_chunk(level: Level, state: MemoryState, q, k, v, gates: Gates):
     sum_i w_i g_i = grad of sum_i w_i L_i at M_0 (eq. 71: the chunk's accumulated gradient).
     """
     boundary = state.params
+    point = level.grad_point(boundary)
     alpha, eta = gates.alpha, gates.eta
     tail = jnp.cumprod(jnp.concatenate([alpha[1:], jnp.ones_like(alpha[:1])])[::-1])[::-1]
     w = eta * tail
     total = lambda p: jnp.sum(w * jax.vmap(level.inner_loss, in_axes=(None, 0, 0))(p, k, v))
-    summed = jax.grad(total)(boundary)
+    summed = jax.grad(total)(point)
     params = jax.tree.map(lambda m, g: jnp.prod(alpha) * m - g, boundary, summed)
     # momentum=False keeps S_t = -eta_t g_t: the last token's write.
-    mom = jax.tree.map(lambda g: -eta[-1] * g, level.inner_grad(boundary, k[-1], v[-1]))
+    mom = jax.tree.map(lambda g: -eta[-1] * g, level.inner_grad(point, k[-1], v[-1]))
     o = jax.vmap(level.memory.apply, in_axes=(None, 0))(boundary, q)
     return MemoryState(params, mom), o
 

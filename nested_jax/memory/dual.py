@@ -28,6 +28,8 @@ from nested_jax.memory.rules import effective_eta
 
 
 def supports(level: Level) -> bool:
+    if level.first_order:  # the matmul form differentiates through the state (Level docs)
+        return False
     mem = level.memory
     if isinstance(mem, LinearMemory):
         return True

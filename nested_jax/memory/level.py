@@ -43,6 +43,13 @@ class Level:
           update is visible from the next chunk (CMS, eq. 71).
     stop_grad: ablation (decisions.md #4): the update inputs k, v and gates are wrapped in
           stop_gradient, so outer gradients reach queries and the initial state only.
+    first_order: the outer gradient does not differentiate a write through the state it is
+          taken at (decisions.md #29): each inner gradient (and step size, and self-generated
+          target) is evaluated at stop_gradient(boundary), so the carry W_{t+1} = f(W_t) + D_t
+          passes cotangents back through the rule's own linear factors only (retention, DGD,
+          momentum), never through d D_t / d W_t, as first-order MAML drops the inner Hessian.
+          The forward is unchanged.  Chunked and oracle paths only (the dual form and the
+          kernels differentiate through the state by construction).
     self_target: self-generated targets vhat_t = M_b(v_t) (Hope eq. 84, decisions.md #8), read
           from the chunk-boundary state.  vhat is a constant of the inner problem (the inner
           gradient is w.r.t. the memory only) but the outer gradient flows through it.
@@ -61,6 +68,7 @@ class Level:
     rule: Rule = Rule()
     read: str = "online"
     stop_grad: bool = False
+    first_order: bool = False
     self_target: bool = False
     normalize_target: bool = False
 
@@ -94,6 +102,11 @@ class Level:
                 raise ValueError("Rule.delta=True needs DGD's factor on the output-side matrix: "
                                  "use Rule(dgd=True, dgd_all_layers=True, delta=True) for a "
                                  f"multi-layer memory ({self.memory}).")
+
+    def grad_point(self, boundary):
+        """Where the writes are differentiated from: the boundary state, or a stop-gradient
+        copy of it under ``first_order`` (same values)."""
+        return jax.lax.stop_gradient(boundary) if self.first_order else boundary
 
     def init_state(self, key, dtype=jnp.float32) -> MemoryState:
         params = self.memory.init(key, dtype)

@@ -17,8 +17,9 @@ from nested_jax.memory.resets import restart
 
 def token_step(level: Level, state: MemoryState, boundary, q, k, v, eta, alpha, beta):
     """One token with the inner gradient taken at ``boundary`` (the shared step of all paths)."""
-    grads, inputs = level.writes(boundary, k, v)
-    eta = level.step_eta(boundary, k, eta)
+    point = level.grad_point(boundary)
+    grads, inputs = level.writes(point, k, v)
+    eta = level.step_eta(point, k, eta)
     params, mom = rules.step(level.rule, state.params, state.mom, grads, inputs, eta, alpha, beta)
     return MemoryState(params, mom)
 

@@ -24,11 +24,12 @@ LR = (0.05, 0.03, 0.08)
 
 def _setup(variant="sequential", signal="teach", periods=(3, 5, 2), lr=None, momentum=0.0,
            retention=1.0, dtype=jnp.float64, seed=0, teach_at="output", decay_to="zero",
-           teach_stop_grad=False):
+           teach_stop_grad=False, first_order=False):
     lr = LR[:len(periods)] if lr is None else lr
     spec = C.CMSSpec(d_model=D, periods=periods, d_ff=F, lr=lr, variant=variant, signal=signal,
                      momentum=momentum, retention=retention, teach_at=teach_at,
-                     decay_to=decay_to, teach_stop_grad=teach_stop_grad)
+                     decay_to=decay_to, teach_stop_grad=teach_stop_grad,
+                     first_order=first_order)
     model = C.CMS(spec, n_layers=2, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
     ks = jax.random.split(jax.random.key(seed + 1), 8)
     normal = lambda k, shape, std: std * jax.random.normal(k, shape, dtype)
@@ -311,6 +312,29 @@ def test_outer_gradient_is_the_derivative_of_the_forward(x64, teach_stop_grad):
         check()
 
 
+@pytest.mark.parametrize("variant", ["sequential", "nested"])
+def test_first_order_keeps_the_forward_and_changes_only_the_gradient(x64, variant):
+    """decisions #29: ``first_order`` runs the same forward (bitwise) and a different outer
+    gradient, one that is not the forward's derivative (which the exact one is, above); the
+    initial weights still get a gradient through every later chunk's read."""
+    periods = (6, 3) if variant == "nested" else (3, 5)
+    runs = {}
+    for fo in (False, True):
+        model, head, tokens, x = _setup(variant, periods=periods, first_order=fo)
+        nxt = C.next_embeddings(head.embedding_VxD[tokens])
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+        f = jax.jit(lambda p, graph=graph, rest=rest, x=x, head=head, nxt=nxt: jnp.sum(
+            jnp.sin(nnx.merge(graph, p, rest)(x, head, nxt))))
+        runs[fo] = f(params), jax.grad(f)(params), f, params
+    assert runs[True][0] == runs[False][0]
+    g_exact, g_first = (jax.tree.leaves(runs[fo][1]) for fo in (False, True))
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(g_exact, g_first, strict=True)) > 1e-4
+    assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in g_first)
+    _, _, f, params = runs[True]
+    with pytest.raises(AssertionError):
+        check_grads(f, (params,), order=1, modes=["rev"], atol=1e-7, rtol=1e-7, eps=1e-5)
+
+
 def test_initial_weights_reach_later_chunks_through_the_updates(x64):
     """d out[t >= C] / d W_init differs from the static network's: gradients flow through the
     inner updates (decision #4), not only through the read."""
@@ -347,6 +371,7 @@ def test_batch_rows_have_their_own_fast_state(x64):
         (dict(periods=(4,), retention=0.0), "retention"),
         (dict(periods=(4,), decay_to="one"), "decay_to"),
         (dict(periods=(4,), teach_stop_grad=1), "teach_stop_grad"),
+        (dict(periods=(4,), first_order="yes"), "first_order"),
         (dict(periods=(8, 4), variant="nested", decay_to="init"), "decay_to"),
         (dict(periods=(4, 8), variant="nested"), "periods"),
         (dict(periods=(8, 3), variant="nested"), "periods"),

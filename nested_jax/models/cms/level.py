@@ -88,7 +88,8 @@ class CMSLevel(nm.Level):
     "teach": loss = <y, delta(x + y)> with delta a target of the inner problem (``inner_dot``),
     taken at the parameters the engine differentiates at (always the chunk boundary); the outer
     gradient flows through delta unless ``teach_stop_grad`` (a stop-gradient delta, the earlier
-    form).
+    form) or ``first_order`` (the engine's first-order gradient, which then also holds delta
+    constant: the update enters the outer gradient through its inputs and J_y only).
     "given": loss = dot(y, v), v = -delta precomputed by the caller (``teach_at="input"``).
     "reconstruction": loss = l2(y, sg(RMSNorm(x))).
     """
@@ -101,7 +102,8 @@ class CMSLevel(nm.Level):
         if self.signal == "teach":
             y = self.memory.apply(params, k)
             delta = teach_delta(self.head, k + y, v)
-            if self.teach_stop_grad:
+            # first_order: the target is a constant of the outer problem too (decisions.md #29)
+            if self.teach_stop_grad or self.first_order:
                 delta = jax.lax.stop_gradient(delta)
             return inner_dot(y, delta)
         if self.signal == "given":

@@ -93,7 +93,7 @@ class CMS(nnx.Module):
         signal = "given" if (s.signal, s.teach_at) == ("teach", "input") else s.signal
         return CMSLevel(self._memory(i), "dot" if s.signal == "teach" else "l2", rule,
                         "boundary", s.stop_grad, signal=signal, head=head,
-                        teach_stop_grad=s.teach_stop_grad)
+                        teach_stop_grad=s.teach_stop_grad, first_order=s.first_order)
 
     def _given_target(self, head, r_BxTxD, next_BxTxD):
         """v = -delta at the CMS input (teach_at="input"): a stop-gradient constant."""

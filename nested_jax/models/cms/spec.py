@@ -39,6 +39,11 @@ class CMSSpec:
       teach_stop_grad: the earlier form of the teach signal's outer gradient (decisions.md
         #13 as first written): outer gradients skip delta's dependence on the level's weights.
         Not the gradient of the forward, and it grows with the context (decisions.md #28).
+      first_order: the first-order outer gradient (decisions.md #29): every chunk step is
+        differentiated through its inputs only, not through the boundary weights it is taken at
+        nor through the teach target delta.  The forward is unchanged; the outer gradient stays
+        bounded where the exact one grows exponentially with the context (a periodic text makes
+        each chunk step full-batch GD past its stability limit: ``lm_long_bf16.md``).
       norm_eps: epsilon of each level's RMSNorm.
       stop_grad: engine ablation (decisions.md #4): outer gradients skip the inner updates.
     """
@@ -54,6 +59,7 @@ class CMSSpec:
     retention: float = 1.0
     decay_to: str = "zero"
     teach_stop_grad: bool = False
+    first_order: bool = False
     norm_eps: float = 1e-6
     stop_grad: bool = False
 
@@ -109,8 +115,9 @@ def validate_spec(spec: Any, prefix: str = "cms_", max_seq_len: int | None = Non
         fail(name("momentum"), spec.momentum, "must lie in [0, 1) (0 = plain GD)")
     if not 0.0 < spec.retention <= 1.0:
         fail(name("retention"), spec.retention, "must lie in (0, 1] (1 = no weight decay)")
-    if not isinstance(spec.teach_stop_grad, bool):
-        fail(name("teach_stop_grad"), spec.teach_stop_grad, "must be True or False")
+    for flag in ("teach_stop_grad", "first_order"):
+        if not isinstance(getattr(spec, flag), bool):
+            fail(name(flag), getattr(spec, flag), "must be True or False")
     if spec.decay_to not in DECAY_TO:
         fail(name("decay_to"), spec.decay_to, f"must be one of {list(DECAY_TO)}")
     if spec.decay_to == "init" and spec.variant == "nested":
@@ -147,6 +154,7 @@ class CMSFields:
     cms_retention: float = 1.0
     cms_decay_to: str = "zero"
     cms_teach_stop_grad: bool = False
+    cms_first_order: bool = False
     cms_stop_grad: bool = False
 
     @property
@@ -154,7 +162,8 @@ class CMSFields:
         return dict(periods=self.cms_periods, d_ff=self.cms_d_ff, lr=self.cms_lr,
                     variant=self.cms_variant, signal=self.cms_signal, teach_at=self.cms_teach_at,
                     momentum=self.cms_momentum, retention=self.cms_retention,
-                    decay_to=self.cms_decay_to, teach_stop_grad=self.cms_teach_stop_grad)
+                    decay_to=self.cms_decay_to, teach_stop_grad=self.cms_teach_stop_grad,
+                    first_order=self.cms_first_order)
 
     def validate_cms(self) -> None:
         view = type("_View", (), self.cms_fields)
@@ -172,4 +181,5 @@ class CMSFields:
                        teach_at=self.cms_teach_at, momentum=self.cms_momentum,
                        retention=self.cms_retention, decay_to=self.cms_decay_to,
                        teach_stop_grad=self.cms_teach_stop_grad,
+                       first_order=self.cms_first_order,
                        norm_eps=getattr(self, "norm_eps", 1e-6), stop_grad=self.cms_stop_grad)
