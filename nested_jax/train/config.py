@@ -307,6 +307,10 @@ def with_values(cfg: TrainConfig, pairs: Sequence[tuple[str, Any]]) -> TrainConf
     for key, value in pairs:
         parts = key.split(".")
         if parts[0] == "model" and len(parts) == 2:
+            # model fields are checked by the model config later, so spell booleans as the
+            # train config's own fields take them (bf16=true): true / false, any case
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
             d["model_overrides"] = {**d["model_overrides"], parts[1]: value}
             continue
         if parts[:2] == ["optim", "kwargs"] and len(parts) == 3:

@@ -12,11 +12,13 @@ from nested_jax.train.config import TrainConfig
 def test_set_overrides_parse_and_coerce():
     cfg = config_lib.apply_overrides(TrainConfig(), [
         "optim.learning_rate=3e-4", "steps=12", "data.path=some/dir", "bf16=true",
-        "model.d_model=128", "optim.kwargs.ns_steps=3", "mesh.fsdp=2", "optim.grad_clip=1"])
+        "model.d_model=128", "optim.kwargs.ns_steps=3", "mesh.fsdp=2", "optim.grad_clip=1",
+        "model.key_shift=false", "model.cms_first_order=True"])
     assert cfg.optim.learning_rate == 3e-4 and cfg.steps == 12 and cfg.bf16 is True
     assert cfg.data.path == "some/dir" and cfg.mesh.fsdp == 2
     assert isinstance(cfg.optim.grad_clip, float)
-    assert cfg.model_overrides == {"d_model": 128} and cfg.optim.kwargs == {"ns_steps": 3}
+    assert cfg.model_overrides == {"d_model": 128, "key_shift": False, "cms_first_order": True}
+    assert cfg.optim.kwargs == {"ns_steps": 3}
 
 
 @pytest.mark.parametrize("assignment, field", [
