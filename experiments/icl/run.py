@@ -211,7 +211,7 @@ def main(argv=None) -> None:
                                   steps=steps, batch=batch, overrides=overrides,
                                   eval_tasks=evals, eval_batch=scale.eval_batch,
                                   train_on=train_on, checkpoint_dir=ckdir,
-                                  checkpoint_every=a.checkpoint_every or 1)
+                                  checkpoint_every=a.checkpoint_every)
                     print(f"{name:18s} {model:15s} {variant:9s} seed {seed}: "
                           f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
                           f"evals {r.by_eval} skipped {r.skipped} {r.seconds:.0f}s", flush=True)

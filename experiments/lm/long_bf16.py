@@ -288,10 +288,11 @@ def main(argv=None) -> None:
         rows = a.sensitivity or list(range(len(SENSITIVITY)))
         if len(rows) == 1:
             lm_report.append_run(log, sensitivity(rows[0]))
-        for i in rows if len(rows) > 1 else []:  # a process a row: float64 is process-wide
+        else:  # a process a row: float64 is process-wide
             import subprocess
-            subprocess.run([sys.executable, "-m", "experiments.lm.long_bf16",
-                            "--sensitivity", str(i)], check=True)
+            for i in rows:
+                subprocess.run([sys.executable, "-m", "experiments.lm.long_bf16",
+                                "--sensitivity", str(i)], check=True)
     for name in PROBES if a.probe and not a.report_only and a.sensitivity is None else []:
         lm_report.append_run(log, probe(name))
     for m in [] if a.report_only or a.probe or a.sensitivity is not None else a.models:

@@ -28,8 +28,6 @@ from nested_jax.memory.rules import effective_eta
 
 
 def supports(level: Level) -> bool:
-    if level.first_order:  # the matmul form differentiates through the state (Level docs)
-        return False
     mem = level.memory
     if isinstance(mem, LinearMemory):
         return True
@@ -112,6 +110,9 @@ def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int
             f"path='dual' supports LinearMemory and 2-layer MLPMemory, got {level.memory}; "
             "use path='chunked'."
         )
+    if level.first_order:  # the matmul form differentiates through the state (Level docs)
+        raise ValueError("path='dual' differentiates through the memory state; first_order=True "
+                         "needs path='chunked' or 'oracle'.")
     k, v, gates = maybe_stop(level, k, v, gates)
     body = _linear_chunk if isinstance(level.memory, LinearMemory) else _mlp_chunk
 

@@ -8,6 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 from nested_jax import memory as nm
+from nested_jax.memory import dual
 from tests.memory.helpers import inputs, max_diff
 
 D = 6
@@ -145,3 +146,7 @@ def test_first_order_refuses_the_matmul_paths_and_auto_picks_chunked():
         with pytest.raises(ValueError, match="first_order=True needs path='chunked'"):
             nm.apply(level, st, q, k, v, g, chunk_size=2, path=path)
     assert nm.resolve_path(level, "auto") == "chunked"
+    with pytest.raises(ValueError, match="first_order=True needs path='chunked'"):
+        dual.run(level, jax.tree.map(lambda x: x[0, 0], st),
+                 q[0, :, 0], k[0, :, 0], v[0, :, 0],
+                 nm.Gates(*(x[0, :, 0] for x in g)), chunk_size=2)
