@@ -179,6 +179,44 @@ def run_dir(root: str, stem: str, name: str, model: str, variant: str, seed: int
                                                     f"{digest[:10]}"))
 
 
+def adopt_earlier(path: str, identity: dict, defaults: dict) -> str | None:
+    """When ``path`` holds no checkpoint, find the run's directory under an earlier hash
+    (the same task, model, variant and seed, saved before a model config field existed:
+    ``train.identity_mismatches`` lets such a field pass at its default) and move it to
+    ``path``, so the run resumes there.  A directory whose run differs in anything else (a
+    changed default included) is left alone and the run starts fresh.  Returns the adopted
+    directory, or None."""
+    from nested_jax.train.checkpoints import Checkpoints
+
+    def latest_identity(d: str) -> dict | None:
+        ck = Checkpoints(d, keep=2, use_async=False)
+        try:
+            step = ck.latest_step()
+            return None if step is None else ck.step_metadata(step)
+        finally:
+            ck.close()
+
+    parent, name = os.path.split(path)
+    prefix = name[:name.rindex("-") + 1]
+    if os.path.isdir(path) and latest_identity(path) is not None:
+        return None
+    for other in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        d = os.path.join(parent, other)
+        if other == name or not other.startswith(prefix) or not os.path.isdir(d):
+            continue
+        saved = latest_identity(d)
+        if saved and not train.identity_mismatches(identity, saved, defaults):
+            try:  # an empty directory (no step was ever written there) gives way
+                os.rmdir(path) if os.path.isdir(path) else None
+            except OSError:  # something else is there: leave both alone, start fresh
+                return None
+            os.rename(d, path)
+            print(f"resuming {other} (saved before a config field this run has at its "
+                  f"default) as {name}", flush=True)
+            return d
+    return None
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     a = parse(argv)
@@ -203,10 +241,12 @@ def main(argv=None) -> None:
                 for seed in a.seeds:
                     ckdir = None
                     if a.checkpoint_every:
-                        ckdir = run_dir(a.runs_dir, stem, name, model, variant, seed,
-                                        train.run_identity(task, model, scale.preset, variant,
-                                                           seed, a.lr, steps, batch, overrides,
-                                                           train_on))
+                        identity = train.run_identity(task, model, scale.preset, variant,
+                                                      seed, a.lr, steps, batch, overrides,
+                                                      train_on)
+                        ckdir = run_dir(a.runs_dir, stem, name, model, variant, seed, identity)
+                        adopt_earlier(ckdir, identity,
+                                      train.config_defaults(task, model, scale.preset))
                     r = train.run(task, model, scale.preset, variant, seed, lr=a.lr,
                                   steps=steps, batch=batch, overrides=overrides,
                                   eval_tasks=evals, eval_batch=scale.eval_batch,

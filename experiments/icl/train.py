@@ -124,13 +124,35 @@ class _Progress:
         self.loss = state["loss"]
 
 
-def _same_run(identity: dict, directory: str):
+def config_defaults(task, model: str, preset: str) -> dict:
+    """The model config a run gets with no overrides and no variant (JSON, as it reads back):
+    the value a field that a checkpoint predates must have for the checkpoint to resume."""
+    return normalize(dataclasses.asdict(model_config(task, model, preset, "all", None)))
+
+
+def identity_mismatches(identity: dict, saved: dict, defaults: dict) -> list[str]:
+    """The fields where ``saved`` (a checkpoint's identity) and this run's differ.  A model
+    config field the checkpoint predates matches when this run has it at its default
+    (``defaults``): the project adds fields whose default reproduces the earlier model, so
+    a run started before the field existed is the same run.  Any other difference counts."""
+    lines = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
+             for k, v in identity.items() if k != "config" and saved.get(k) != v]
+    was, now = saved.get("config") or {}, identity.get("config") or {}
+    for k in sorted(set(was) | set(now)):
+        if k not in was and now[k] == defaults.get(k):
+            continue
+        if was.get(k, "<absent>") != now.get(k, "<absent>"):
+            lines.append(f"config.{k}: checkpoint {was.get(k, '<absent>')!r}, "
+                         f"this run {now.get(k, '<absent>')!r}")
+    return lines
+
+
+def _same_run(identity: dict, directory: str, defaults: dict):
     """The checkpoint check: a step saved by another run (task, model, variant, seed, budget,
-    overrides) is refused with the differing fields, before any array is read."""
+    model config) is refused with the differing fields, before any array is read."""
 
     def check(step: int, saved: dict) -> None:
-        lines = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
-                 for k, v in identity.items() if saved.get(k) != v]
+        lines = identity_mismatches(identity, saved, defaults)
         if lines:
             raise CheckpointMismatchError(
                 f"checkpoint {directory}/{step} belongs to another run:\n  "
@@ -207,7 +229,8 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         identity = run_identity(task, model, preset, variant, seed, lr, steps, batch,
                                 overrides, train_on, max_skipped)
         found = ckpt.restore({"params": params, "opt": opt}, prog,
-                             check=_same_run(identity, checkpoint_dir))
+                             check=_same_run(identity, checkpoint_dir,
+                                             config_defaults(task, model, preset)))
         if found is not None:
             start, state = found
             params, opt = state["params"], state["opt"]

@@ -1,5 +1,7 @@
 """The ICL suite runner refuses bad names and lengths before any training, naming the option."""
 
+import os
+
 import pytest
 
 from experiments.icl import run, tasks, train
@@ -125,3 +127,54 @@ def test_an_interrupted_run_resumes_bitwise_and_refuses_another_runs_checkpoint(
     with pytest.raises(CheckpointMismatchError, match="seed: checkpoint 0, this run 1"):
         train.run(task, "transformer", "tiny", seed=1, checkpoint_dir=ckdir, **kw)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == steps_before
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes_and_a_changed_default_does_not(
+        tmp_path, monkeypatch):
+    """A checkpoint whose model config lacks a field (saved before the field was added) is the
+    same run when this run has the field at its default: the runner moves its directory to the
+    new identity's name and the run resumes there, ending bitwise where the uninterrupted run
+    does.  A checkpoint whose config has another value for a field (a changed default) is not
+    adopted, and the check refuses it naming the field."""
+    from nested_jax.train.checkpoints import CheckpointMismatchError
+
+    task = tasks.make("mqar", n_pairs=4, seq_len=32, vocab=32)
+    kw = dict(steps=5, batch=4, eval_batches=1, log_every=1, freeze_eval=False)
+    whole = train.run(task, "transformer", "tiny", **kw)
+    identity = train.run_identity(task, "transformer", "tiny", "all", 0, 3e-3, 5, 4, None,
+                                  "target")
+    defaults = train.config_defaults(task, "transformer", "tiny")
+    real = train.run_identity
+
+    def saved_by(edit):
+        def older(*a, **k):
+            ident = real(*a, **k)
+            edit(ident["config"])
+            return ident
+        return older
+
+    old_dir = run.run_dir(str(tmp_path), "s", "mqar", "transformer", "all", 0, {"old": 1})
+    monkeypatch.setattr(train, "run_identity", saved_by(lambda c: c.pop("norm_eps")))
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_Interrupting(task, after=3), "transformer", "tiny", checkpoint_dir=old_dir,
+                  checkpoint_every=2, **kw)
+    monkeypatch.setattr(train, "run_identity", real)
+    new_dir = run.run_dir(str(tmp_path), "s", "mqar", "transformer", "all", 0, identity)
+    assert run.adopt_earlier(new_dir, identity, defaults) == old_dir
+    assert not os.path.exists(old_dir)
+    resumed = train.run(task, "transformer", "tiny", checkpoint_dir=new_dir,
+                        checkpoint_every=2, **kw)
+    assert resumed.curve == whole.curve and resumed.accuracy == whole.accuracy
+
+    changed = run.run_dir(str(tmp_path), "t", "mqar", "transformer", "all", 0, {"old": 2})
+    monkeypatch.setattr(train, "run_identity",
+                        saved_by(lambda c: c.update(norm_eps=c["norm_eps"] * 10)))
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_Interrupting(task, after=3), "transformer", "tiny", checkpoint_dir=changed,
+                  checkpoint_every=2, **kw)
+    monkeypatch.setattr(train, "run_identity", real)
+    fresh = run.run_dir(str(tmp_path), "t", "mqar", "transformer", "all", 0, identity)
+    assert run.adopt_earlier(fresh, identity, defaults) is None
+    assert os.path.isdir(changed)
+    with pytest.raises(CheckpointMismatchError, match="config.norm_eps: checkpoint"):
+        train.run(task, "transformer", "tiny", checkpoint_dir=changed, **kw)
