@@ -77,9 +77,9 @@ def plot(runs: dict, png: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for seed, r in sorted(runs.items()):
-        s, p = zip(*r["eval_curve"])
+        s, p = zip(*r["eval_curve"], strict=True)
         a.plot(s, p, marker="o", label=f"seed {seed}")
-        s, l = zip(*r["train_curve"])
+        s, l = zip(*r["train_curve"], strict=True)
         b.plot(s, l, lw=0.8, label=f"seed {seed}")
     a.set(xlabel="step", ylabel="held-out perplexity (bytes)", yscale="log",
           title="HopeLM small, held-out")
