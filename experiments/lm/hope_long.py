@@ -92,7 +92,9 @@ def plot(runs: dict, png: str) -> None:
     plt.close(fig)
 
 
-def report(log: str, command: str) -> str:
+def report(log: str, command: str, png: str | None = None) -> str:
+    """The results page for every run in ``log``; its curves go to ``png`` (default
+    ``experiments/results/lm_hope_long.png``)."""
     from experiments.benchlib import machine_header
 
     runs = {}
@@ -101,7 +103,7 @@ def report(log: str, command: str) -> str:
         runs[r["seed"]] = r  # a rerun replaces the earlier one
     span = lambda xs: f"{np.mean(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]"
     rs = [runs[s] for s in sorted(runs)]
-    png = os.path.join(RESULTS, "lm_hope_long.png")
+    png = png or os.path.join(RESULTS, "lm_hope_long.png")
     rows = []
     if rs:
         plot(runs, png)

@@ -52,3 +52,32 @@ def test_bad_options_fail_before_training(argv, message, capsys):
     with pytest.raises(SystemExit):
         run.parse(argv)
     assert message in capsys.readouterr().err
+
+
+def test_hope_long_is_the_readme_job_trained_longer_and_reports_every_freeze(tmp_path):
+    """The long run differs from the README's main job (`lm:cpu_demo`) only in its length,
+    seed and cadences, so its frozen-memory gaps are about that model; and the report puts
+    each freeze's gap to the learning score in the table."""
+    import dataclasses
+    import json
+
+    from experiments.lm import hope_long
+    from nested_jax.train.configs import lm
+
+    demo, long = lm.get_config("cpu_demo"), hope_long.config(3)
+    differ = {f.name for f in dataclasses.fields(demo)
+              if getattr(demo, f.name) != getattr(long, f.name)}
+    assert differ <= {"steps", "seed", "log_every", "eval_every", "checkpoint_every",
+                      "keep_checkpoints"}
+    assert long.steps == hope_long.STEPS and long.seed == 3
+    log = tmp_path / "runs.jsonl"
+    ppl = {"learning": 10.0, "self-modifying frozen": 13.5, "CMS frozen": 10.25,
+           "both frozen": 14.0}
+    log.write_text(json.dumps(dict(seed=0, steps=2000, params=123, ppl=ppl,
+                                   eval_curve=[[0, 140.0], [2000, 10.0]],
+                                   train_curve=[[10, 4.0], [2000, 2.3]],
+                                   seconds_per_step=9.0)) + "\n")
+    text = hope_long.report(str(log), "cmd", str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").exists()
+    assert "| self-modifying frozen | 13.500 [13.500, 13.500] | 3.500 [3.500, 3.500] |" in text
+    assert "| CMS frozen | 10.250 [10.250, 10.250] | 0.250 [0.250, 0.250] |" in text
