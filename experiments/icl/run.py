@@ -189,7 +189,7 @@ def adopt_earlier(path: str, identity: dict, defaults: dict) -> str | None:
     from nested_jax.train.checkpoints import Checkpoints
 
     def latest_identity(d: str) -> dict | None:
-        ck = Checkpoints(d, keep=2, use_async=False)
+        ck = Checkpoints(d, read_only=True)  # looking creates, moves or writes nothing
         try:
             step = ck.latest_step()
             return None if step is None else ck.step_metadata(step)
