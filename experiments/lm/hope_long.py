@@ -52,17 +52,17 @@ def one_run(seed: int, runs_dir: str) -> dict:
     from nested_jax.train import evaluate, metrics, trainer
 
     workdir = os.path.join(runs_dir, "hope_long", f"s{seed}")
+    cfg = config(seed)
     t0 = time.time()
     # restart=True only matters before the first checkpoint: a killed run that left its
     # config but no checkpoint starts again; with a checkpoint the trainer resumes from it.
-    summary = trainer.train(config(seed), workdir, progress=False, restart=True)
+    summary = trainer.train(cfg, workdir, progress=False, restart=True)
     recs = metrics.read_records(trainer.workdir_path(workdir) / "metrics.jsonl")
     curve = [(r["step"], r["eval/perplexity"]) for r in recs if "eval/perplexity" in r]
     train = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]
     rates = [r["perf/tokens_per_s"] for r in recs if "perf/tokens_per_s" in r]
     ppl = {name: evaluate.evaluate_checkpoint(workdir, freeze=f)["perplexity"]
            for name, f in FREEZES.items()}
-    cfg = config(seed)
     return dict(seed=seed, steps=STEPS, params=summary["params"], ppl=ppl,
                 eval_curve=curve, train_curve=train,
                 seconds_per_step=(cfg.data.batch_size * cfg.data.seq_len
