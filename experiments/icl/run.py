@@ -217,50 +217,78 @@ def adopt_earlier(path: str, identity: dict, defaults: dict) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """One run of a command: what ``train.run`` trains, and where it checkpoints."""
+
+    name: str
+    task: object
+    evals: dict
+    model: str
+    variant: str
+    seed: int
+    identity: dict
+    checkpoint_dir: str | None
+
+
+def settings(a, scale: Scale):
+    """(steps, batch, model overrides, train_on) of a parsed command."""
+    overrides = dict(scale.overrides)
+    overrides.update({k: literal(v) for k, v in (kv.split("=", 1) for kv in a.set)})
+    return (a.steps or scale.steps, a.batch or scale.batch, overrides,
+            a.train_on or scale.train_on)
+
+
+def planned(a, scale: Scale, built: dict) -> list[Planned]:
+    """Every run a parsed command trains, in order (tasks, models, variants, seeds)."""
+    steps, batch, overrides, train_on = settings(a, scale)
+    stem = a.out or f"icl_{a.suite}"
+    out = []
+    for name in a.tasks or list(scale.tasks):
+        task, evals = built[name]
+        for model in a.models:
+            for variant in a.variants or list(train.VARIANTS[model]):
+                for seed in a.seeds:
+                    identity = train.run_identity(task, model, scale.preset, variant, seed,
+                                                  a.lr, steps, batch, overrides, train_on)
+                    ckdir = (run_dir(a.runs_dir, stem, name, model, variant, seed, identity)
+                             if a.checkpoint_every else None)
+                    out.append(Planned(name, task, evals, model, variant, seed, identity,
+                                       ckdir))
+    return out
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     a = parse(argv)
     scale = SUITES[a.suite][a.scale]
-    steps, batch = a.steps or scale.steps, a.batch or scale.batch
-    overrides = dict(scale.overrides)
-    overrides.update({k: literal(v) for k, v in (kv.split("=", 1) for kv in a.set)})
+    steps, batch, overrides, train_on = settings(a, scale)
     names = a.tasks or list(scale.tasks)
     task_set = {k: literal(v) for k, v in (kv.split("=", 1) for kv in a.task_set)}
     built = build(scale, names, task_set)  # a bad task or length fails here, before any training
     stem = a.out or f"icl_{a.suite}"
     log = os.path.join(RESULTS, f"{stem}_runs.jsonl")
     setup = dict(preset=scale.preset, steps=steps, batch=batch, lr=a.lr, overrides=overrides)
-    train_on = a.train_on or scale.train_on
     if train_on != "target":  # absent from older logs, which all trained on the target
         setup["train_on"] = train_on
     t0 = time.time()
-    for name in [] if a.report_only else names:
-        task, evals = built[name]
-        for model in a.models:
-            for variant in a.variants or list(train.VARIANTS[model]):
-                for seed in a.seeds:
-                    ckdir = None
-                    if a.checkpoint_every:
-                        identity = train.run_identity(task, model, scale.preset, variant,
-                                                      seed, a.lr, steps, batch, overrides,
-                                                      train_on)
-                        ckdir = run_dir(a.runs_dir, stem, name, model, variant, seed, identity)
-                        adopt_earlier(ckdir, identity,
-                                      train.config_defaults(task, model, scale.preset))
-                    r = train.run(task, model, scale.preset, variant, seed, lr=a.lr,
-                                  steps=steps, batch=batch, overrides=overrides,
-                                  eval_tasks=evals, eval_batch=scale.eval_batch,
-                                  train_on=train_on, checkpoint_dir=ckdir,
-                                  checkpoint_every=a.checkpoint_every)
-                    print(f"{name:18s} {model:15s} {variant:9s} seed {seed}: "
-                          f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
-                          f"evals {r.by_eval} skipped {r.skipped} {r.seconds:.0f}s", flush=True)
-                    # One line per run, appended: shards of a suite (several processes) add to
-                    # the same log, and the report covers every matching run.
-                    with open(log, "a") as f:
-                        f.write(json.dumps(dict(setup, task=repr(task), task_name=name,
-                                                model=model, variant=variant, seed=seed,
-                                                **dataclasses.asdict(r))) + "\n")
+    for p in [] if a.report_only else planned(a, scale, built):
+        if p.checkpoint_dir:
+            adopt_earlier(p.checkpoint_dir, p.identity,
+                          train.config_defaults(p.task, p.model, scale.preset))
+        r = train.run(p.task, p.model, scale.preset, p.variant, p.seed, lr=a.lr, steps=steps,
+                      batch=batch, overrides=overrides, eval_tasks=p.evals,
+                      eval_batch=scale.eval_batch, train_on=train_on,
+                      checkpoint_dir=p.checkpoint_dir, checkpoint_every=a.checkpoint_every)
+        print(f"{p.name:18s} {p.model:15s} {p.variant:9s} seed {p.seed}: "
+              f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
+              f"evals {r.by_eval} skipped {r.skipped} {r.seconds:.0f}s", flush=True)
+        # One line per run, appended: shards of a suite (several processes) add to the same
+        # log, and the report covers every matching run.
+        with open(log, "a") as f:
+            f.write(json.dumps(dict(setup, task=repr(p.task), task_name=p.name, model=p.model,
+                                    variant=p.variant, seed=p.seed,
+                                    **dataclasses.asdict(r))) + "\n")
     write(a, argv, scale, built, setup, log, time.time() - t0)
 
 

@@ -147,7 +147,7 @@ def identity_mismatches(identity: dict, saved: dict, defaults: dict) -> list[str
     return lines
 
 
-def _same_run(identity: dict, directory: str, defaults: dict):
+def same_run(identity: dict, directory: str, defaults: dict):
     """The checkpoint check: a step saved by another run (task, model, variant, seed, budget,
     model config) is refused with the differing fields, before any array is read."""
 
@@ -229,7 +229,7 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         identity = run_identity(task, model, preset, variant, seed, lr, steps, batch,
                                 overrides, train_on, max_skipped)
         found = ckpt.restore({"params": params, "opt": opt}, prog,
-                             check=_same_run(identity, checkpoint_dir,
+                             check=same_run(identity, checkpoint_dir,
                                              config_defaults(task, model, preset)))
         if found is not None:
             start, state = found

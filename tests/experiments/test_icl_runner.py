@@ -178,3 +178,53 @@ def test_a_run_saved_before_a_config_field_existed_resumes_and_a_changed_default
     assert os.path.isdir(changed)
     with pytest.raises(CheckpointMismatchError, match="config.norm_eps: checkpoint"):
         train.run(task, "transformer", "tiny", checkpoint_dir=changed, **kw)
+
+
+def test_needle_distance_is_where_the_needle_sentence_starts():
+    """needle_depth bins each needle by its distance from the end: the tokens that far back
+    are the needle sentence, with this row's value in it."""
+    import numpy as np
+
+    from experiments.icl import needle_depth
+    from experiments.icl.tasks.base import RESERVED
+
+    task = tasks.make("niah_noise", seq_len=512)
+    b = task.sample(np.random.default_rng(0), 16)
+    dist = needle_depth.distances(b.tokens)
+    assert len(set(dist.tolist())) > 8  # the depth varies
+    for row, d, m in zip(b.tokens, dist, b.mask, strict=True):
+        text = bytes((row - RESERVED).astype(np.uint8))
+        value = bytes((row[1:][m] - RESERVED).astype(np.uint8))
+        assert text[len(row) - 1 - d:].startswith(b"The special magic number for ")
+        assert value in text[len(row) - 1 - d:].split(b". ")[0]
+
+
+def test_needle_depth_scores_a_finished_run_and_refuses_an_unfinished_one(tmp_path, monkeypatch,
+                                                                          capsys):
+    """The probe restores the runs the runner trained (same arguments) read-only and writes
+    its table; pointed at a run never trained, or one that has not reached its last step, it
+    stops, saying so."""
+    import dataclasses
+
+    from experiments.icl import needle_depth
+
+    scale = dataclasses.replace(run.SUITES["niah"]["cpu"], steps=2,
+                                tasks={"niah_noise": ("niah_noise", dict(seq_len=160))},
+                                eval_lengths=(320,))
+    monkeypatch.setitem(run.SUITES, "niah", {"cpu": scale})
+    monkeypatch.setattr(run, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(needle_depth, "SEQUENCES", 4)
+    argv = ["niah", "--models", "transformer", "--seeds", "0", "--runs-dir",
+            str(tmp_path / "runs"), "--checkpoint-every", "1", "--out", "icl_t"]
+    run.main(argv)
+    needle_depth.main(argv)
+    table = (tmp_path / "icl_t_depth.md").read_text()
+    assert "| niah_noise | transformer | all | 0 | as trained | T=160 |" in table
+    assert "| T=320 |" in table
+    with pytest.raises(SystemExit, match="no checkpoints for niah_noise/transformer/all seed 0"):
+        needle_depth.main(argv + ["--steps", "3"])  # never trained
+    import shutil
+    (ckdir,) = (tmp_path / "runs" / "icl_t").iterdir()
+    shutil.rmtree(ckdir / "2")  # the run as it was before its last step
+    with pytest.raises(SystemExit, match="at step 1 of 2; finish it first"):
+        needle_depth.main(argv)

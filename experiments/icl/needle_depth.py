@@ -1,0 +1,205 @@
+"""Where a trained needle run fails: accuracy by the needle's distance from the query.
+
+    python -m experiments.icl.needle_depth niah --tasks niah_noise --models hope \\
+        --variants sm_only --seeds 0 1 --set n_heads=1 retention_init=0.9999 \\
+        --train-on both --steps 2400 --runs-dir runs/icl --out icl_niah_2400
+
+Takes the arguments of the ``experiments.icl.run`` command that trained the runs, restores
+each run's final parameters (read-only; a run that has not finished is refused), and scores
+fresh held-out needles at the training length and at every evaluation length, each needle
+binned by its distance from the query (tokens from the needle sentence's start to the end of
+the sequence).  A length-extrapolation failure then reads one of two ways: needles far back
+are lost (the write decays or is overwritten: distance is what matters), or needles are
+lost at every distance once the sequence is long (something that grows with the length of
+the context, such as the coupled memories' drift, is what matters).
+
+Each model is scored as trained and under eval-only probes (``PROBES``): for Hope, the
+coupled memories (M_k, M_v, M_eta, M_alpha, which make the keys, values and gates) slowed
+1000x while M_memory keeps its step bound (``eta_max`` / 1000 with ``memory_eta_scale`` x
+1000, so their product, M_memory's bound, is unchanged): if the coupled memories' drift over
+a long context is what fails, the slowed model extrapolates better.
+
+Writes ``experiments/results/<out>_depth.md`` and ``.png``; the reading, where one exists, is
+``experiments/icl/notes/<out minus icl_>_depth.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import benchlib
+from experiments.icl import run, train
+from nested_jax.models import create
+
+SEQUENCES = 64  # held-out needles per (seed, length, probe): one is 1.6 points
+EVAL_SEED = 20_000  # + seed: other needles than the runner's held-out batches (10_000 + seed)
+EDGES = (0, 256, 512, 1024, 2048, 4096, 8192)  # distance bins, tokens
+NEEDLE_START = b"The special magic "
+
+
+PROBE_NOTE = ("*as trained*; *coupled memories slowed 1000x* (Hope): eta_max / 1000 and "
+              "memory_eta_scale x 1000, so M_k, M_v, M_eta, M_alpha take 1000x smaller steps "
+              "while M_memory's step bound eta_max x memory_eta_scale is unchanged")
+
+
+def probes(model: str, cfg) -> dict:
+    """Probe name -> eval-only config overrides (the first is the model as trained)."""
+    out = {"as trained": {}}
+    if model == "hope" and cfg.eta_max > 0:
+        out["coupled memories slowed 1000x"] = dict(
+            eta_max=cfg.eta_max / 1000, memory_eta_scale=cfg.memory_eta_scale * 1000)
+    return out
+
+
+def restore(p: run.Planned, preset: str, overrides: dict):
+    """(config, graphdef, params, rest) of a finished run's last checkpoint."""
+    from nested_jax.train.checkpoints import Checkpoints
+
+    cfg = train.model_config(p.task, p.model, preset, p.variant, overrides)
+    graphdef, params, rest = nnx.split(create(p.model, cfg, rngs=nnx.Rngs(p.seed)),
+                                       nnx.Param, ...)
+    if p.checkpoint_dir is None or not os.path.isdir(p.checkpoint_dir):
+        raise SystemExit(f"no checkpoints for {p.name}/{p.model}/{p.variant} seed {p.seed} at "
+                         f"{p.checkpoint_dir}: run the training command first (the same "
+                         "arguments, with experiments.icl.run)")
+    ck = Checkpoints(p.checkpoint_dir, read_only=True)
+    try:
+        step = ck.latest_step()
+        if step != p.identity["steps"]:
+            raise SystemExit(f"{p.checkpoint_dir}: the run is at step {step} of "
+                             f"{p.identity['steps']}; finish it first (rerun the training "
+                             "command, which resumes)")
+        defaults = train.config_defaults(p.task, p.model, preset)
+        _, state = ck.restore({"params": params}, partial=True,
+                              check=train.same_run(p.identity, p.checkpoint_dir, defaults))
+    finally:
+        ck.close()
+    return cfg, graphdef, state["params"], rest
+
+
+def distances(tokens: np.ndarray) -> np.ndarray:
+    """[B] tokens from the needle sentence's start to the end of each row."""
+    from experiments.icl.tasks.base import RESERVED
+
+    pattern = np.frombuffer(NEEDLE_START, np.uint8).astype(np.int32) + RESERVED
+    out = []
+    for row in tokens:
+        hits = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(
+            row, len(pattern)) == pattern, axis=1))
+        out.append(len(row) - 1 - hits[0])  # the first hit is the needle, the last the query
+    return np.asarray(out)
+
+
+def score(graph, params, rest, task, seed: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(right [N] bools, distance [N]) on SEQUENCES held-out needles of ``task``."""
+
+    @jax.jit
+    def rows_right(p, x, y, m):
+        logits = nnx.merge(graph, p, rest)(x)
+        return jnp.all((jnp.argmax(logits, -1) == y) | ~m, axis=1)
+
+    rng = np.random.default_rng(EVAL_SEED + seed)
+    right, dist = [], []
+    for _ in range(-(-SEQUENCES // batch)):
+        b = task.sample(rng, batch)
+        right.append(np.asarray(rows_right(params, *map(jnp.asarray, b.arrays()))))
+        dist.append(distances(b.tokens))
+    return np.concatenate(right)[:SEQUENCES], np.concatenate(dist)[:SEQUENCES]
+
+
+def binned(right: np.ndarray, dist: np.ndarray) -> list[tuple[int, float | None]]:
+    """[(count, accuracy or None)] per distance bin of EDGES."""
+    out = []
+    for lo, hi in zip(EDGES[:-1], EDGES[1:], strict=True):
+        sel = (dist >= lo) & (dist < hi)
+        out.append((int(sel.sum()), float(right[sel].mean()) if sel.any() else None))
+    return out
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    a = run.parse(argv)
+    scale = run.SUITES[a.suite][a.scale]
+    task_set = {k: run.literal(v) for k, v in (kv.split("=", 1) for kv in a.task_set)}
+    built = run.build(scale, a.tasks or list(scale.tasks), task_set)
+    t0, rows, curves = time.time(), [], {}
+    batch = scale.eval_batch or 4
+    overrides = run.settings(a, scale)[2]
+    for p in run.planned(a, scale, built):
+        cfg, graph, params, rest = restore(p, scale.preset, overrides)
+        lengths = {f"T={p.task.seq_len}": p.task, **p.evals}
+        for probe, over in probes(p.model, cfg).items():
+            g = graph if not over else nnx.split(
+                create(p.model, cfg.replace(**over), rngs=nnx.Rngs(p.seed)), nnx.Param, ...)[0]
+            for length, task in lengths.items():
+                right, dist = score(g, params, rest, task, p.seed, batch)
+                bins = binned(right, dist)
+                key = (p.name, p.model, p.variant, probe, length)
+                curves.setdefault(key, []).append(bins)
+                rows.append([p.name, p.model, p.variant, p.seed, probe, length,
+                             f"{right.mean():.3f}",
+                             *(f"{acc:.2f} ({n})" if n else "-" for n, acc in bins)])
+                print(*rows[-1], flush=True)
+    stem = a.out or f"icl_{a.suite}"
+    png = os.path.join(run.RESULTS, f"{stem}_depth.png")
+    plot(curves, png)
+    notes = os.path.join(run.HERE, "notes", f"{stem.removeprefix('icl_')}_depth.md")
+    reading = open(notes).read() if os.path.exists(notes) else "(no notes yet)\n"
+    bins = [f"{lo}-{hi}" for lo, hi in zip(EDGES[:-1], EDGES[1:], strict=True)]
+    body = (f"Command: `python -m experiments.icl.needle_depth {shlex.join(argv)}` "
+            f"({(time.time() - t0) / 60:.1f} min)\n\n"
+            f"- the runs trained by `python -m experiments.icl.run` with the same arguments "
+            f"(results `{stem}.md`), restored from their last checkpoint\n"
+            f"- {SEQUENCES} fresh held-out needles per seed, length and probe (generator seed "
+            f"{EVAL_SEED} + seed), scored per sequence (every byte of the value right)\n"
+            "- distance: tokens from the needle sentence's start to the end of the sequence; "
+            "each bin cell is accuracy (needles in the bin)\n"
+            f"- probes (eval-only changes of the trained model): {PROBE_NOTE}\n\n"
+            + benchlib.markdown_table(["task", "model", "variant", "seed", "probe", "length",
+                                       "accuracy", *[f"dist {b}" for b in bins]], rows)
+            + f"\n\n![accuracy by distance]({os.path.basename(png)})\n\n" + reading)
+    benchlib.write_result(os.path.join(run.RESULTS, f"{stem}_depth.md"),
+                          "Needle accuracy by distance", body)
+
+
+def plot(curves: dict, path: str) -> None:
+    """Accuracy against distance, one line per (probe, length), seeds pooled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probes_seen = sorted({k[:4] for k in curves})
+    fig, axes = plt.subplots(1, len(probes_seen), figsize=(5.5 * len(probes_seen), 3.8),
+                             squeeze=False)
+    mids = [np.sqrt(max(lo, 128) * hi) for lo, hi in zip(EDGES[:-1], EDGES[1:], strict=True)]
+    for ax, head in zip(axes.flat, probes_seen, strict=True):
+        for i, (key, per_seed) in enumerate(sorted(curves.items())):
+            if key[:4] != head:
+                continue
+            n = np.sum([[c for c, _ in s] for s in per_seed], 0)
+            hits = np.sum([[c * (acc or 0.0) for c, acc in s] for s in per_seed], 0)
+            xs = [m for m, c in zip(mids, n, strict=True) if c]
+            ys = [h / c for h, c in zip(hits, n, strict=True) if c]
+            ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=key[4])
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("needle distance from the end (tokens)")
+        ax.set_ylabel("accuracy (seeds pooled)")
+        ax.set_title(" / ".join(head), fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
