@@ -59,3 +59,13 @@ def write_result(path: str, title: str, body: str) -> None:
     with open(path, "w") as f:
         f.write(f"# {title}\n\n{machine_header()}\n{body}\n")
     print(f"wrote {path}")
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Lay out, write and close a matplotlib figure (a results PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -195,10 +195,7 @@ def plot(curves: dict, path: str) -> None:
         ax.set_ylabel("accuracy (seeds pooled)")
         ax.set_title(" / ".join(head), fontsize=8)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    benchlib.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -407,10 +407,7 @@ def plot(groups, evals, path, built) -> None:
         ax.legend(fontsize=6, ncol=2)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    benchlib.save_figure(fig, path)
 
 
 if __name__ == "__main__":
