@@ -20,7 +20,10 @@ self-modifying or Titans memories is also scored with those memories frozen at e
 Each run checkpoints every ``--checkpoint-every`` steps under
 ``<--runs-dir>/<stem>/<task>-<model>-<variant>-s<seed>-<setup hash>/``; rerunning the same
 command after an interruption (a signal, the end of a session) resumes every unfinished run
-where it stopped and ends bitwise where an uninterrupted run would (``train.run``).
+where it stopped and ends bitwise where an uninterrupted run would (``train.run``).  A run
+already in the log with the same identity (budget and whole model config) is skipped, so a
+command can be rerun until every run in it is done; one logged under another identity (older
+code defaults) runs again and replaces it in the report.
 """
 
 from __future__ import annotations
@@ -174,9 +177,22 @@ def run_dir(root: str, stem: str, name: str, model: str, variant: str, seed: int
     """One run's checkpoint directory; the hash of its identity (``train.run_identity``: the
     budget and the whole model config) in its name keeps runs of one stem with other budgets,
     overrides or defaults apart, so each resumes only itself."""
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return os.path.abspath(os.path.join(root, stem, f"{name}-{model}-{variant}-s{seed}-"
-                                                    f"{digest[:10]}"))
+                                                    f"{digest(identity)[:10]}"))
+
+
+def digest(identity: dict) -> str:
+    """The hash of one run's identity (``train.run_identity``), kept in its log line too."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def logged(log: str) -> set[str]:
+    """The identity digests of every run in the log (lines written before digests were
+    logged have none: those runs are run again, which resumes them from their checkpoints)."""
+    if not os.path.exists(log):
+        return set()
+    with open(log) as f:
+        return {d for d in (json.loads(line).get("identity") for line in f) if d}
 
 
 def adopt_earlier(path: str, identity: dict, defaults: dict) -> str | None:
@@ -271,8 +287,12 @@ def main(argv=None) -> None:
     setup = dict(preset=scale.preset, steps=steps, batch=batch, lr=a.lr, overrides=overrides)
     if train_on != "target":  # absent from older logs, which all trained on the target
         setup["train_on"] = train_on
-    t0 = time.time()
+    t0, done = time.time(), logged(log)
     for p in [] if a.report_only else planned(a, scale, built):
+        if digest(p.identity) in done:  # the same run (budget and whole config) is logged
+            print(f"{p.name} {p.model} {p.variant} seed {p.seed}: already in "
+                  f"{os.path.basename(log)}, skipped", flush=True)
+            continue
         if p.checkpoint_dir:
             adopt_earlier(p.checkpoint_dir, p.identity,
                           train.config_defaults(p.task, p.model, scale.preset))
@@ -287,7 +307,7 @@ def main(argv=None) -> None:
         # log, and the report covers every matching run.
         with open(log, "a") as f:
             f.write(json.dumps(dict(setup, task=repr(p.task), task_name=p.name, model=p.model,
-                                    variant=p.variant, seed=p.seed,
+                                    variant=p.variant, seed=p.seed, identity=digest(p.identity),
                                     **dataclasses.asdict(r))) + "\n")
     write(a, argv, scale, built, setup, log, time.time() - t0)
 

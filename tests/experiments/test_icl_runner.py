@@ -228,3 +228,35 @@ def test_needle_depth_scores_a_finished_run_and_refuses_an_unfinished_one(tmp_pa
     shutil.rmtree(ckdir / "2")  # the run as it was before its last step
     with pytest.raises(SystemExit, match="at step 1 of 2; finish it first"):
         needle_depth.main(argv)
+
+
+def test_a_logged_run_is_skipped_and_one_logged_under_other_defaults_runs_again(
+        tmp_path, monkeypatch):
+    """Rerunning a command trains only what its log lacks: a run logged with the same identity
+    (budget and whole model config) is skipped; after a default changes, the same command
+    trains it again under the new identity."""
+    import dataclasses
+    import json
+
+    scale = dataclasses.replace(run.SUITES["mqar"]["cpu"], steps=2, batch=4, tasks={
+        "mqar": ("mqar", dict(n_pairs=4, seq_len=32, vocab=32))})
+    monkeypatch.setitem(run.SUITES, "mqar", {"cpu": scale})
+    monkeypatch.setattr(run, "RESULTS", str(tmp_path))
+    argv = ["mqar", "--models", "transformer", "--seeds", "0", "--checkpoint-every", "0",
+            "--out", "icl_t"]
+    run.main(argv)
+    real = train.run
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a logged run was trained again")
+
+    monkeypatch.setattr(train, "run", must_not_train)
+    run.main(argv)
+    log = tmp_path / "icl_t_runs.jsonl"
+    assert len(log.read_text().splitlines()) == 1
+    monkeypatch.setattr(train, "run", real)
+    older = train.run_identity
+    monkeypatch.setattr(train, "run_identity", lambda *a, **k: dict(older(*a, **k), new=1))
+    run.main(argv)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["identity"] != lines[1]["identity"]
