@@ -1,4 +1,5 @@
-"""Where a trained needle run fails: accuracy by the needle's distance from the query.
+"""Where a trained needle run fails: accuracy by the needle's distance from the query and by
+its position in the sequence.
 
     python -m experiments.icl.needle_depth niah --tasks niah_noise --models hope \\
         --variants sm_only --seeds 0 1 --set n_heads=1 retention_init=0.9999 \\
@@ -8,16 +9,18 @@ Takes the arguments of the ``experiments.icl.run`` command that trained the runs
 each run's final parameters (read-only; a run that has not finished is refused), and scores
 fresh held-out needles at the training length and at every evaluation length, each needle
 binned by its distance from the query (tokens from the needle sentence's start to the end of
-the sequence).  A length-extrapolation failure then reads one of two ways: needles far back
-are lost (the write decays or is overwritten: distance is what matters), or needles are
-lost at every distance once the sequence is long (something that grows with the length of
-the context, such as the coupled memories' drift, is what matters).
+the sequence) and by its position (its first token's index).  A length-extrapolation failure
+then reads one of two ways: needles far back are lost (the write decays or is overwritten:
+distance is what matters, and the curves of every length fall together against distance), or
+needles written late in a long sequence are lost (what the context has done to the memories
+by then is what matters, and the curves fall together against position).
 
-Each model is scored as trained and under eval-only probes (``PROBES``): for Hope, the
+Each model is scored as trained and under eval-only probes (``probes``): for Hope, the
 coupled memories (M_k, M_v, M_eta, M_alpha, which make the keys, values and gates) slowed
 1000x while M_memory keeps its step bound (``eta_max`` / 1000 with ``memory_eta_scale`` x
-1000, so their product, M_memory's bound, is unchanged): if the coupled memories' drift over
-a long context is what fails, the slowed model extrapolates better.
+1000, so their product, M_memory's bound, is unchanged), and M_memory frozen while the coupled
+memories learn (``memory_eta_scale`` = 0): which of the two in-context learners the retrieval
+needs.
 
 Writes ``experiments/results/<out>_depth.md`` and ``.png``; the reading, where one exists, is
 ``experiments/icl/notes/<out minus icl_>_depth.md``.
@@ -41,13 +44,14 @@ from nested_jax.models import create
 
 SEQUENCES = 64  # held-out needles per (seed, length, probe): one is 1.6 points
 EVAL_SEED = 20_000  # + seed: other needles than the runner's held-out batches (10_000 + seed)
-EDGES = (0, 256, 512, 1024, 2048, 4096, 8192)  # distance bins, tokens
+EDGES = (0, 256, 512, 1024, 2048, 4096, 8192)  # distance and position bins, tokens
 NEEDLE_START = b"The special magic "
 
 
 PROBE_NOTE = ("*as trained*; *coupled memories slowed 1000x* (Hope): eta_max / 1000 and "
               "memory_eta_scale x 1000, so M_k, M_v, M_eta, M_alpha take 1000x smaller steps "
-              "while M_memory's step bound eta_max x memory_eta_scale is unchanged")
+              "while M_memory's step bound eta_max x memory_eta_scale is unchanged; *M_memory "
+              "frozen* (Hope): memory_eta_scale = 0, the coupled memories still learning")
 
 
 def probes(model: str, cfg) -> dict:
@@ -56,6 +60,7 @@ def probes(model: str, cfg) -> dict:
     if model == "hope" and cfg.eta_max > 0:
         out["coupled memories slowed 1000x"] = dict(
             eta_max=cfg.eta_max / 1000, memory_eta_scale=cfg.memory_eta_scale * 1000)
+        out["M_memory frozen"] = dict(memory_eta_scale=0.0)
     return out
 
 
@@ -115,13 +120,17 @@ def score(graph, params, rest, task, seed: int, batch: int) -> tuple[np.ndarray,
     return np.concatenate(right)[:SEQUENCES], np.concatenate(dist)[:SEQUENCES]
 
 
-def binned(right: np.ndarray, dist: np.ndarray) -> list[tuple[int, float | None]]:
-    """[(count, accuracy or None)] per distance bin of EDGES."""
+def binned(right: np.ndarray, where: np.ndarray) -> list[tuple[int, float | None]]:
+    """[(count, accuracy or None)] per bin of EDGES of ``where`` (distance or position)."""
     out = []
     for lo, hi in zip(EDGES[:-1], EDGES[1:], strict=True):
-        sel = (dist >= lo) & (dist < hi)
+        sel = (where >= lo) & (where < hi)
         out.append((int(sel.sum()), float(right[sel].mean()) if sel.any() else None))
     return out
+
+
+def cells(right: np.ndarray, where: np.ndarray) -> list[str]:
+    return [f"{acc:.2f} ({n})" if n else "-" for n, acc in binned(right, where)]
 
 
 def main(argv=None) -> None:
@@ -130,7 +139,7 @@ def main(argv=None) -> None:
     scale = run.SUITES[a.suite][a.scale]
     task_set = {k: run.literal(v) for k, v in (kv.split("=", 1) for kv in a.task_set)}
     built = run.build(scale, a.tasks or list(scale.tasks), task_set)
-    t0, rows, curves = time.time(), [], {}
+    t0, rows, curves = time.time(), {"distance": [], "position": []}, {}
     batch = scale.eval_batch or 4
     overrides = run.settings(a, scale)[2]
     for p in run.planned(a, scale, built):
@@ -141,13 +150,13 @@ def main(argv=None) -> None:
                 create(p.model, cfg.replace(**over), rngs=nnx.Rngs(p.seed)), nnx.Param, ...)[0]
             for length, task in lengths.items():
                 right, dist = score(g, params, rest, task, p.seed, batch)
-                bins = binned(right, dist)
+                where = {"distance": dist, "position": task.seq_len - dist}
                 key = (p.name, p.model, p.variant, probe, length)
-                curves.setdefault(key, []).append(bins)
-                rows.append([p.name, p.model, p.variant, p.seed, probe, length,
-                             f"{right.mean():.3f}",
-                             *(f"{acc:.2f} ({n})" if n else "-" for n, acc in bins)])
-                print(*rows[-1], flush=True)
+                curves.setdefault(key, []).append((right, where))
+                for by, rows_by in rows.items():
+                    rows_by.append([p.name, p.model, p.variant, p.seed, probe, length,
+                                    f"{right.mean():.3f}", *cells(right, where[by])])
+                print(*rows["distance"][-1], flush=True)
     stem = a.out or f"icl_{a.suite}"
     png = os.path.join(run.RESULTS, f"{stem}_depth.png")
     plot(curves, png)
@@ -160,41 +169,45 @@ def main(argv=None) -> None:
             f"(results `{stem}.md`), restored from their last checkpoint\n"
             f"- {SEQUENCES} fresh held-out needles per seed, length and probe (generator seed "
             f"{EVAL_SEED} + seed), scored per sequence (every byte of the value right)\n"
-            "- distance: tokens from the needle sentence's start to the end of the sequence; "
-            "each bin cell is accuracy (needles in the bin)\n"
+            "- *distance*: tokens from the needle sentence's start to the end of the sequence; "
+            "*position*: the needle sentence's first token (length - distance); each bin cell is "
+            "accuracy (needles in the bin)\n"
             f"- probes (eval-only changes of the trained model): {PROBE_NOTE}\n\n"
-            + benchlib.markdown_table(["task", "model", "variant", "seed", "probe", "length",
-                                       "accuracy", *[f"dist {b}" for b in bins]], rows)
-            + f"\n\n![accuracy by distance]({os.path.basename(png)})\n\n" + reading)
+            + "".join(f"### By {by}\n\n" + benchlib.markdown_table(
+                ["task", "model", "variant", "seed", "probe", "length", "accuracy",
+                 *[f"{by[:3]} {b}" for b in bins]], rows_by) + "\n\n"
+                for by, rows_by in rows.items())
+            + f"![accuracy by distance and position]({os.path.basename(png)})\n\n" + reading)
     benchlib.write_result(os.path.join(run.RESULTS, f"{stem}_depth.md"),
-                          "Needle accuracy by distance", body)
+                          "Needle accuracy by distance and position", body)
 
 
 def plot(curves: dict, path: str) -> None:
-    """Accuracy against distance, one line per (probe, length), seeds pooled."""
+    """Accuracy against distance and against position, one line per length, seeds pooled;
+    a row of the two panels per probe."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    probes_seen = sorted({k[:4] for k in curves})
-    fig, axes = plt.subplots(1, len(probes_seen), figsize=(5.5 * len(probes_seen), 3.8),
-                             squeeze=False)
+    heads = sorted({k[:4] for k in curves})
+    fig, axes = plt.subplots(len(heads), 2, figsize=(11, 3.6 * len(heads)), squeeze=False)
     mids = [np.sqrt(max(lo, 128) * hi) for lo, hi in zip(EDGES[:-1], EDGES[1:], strict=True)]
-    for ax, head in zip(axes.flat, probes_seen, strict=True):
-        for i, (key, per_seed) in enumerate(sorted(curves.items())):
-            if key[:4] != head:
-                continue
-            n = np.sum([[c for c, _ in s] for s in per_seed], 0)
-            hits = np.sum([[c * (acc or 0.0) for c, acc in s] for s in per_seed], 0)
-            xs = [m for m, c in zip(mids, n, strict=True) if c]
-            ys = [h / c for h, c in zip(hits, n, strict=True) if c]
-            ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=key[4])
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("needle distance from the end (tokens)")
-        ax.set_ylabel("accuracy (seeds pooled)")
-        ax.set_title(" / ".join(head), fontsize=8)
-        ax.legend(fontsize=7)
+    for row, head in zip(axes, heads, strict=True):
+        for ax, by in zip(row, ("distance", "position"), strict=True):
+            for i, (key, per_seed) in enumerate(sorted(curves.items())):
+                if key[:4] != head:
+                    continue
+                right = np.concatenate([r for r, _ in per_seed])
+                bins = binned(right, np.concatenate([w[by] for _, w in per_seed]))
+                xs = [m for m, (n, _) in zip(mids, bins, strict=True) if n]
+                ax.plot(xs, [acc for n, acc in bins if n], marker="o", color=f"C{i % 10}",
+                        label=key[4])
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_xlabel(f"needle {by} (tokens)")
+            ax.set_ylabel("accuracy (seeds pooled)")
+            ax.set_title(" / ".join(head), fontsize=8)
+            ax.legend(fontsize=7)
     benchlib.save_figure(fig, path)
 
 
