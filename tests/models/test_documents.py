@@ -148,6 +148,9 @@ def test_unaligned_document_start_is_an_error():
         model(jnp.zeros((1, 16), jnp.int32), segment_ids=jnp.asarray(seg[:, :8]))
 
 
+# Four float64 compiles of HopeLM's gradient (~2 min): the default suite keeps the forward per
+# model (above) and the engine's gradient through resets (tests/memory/test_resets.py).
+@pytest.mark.slow
 def test_packed_loss_and_gradients_equal_documents_alone(x64):
     """train/step.next_token_loss with segment ids: the packed row's loss is the token-weighted
     mean of its documents' losses run alone (no prediction across a document or of padding), and
