@@ -22,12 +22,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # cache shared by the xdist workers, and by the CLI and resume tests' subprocesses (hence
 # environment variables, not jax.config), compiles each once per run: about 10% off one model
 # test file on an empty cache, and more on a rerun.  The key covers the program, the flags and
-# the jax/XLA versions, so a stale entry is never used; the cap keeps the directory bounded.
+# the jax/XLA versions, so a stale entry is never used.  No size cap: jax's cap needs the
+# filelock package, and without it every read fails with a warning (the cache is then off).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "nested_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
