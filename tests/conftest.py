@@ -2,11 +2,10 @@
 
 8 simulated CPU devices for sharding tests; rank promotion raises; float64 is
 enabled only inside tests that ask for it via the ``x64`` fixture; XLA's CPU backend
-compiles without LLVM optimisation, and compiled programs are cached on disk.
+compiles without LLVM optimisation.
 """
 
 import os
-import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -18,16 +17,6 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Many tests compile the same small programs (the same tiny model, shapes and flags): a disk
-# cache shared by the xdist workers, and by the CLI and resume tests' subprocesses (hence
-# environment variables, not jax.config), compiles each once per run: about 10% off one model
-# test file on an empty cache, and more on a rerun.  The key covers the program, the flags and
-# the jax/XLA versions, so a stale entry is never used.  No size cap: jax's cap needs the
-# filelock package, and without it every read fails with a warning (the cache is then off).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "nested_jax_test_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
