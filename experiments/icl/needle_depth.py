@@ -137,8 +137,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     a = run.parse(argv)
     scale = run.SUITES[a.suite][a.scale]
-    task_set = {k: run.literal(v) for k, v in (kv.split("=", 1) for kv in a.task_set)}
-    built = run.build(scale, a.tasks or list(scale.tasks), task_set)
+    built = run.command_tasks(a, scale)
     t0, rows, curves = time.time(), {"distance": [], "position": []}, {}
     batch = scale.eval_batch or 4
     overrides = run.settings(a, scale)[2]

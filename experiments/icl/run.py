@@ -172,6 +172,12 @@ def build(scale: Scale, names, task_set: dict | None = None):
     return out
 
 
+def command_tasks(a, scale: Scale) -> dict:
+    """``build`` for a parsed command: its tasks (default every task) with its --task-set."""
+    task_set = {k: literal(v) for k, v in (kv.split("=", 1) for kv in a.task_set)}
+    return build(scale, a.tasks or list(scale.tasks), task_set)
+
+
 def run_dir(root: str, stem: str, name: str, model: str, variant: str, seed: int,
             identity: dict) -> str:
     """One run's checkpoint directory; the hash of its identity (``train.run_identity``: the
@@ -279,9 +285,7 @@ def main(argv=None) -> None:
     a = parse(argv)
     scale = SUITES[a.suite][a.scale]
     steps, batch, overrides, train_on = settings(a, scale)
-    names = a.tasks or list(scale.tasks)
-    task_set = {k: literal(v) for k, v in (kv.split("=", 1) for kv in a.task_set)}
-    built = build(scale, names, task_set)  # a bad task or length fails here, before any training
+    built = command_tasks(a, scale)  # a bad task or length fails here, before any training
     stem = a.out or f"icl_{a.suite}"
     log = os.path.join(RESULTS, f"{stem}_runs.jsonl")
     setup = dict(preset=scale.preset, steps=steps, batch=batch, lr=a.lr, overrides=overrides)
