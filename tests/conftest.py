@@ -7,6 +7,8 @@ compiles without LLVM optimisation.
 
 import os
 
+from tests.subprocess_env import FAST_COMPILE
+
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
@@ -14,8 +16,9 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # compile-heavy test (tests/models/test_hope.py::test_causality 57 -> 31 s, one core).  It
 # changes code generation only: XLA's CPU fast-math stays off, so every tolerance still holds
 # and a bitwise comparison compares programs built with the same flags.
+# Subprocesses get the same flag (tests/subprocess_env.py).
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

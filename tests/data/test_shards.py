@@ -402,11 +402,12 @@ def test_ctrl_c_leaves_no_partial_shards(tmp_path, monkeypatch, caplog):
 def test_two_jax_processes_train_each_on_its_own_shards(tmp_path):
     """Process p trains from a copy of the shards in which the other process's shard files are
     garbage: opening one fails the run, so a clean run shows that no process opened them."""
-    import os
     import shutil
     import socket
     import subprocess
     import sys
+
+    from tests.subprocess_env import cpu_env
 
     _prepare(_corpus(tmp_path / "data", n=120), tmp_path / "shards")
     for p in (0, 1):
@@ -416,7 +417,7 @@ def test_two_jax_processes_train_each_on_its_own_shards(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = cpu_env(devices=1)
     procs = [subprocess.Popen(
         [sys.executable, "-m", "nested_jax.cli", "train", "--workdir", str(tmp_path / "run"),
          "--data", str(tmp_path / f"p{p}"), "--model", "transformer", "--preset", "tiny",

@@ -1,12 +1,13 @@
 """A 2-process `jax.distributed` CPU run: each process reads its shard, one checkpoint."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
 import pytest
+
+from tests.subprocess_env import cpu_env
 
 from .conftest import write_corpus
 
@@ -22,8 +23,7 @@ def test_two_process_cpu_run(tmp_path):
     data = write_corpus(tmp_path / "data")
     workdir = tmp_path / "run"
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = cpu_env(devices=2)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "nested_jax.cli", "train", "--workdir", str(workdir),

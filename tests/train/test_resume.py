@@ -7,7 +7,6 @@ every step; the resumed loss curve must equal the uninterrupted one bitwise.
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -16,16 +15,15 @@ import time
 
 import pytest
 
+from tests.subprocess_env import cpu_env
+
 from .conftest import write_corpus
 
 REF_STEPS = 40
 
 
 def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env.pop("PYTEST_CURRENT_TEST", None)
-    return env
+    return cpu_env(devices=1)
 
 
 def _args(data, workdir, steps):
