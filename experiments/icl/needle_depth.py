@@ -22,12 +22,20 @@ coupled memories (M_k, M_v, M_eta, M_alpha, which make the keys, values and gate
 memories learn (``memory_eta_scale`` = 0): which of the two in-context learners the retrieval
 needs.
 
+For Hope it also traces the gates that the coupled memories make (``gate_table``): the retention
+alpha (shared by the five memories' updates) and the step eta (M_memory's is
+``memory_eta_scale`` times it), per layer, at the longest
+evaluation length, by position and split into the tokens before and after each row's needle,
+and eta on the needle sentence against the noise just before it: how the context has moved the
+gates by the time a late needle is written.
+
 Writes ``experiments/results/<out>_depth.md`` and ``.png``; the reading, where one exists, is
 ``experiments/icl/notes/<out minus icl_>_depth.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
@@ -133,12 +141,87 @@ def cells(right: np.ndarray, where: np.ndarray) -> list[str]:
     return [f"{acc:.2f} ({n})" if n else "-" for n, acc in binned(right, where)]
 
 
+GATE_ROWS = 16  # needles per seed in the gate trace (at the longest length)
+NEEDLE_SPAN = 40  # tokens of the needle sentence whose eta is compared with the noise before it
+
+
+@contextlib.contextmanager
+def recording_coupled_outputs():
+    """Yield a list that collects (q, k, v, Gates) of every self-modifying layer the model runs
+    (one entry per layer, in order) while the context is open: a read-only probe that wraps
+    ``SelfModifyingTitans._scan_coupled``, so the model's own code path makes the gates."""
+    from nested_jax.models import self_modifying as smod
+
+    cls, record = smod.SelfModifyingTitans, []
+    original = cls._scan_coupled
+
+    def wrapped(self, state, xs):
+        state, outs = original(self, state, xs)
+        record.append(outs)
+        return state, outs
+
+    cls._scan_coupled = wrapped
+    try:
+        yield record
+    finally:
+        cls._scan_coupled = original
+
+
+def gate_trace(graph, params, rest, task, seed: int, batch: int):
+    """(alpha [L, N, T], eta [L, N, T], needle position [N]) on GATE_ROWS held-out needles of
+    ``task`` (head 0 of each layer; the runs traced here have one head)."""
+
+    @jax.jit
+    def gates(p, x):
+        with recording_coupled_outputs() as record:
+            nnx.merge(graph, p, rest)(x)
+        return ([g.alpha[:, :x.shape[1], 0] for _, _, _, g in record],
+                [g.eta[:, :x.shape[1], 0] for _, _, _, g in record])
+
+    rng = np.random.default_rng(EVAL_SEED + seed)
+    alpha, eta, pos = [], [], []
+    for _ in range(-(-GATE_ROWS // batch)):
+        b = task.sample(rng, batch)
+        a_l, e_l = gates(params, jnp.asarray(b.arrays()[0]))
+        alpha.append(np.stack(a_l))
+        eta.append(np.stack(e_l))
+        pos.append(task.seq_len - distances(b.tokens))
+    return (np.concatenate(alpha, 1)[:, :GATE_ROWS], np.concatenate(eta, 1)[:, :GATE_ROWS],
+            np.concatenate(pos)[:GATE_ROWS])
+
+
+def gate_rows(alpha, eta, pos, label: list) -> list[list]:
+    """Rows of the gate table: per layer, 1 - alpha (mean) and eta (mean) per position bin over
+    the tokens before each row's needle and over those after it, and eta on the needle sentence
+    over eta on the 200 noise tokens before it, for needles written in the first 1K tokens and
+    after 2K."""
+    L, N, T = alpha.shape
+    t = np.arange(T)[None, :]
+    before, after = t < pos[:, None], t >= pos[:, None] + NEEDLE_SPAN
+    out = []
+    for layer in range(L):
+        a, e = 1.0 - alpha[layer], eta[layer]
+        cells = []
+        for lo, hi in zip(EDGES[:-1], EDGES[1:], strict=True):
+            in_bin = (t >= lo) & (t < hi)
+            for side in (before, after):
+                sel = np.broadcast_to(in_bin, side.shape) & side
+                cells.append(f"{a[sel].mean():.1e} / {e[sel].mean():.1e}" if sel.any() else "-")
+        ratio = []
+        for sel in (pos < 1024, pos >= 2048):
+            r = [e[i, pos[i]:pos[i] + NEEDLE_SPAN].max() / e[i, max(pos[i] - 200, 0):pos[i]].mean()
+                 for i in np.flatnonzero(sel) if pos[i] > 0]
+            ratio.append(f"{np.mean(r):.1f} ({len(r)})" if r else "-")
+        out.append([*label, layer, *cells, *ratio])
+    return out
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     a = run.parse(argv)
     scale = run.SUITES[a.suite][a.scale]
     built = run.command_tasks(a, scale)
-    t0, rows, curves = time.time(), {"distance": [], "position": []}, {}
+    t0, rows, curves, gates = time.time(), {"distance": [], "position": []}, {}, []
     batch = scale.eval_batch or 4
     overrides = run.settings(a, scale)[2]
     for p in run.planned(a, scale, built):
@@ -156,6 +239,11 @@ def main(argv=None) -> None:
                     rows_by.append([p.name, p.model, p.variant, p.seed, probe, length,
                                     f"{right.mean():.3f}", *cells(right, where[by])])
                 print(*rows["distance"][-1], flush=True)
+        if p.model == "hope" and cfg.eta_max > 0:
+            longest = max(lengths.values(), key=lambda t: t.seq_len)
+            gates += gate_rows(*gate_trace(graph, params, rest, longest, p.seed, batch),
+                               [p.name, p.model, p.variant, p.seed, f"T={longest.seq_len}"])
+            print(*gates[-1], flush=True)
     stem = a.out or f"icl_{a.suite}"
     png = os.path.join(run.RESULTS, f"{stem}_depth.png")
     plot(curves, png)
@@ -176,9 +264,27 @@ def main(argv=None) -> None:
                 ["task", "model", "variant", "seed", "probe", "length", "accuracy",
                  *[f"{by[:3]} {b}" for b in bins]], rows_by) + "\n\n"
                 for by, rows_by in rows.items())
+            + (gate_section(gates, bins) if gates else "")
             + f"![accuracy by distance and position]({os.path.basename(png)})\n\n" + reading)
     benchlib.write_result(os.path.join(run.RESULTS, f"{stem}_depth.md"),
                           "Needle accuracy by distance and position", body)
+
+
+def gate_section(gates: list, bins: list) -> str:
+    head = ["task", "model", "variant", "seed", "length", "layer"]
+    for b in bins:
+        head += [f"pos {b} before", f"pos {b} after"]
+    head += ["eta needle / noise, needle in 0-1K", "needle after 2K"]
+    return ("### Gates by position (as trained)\n\n"
+            f"{GATE_ROWS} fresh needles per seed at the longest length, head 0 of each layer. A "
+            "position cell is `1 - alpha / eta`, each the mean over that bin's tokens that come "
+            "*before* each row's needle, or *after* it (from the needle sentence's "
+            f"{NEEDLE_SPAN}th token on). alpha is the retention the coupled memories make for "
+            "every memory's update (1 - alpha: the fraction of M_memory forgotten per token); "
+            "eta is the step the coupled memories make (M_memory's is memory_eta_scale times "
+            "it). The last two columns: the largest eta on the needle "
+            f"sentence's first {NEEDLE_SPAN} tokens over the mean eta on the 200 tokens before "
+            "it (rows)\n\n" + benchlib.markdown_table(head, gates) + "\n\n")
 
 
 def plot(curves: dict, path: str) -> None:

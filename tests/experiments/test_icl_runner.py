@@ -2,9 +2,12 @@
 
 import os
 
+import numpy as np
 import pytest
+from flax import nnx
 
 from experiments.icl import run, tasks, train
+from nested_jax.models import create
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -228,6 +231,46 @@ def test_needle_depth_scores_a_finished_run_and_refuses_an_unfinished_one(tmp_pa
     shutil.rmtree(ckdir / "2")  # the run as it was before its last step
     with pytest.raises(SystemExit, match="at step 1 of 2; finish it first"):
         needle_depth.main(argv)
+
+
+def test_gate_rows_split_each_row_at_its_needle():
+    """The gate table's cells average over the tokens before / after each row's own needle,
+    and the needle ratio is eta's peak on the needle sentence over the noise before it."""
+    from experiments.icl import needle_depth as nd
+
+    T, span = 4096, nd.NEEDLE_SPAN
+    pos = np.array([300, 3000])
+    alpha, eta = np.ones((1, 2, T)), np.full((1, 2, T), 0.01)
+    for i, p in enumerate(pos):
+        alpha[0, i, p + span:] = 0.5  # forgets after its needle only
+        eta[0, i, p:p + span] = 0.04 if p < 1024 else 0.02
+    (row,) = nd.gate_rows(alpha, eta, pos, ["t"])
+    names = [f"{lo}-{side}" for lo in nd.EDGES[:-1] for side in ("before", "after")]
+    cells = dict(zip(names, row[2:-2], strict=True))
+    assert cells["0-before"] == "0.0e+00 / 1.0e-02"  # both rows' first 256 tokens
+    assert cells["256-before"] == "0.0e+00 / 1.0e-02"
+    assert cells["256-after"].startswith("5.0e-01 / ")  # row 0 after its needle
+    assert cells["2048-before"] == "0.0e+00 / 1.0e-02" and cells["4096-before"] == "-"
+    assert row[-2:] == ["4.0 (1)", "2.0 (1)"]
+
+
+def test_gate_trace_records_each_layer_and_restores_the_model(monkeypatch):
+    """The recorded gates are the model's own (a retention in (0, 1], a step in [0, eta_max]),
+    one per layer and row, and the probe leaves the model's method as it found it."""
+    from experiments.icl import needle_depth as nd
+    from experiments.icl.tasks import NeedleNoise
+    from nested_jax.models import self_modifying as smod
+
+    monkeypatch.setattr(nd, "GATE_ROWS", 3)
+    original = smod.SelfModifyingTitans._scan_coupled
+    task = NeedleNoise(seq_len=160)
+    cfg = train.model_config(task, "hope", "tiny", "sm_only", {"max_seq_len": 160})
+    graph, params, rest = nnx.split(create("hope", cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    alpha, eta, pos = nd.gate_trace(graph, params, rest, task, seed=0, batch=2)
+    assert alpha.shape == eta.shape == (cfg.n_layers, 3, 160) and pos.shape == (3,)
+    assert np.all((alpha > 0) & (alpha <= 1)) and np.all((eta >= 0) & (eta <= cfg.eta_max))
+    assert np.all((pos >= 0) & (pos + nd.NEEDLE_SPAN <= 160))
+    assert smod.SelfModifyingTitans._scan_coupled is original
 
 
 def test_a_logged_run_is_skipped_and_one_logged_under_other_defaults_runs_again(
