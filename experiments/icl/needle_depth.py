@@ -22,11 +22,11 @@ coupled memories (M_k, M_v, M_eta, M_alpha, which make the keys, values and gate
 memories learn (``memory_eta_scale`` = 0): which of the two in-context learners the retrieval
 needs.
 
-For Hope it also traces the gates that the coupled memories make (``gate_table``): the retention
+For Hope it also traces the gates that the coupled memories make (``gate_rows``): the retention
 alpha (shared by the five memories' updates) and the step eta (M_memory's is
-``memory_eta_scale`` times it), per layer, at the longest
-evaluation length, by position and split into the tokens before and after each row's needle,
-and eta on the needle sentence against the noise just before it: how the context has moved the
+``memory_eta_scale`` times it), per layer, at the longest evaluation length, by position, over
+the tokens before each row's needle and after a needle written in the first 1K tokens, and eta
+on the needle sentence against the noise just before it: how the context has moved the
 gates by the time a late needle is written.
 
 Writes ``experiments/results/<out>_depth.md`` and ``.png``; the reading, where one exists, is
@@ -192,12 +192,16 @@ def gate_trace(graph, params, rest, task, seed: int, batch: int):
 
 def gate_rows(alpha, eta, pos, label: list) -> list[list]:
     """Rows of the gate table: per layer, 1 - alpha (mean) and eta (mean) per position bin over
-    the tokens before each row's needle and over those after it, and eta on the needle sentence
+    the tokens before each row's needle and over those after it in rows whose needle came in
+    the first 1K tokens, and eta on the needle sentence
     over eta on the 200 noise tokens before it, for needles written in the first 1K tokens and
     after 2K."""
     L, N, T = alpha.shape
     t = np.arange(T)[None, :]
-    before, after = t < pos[:, None], t >= pos[:, None] + NEEDLE_SPAN
+    # "after": only rows whose needle came in the first 1K tokens (the ones retrieved at every
+    # length), so that before / after contrasts a context with and without a needle stored.
+    before = t < pos[:, None]
+    after = (t >= pos[:, None] + NEEDLE_SPAN) & (pos[:, None] < 1024)
     out = []
     for layer in range(L):
         a, e = 1.0 - alpha[layer], eta[layer]
@@ -279,11 +283,12 @@ def gate_section(gates: list, bins: list) -> str:
             f"{GATE_ROWS} fresh needles per seed at the longest length, head 0 of each layer. A "
             "position cell is `1 - alpha / eta`, each the mean over that bin's tokens that come "
             "*before* each row's needle, or *after* it (from the needle sentence's "
-            f"{NEEDLE_SPAN}th token on). alpha is the retention the coupled memories make for "
-            "every memory's update (1 - alpha: the fraction of M_memory forgotten per token); "
-            "eta is the step the coupled memories make (M_memory's is memory_eta_scale times "
-            "it). The last two columns: the largest eta on the needle "
-            f"sentence's first {NEEDLE_SPAN} tokens over the mean eta on the 200 tokens before "
+            f"{NEEDLE_SPAN}th token on) in the rows whose needle starts in the first 1K "
+            "tokens. alpha is the retention the coupled memories make for every memory's "
+            "update (1 - alpha: the fraction of M_memory forgotten per token); eta is the step "
+            "the coupled memories make (M_memory's is memory_eta_scale times it). The last two "
+            f"columns: the largest eta on the needle sentence's first {NEEDLE_SPAN} tokens over "
+            "the mean eta on the 200 tokens before "
             "it (rows)\n\n" + benchlib.markdown_table(head, gates) + "\n\n")
 
 

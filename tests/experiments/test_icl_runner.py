@@ -234,15 +234,15 @@ def test_needle_depth_scores_a_finished_run_and_refuses_an_unfinished_one(tmp_pa
 
 
 def test_gate_rows_split_each_row_at_its_needle():
-    """The gate table's cells average over the tokens before / after each row's own needle,
-    and the needle ratio is eta's peak on the needle sentence over the noise before it."""
+    """The gate table's cells average over the tokens before each row's own needle and after
+    it in the rows whose needle came in the first 1K tokens, and the needle ratio is eta's peak on the needle sentence over the noise before it."""
     from experiments.icl import needle_depth as nd
 
     T, span = 4096, nd.NEEDLE_SPAN
     pos = np.array([300, 3000])
     alpha, eta = np.ones((1, 2, T)), np.full((1, 2, T), 0.01)
     for i, p in enumerate(pos):
-        alpha[0, i, p + span:] = 0.5  # forgets after its needle only
+        alpha[0, i, p + span:] = 0.5 if p < 1024 else 0.25  # forgets after its needle only
         eta[0, i, p:p + span] = 0.04 if p < 1024 else 0.02
     (row,) = nd.gate_rows(alpha, eta, pos, ["t"])
     names = [f"{lo}-{side}" for lo in nd.EDGES[:-1] for side in ("before", "after")]
@@ -251,6 +251,7 @@ def test_gate_rows_split_each_row_at_its_needle():
     assert cells["256-before"] == "0.0e+00 / 1.0e-02"
     assert cells["256-after"].startswith("5.0e-01 / ")  # row 0 after its needle
     assert cells["2048-before"] == "0.0e+00 / 1.0e-02" and cells["4096-before"] == "-"
+    assert cells["2048-after"] == "5.0e-01 / 1.0e-02"  # row 1's own after (0.25) is left out
     assert row[-2:] == ["4.0 (1)", "2.0 (1)"]
 
 
