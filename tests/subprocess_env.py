@@ -7,9 +7,8 @@ import os
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
-def cpu_env(devices: int = 1, **extra: str) -> dict:
+def cpu_env(devices: int = 1) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-               **extra)
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
     env.pop("PYTEST_CURRENT_TEST", None)
     return env

@@ -143,6 +143,8 @@ def cells(right: np.ndarray, where: np.ndarray) -> list[str]:
 
 GATE_ROWS = 16  # needles per seed in the gate trace (at the longest length)
 NEEDLE_SPAN = 40  # tokens of the needle sentence whose eta is compared with the noise before it
+NOISE_SPAN = 200  # tokens of noise before the needle that eta on the needle is compared with
+EARLY, LATE = 1024, 2048  # needles written in the first 1K tokens (the training length), after 2K
 
 
 @contextlib.contextmanager
@@ -191,17 +193,15 @@ def gate_trace(graph, params, rest, task, seed: int, batch: int):
 
 
 def gate_rows(alpha, eta, pos, label: list) -> list[list]:
-    """Rows of the gate table: per layer, 1 - alpha (mean) and eta (mean) per position bin over
-    the tokens before each row's needle and over those after it in rows whose needle came in
-    the first 1K tokens, and eta on the needle sentence
-    over eta on the 200 noise tokens before it, for needles written in the first 1K tokens and
-    after 2K."""
+    """Rows of the gate table, per layer: 1 - alpha and eta (means) per position bin, over the
+    tokens before each row's needle and over those after it in the rows whose needle came
+    before EARLY (the ones retrieved at every length, so that before / after contrasts a
+    context without and with a needle stored); then eta's peak on the needle sentence over its
+    mean on the NOISE_SPAN tokens before it, for needles written before EARLY and after LATE."""
     L, N, T = alpha.shape
     t = np.arange(T)[None, :]
-    # "after": only rows whose needle came in the first 1K tokens (the ones retrieved at every
-    # length), so that before / after contrasts a context with and without a needle stored.
     before = t < pos[:, None]
-    after = (t >= pos[:, None] + NEEDLE_SPAN) & (pos[:, None] < 1024)
+    after = (t >= pos[:, None] + NEEDLE_SPAN) & (pos[:, None] < EARLY)
     out = []
     for layer in range(L):
         a, e = 1.0 - alpha[layer], eta[layer]
@@ -212,9 +212,9 @@ def gate_rows(alpha, eta, pos, label: list) -> list[list]:
                 sel = np.broadcast_to(in_bin, side.shape) & side
                 cells.append(f"{a[sel].mean():.1e} / {e[sel].mean():.1e}" if sel.any() else "-")
         ratio = []
-        for sel in (pos < 1024, pos >= 2048):
-            r = [e[i, pos[i]:pos[i] + NEEDLE_SPAN].max() / e[i, max(pos[i] - 200, 0):pos[i]].mean()
-                 for i in np.flatnonzero(sel) if pos[i] > 0]
+        for sel in (pos < EARLY, pos >= LATE):
+            r = [e[i, p:p + NEEDLE_SPAN].max() / e[i, max(p - NOISE_SPAN, 0):p].mean()
+                 for i in np.flatnonzero(sel) if (p := pos[i]) > 0]
             ratio.append(f"{np.mean(r):.1f} ({len(r)})" if r else "-")
         out.append([*label, layer, *cells, *ratio])
     return out
@@ -283,13 +283,13 @@ def gate_section(gates: list, bins: list) -> str:
             f"{GATE_ROWS} fresh needles per seed at the longest length, head 0 of each layer. A "
             "position cell is `1 - alpha / eta`, each the mean over that bin's tokens that come "
             "*before* each row's needle, or *after* it (from the needle sentence's "
-            f"{NEEDLE_SPAN}th token on) in the rows whose needle starts in the first 1K "
-            "tokens. alpha is the retention the coupled memories make for every memory's "
-            "update (1 - alpha: the fraction of M_memory forgotten per token); eta is the step "
-            "the coupled memories make (M_memory's is memory_eta_scale times it). The last two "
-            f"columns: the largest eta on the needle sentence's first {NEEDLE_SPAN} tokens over "
-            "the mean eta on the 200 tokens before "
-            "it (rows)\n\n" + benchlib.markdown_table(head, gates) + "\n\n")
+            f"{NEEDLE_SPAN}th token on) in the rows whose needle starts in the first "
+            f"{EARLY} tokens. alpha is the retention the coupled memories make for every "
+            "memory's update (1 - alpha: the fraction of M_memory forgotten per token); eta is "
+            "the step the coupled memories make (M_memory's is memory_eta_scale times it). The "
+            f"last two columns: the largest eta on the needle sentence's first {NEEDLE_SPAN} "
+            f"tokens over the mean eta on the {NOISE_SPAN} tokens before it (rows)\n\n"
+            + benchlib.markdown_table(head, gates) + "\n\n")
 
 
 def plot(curves: dict, path: str) -> None:

@@ -235,7 +235,8 @@ def test_needle_depth_scores_a_finished_run_and_refuses_an_unfinished_one(tmp_pa
 
 def test_gate_rows_split_each_row_at_its_needle():
     """The gate table's cells average over the tokens before each row's own needle and after
-    it in the rows whose needle came in the first 1K tokens, and the needle ratio is eta's peak on the needle sentence over the noise before it."""
+    it in the rows whose needle came in the first 1K tokens, and the needle ratio is eta's
+    peak on the needle sentence over the noise before it."""
     from experiments.icl import needle_depth as nd
 
     T, span = 4096, nd.NEEDLE_SPAN

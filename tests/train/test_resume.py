@@ -22,10 +22,6 @@ from .conftest import write_corpus
 REF_STEPS = 40
 
 
-def _env():
-    return cpu_env(devices=1)
-
-
 def _args(data, workdir, steps):
     return [sys.executable, "-m", "nested_jax.cli", "train", "--workdir", str(workdir),
             "--data", str(data), "--steps", str(steps), "--preset", "tiny", "--seq-len", "32",
@@ -36,7 +32,7 @@ def _args(data, workdir, steps):
 
 
 def _train(data, workdir, steps):
-    out = subprocess.run(_args(data, workdir, steps), env=_env(), capture_output=True,
+    out = subprocess.run(_args(data, workdir, steps), env=cpu_env(), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stderr
@@ -78,7 +74,7 @@ def _wait_until(proc, ready, limit=240):
 
 def _start_and_wait(data, workdir, min_step):
     """Launch a long run; return the process once it has logged `min_step`."""
-    proc = subprocess.Popen(_args(data, workdir, 100_000), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_args(data, workdir, 100_000), env=cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_until(proc, lambda: (workdir / "metrics.jsonl").exists()
                 and len(_losses_safe(workdir)) >= min_step)
@@ -150,7 +146,7 @@ def test_sigint_saves_like_sigterm_and_quiet_shows_no_info(tmp_path):
     workdir = tmp_path / "run"
     args = _args(data, workdir, 100_000)
     args.insert(args.index("train"), "-q")
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(args, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     _wait_until(proc, lambda: (workdir / "metrics.jsonl").exists()
                 and len(_losses_safe(workdir)) >= 3)
@@ -173,7 +169,7 @@ def test_eval_and_generate_never_disturb_a_live_run(tmp_path):
     args = _args(data, workdir, 100_000)
     args[args.index("checkpoint_every=4")] = "checkpoint_every=1"
     args += ["--set", "keep_checkpoints=1"]
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(args, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         _wait_until(proc, lambda: bool(list((workdir / "checkpoints").glob("[0-9]*"))))
@@ -195,7 +191,7 @@ def test_packed_documents_resume_bitwise(tmp_path):
     data = write_corpus(tmp_path / "data")
     workdir = tmp_path / "packed"
     packed = ["--model", "titans", "--set", "data.pack_documents=true"]
-    _run = lambda: subprocess.run(_args(data, workdir, 8) + packed, env=_env(),
+    _run = lambda: subprocess.run(_args(data, workdir, 8) + packed, env=cpu_env(),
                                   capture_output=True, text=True, timeout=300)
     out = _run()  # checkpoints at 4 and 8
     assert out.returncode == 0, out.stderr[-3000:]
