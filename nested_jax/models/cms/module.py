@@ -100,11 +100,15 @@ class CMS(nnx.Module):
         fn = jax.vmap(jax.vmap(teach_delta, in_axes=(None, 0, 0)), in_axes=(None, 0, 0))
         return -jax.lax.stop_gradient(fn(head, r_BxTxD, next_BxTxD)).astype(r_BxTxD.dtype)
 
-    def _init_state(self, i: int, batch_size: int) -> nm.MemoryState:
+    def _initial_fast(self, i: int) -> dict[str, jax.Array]:
+        """Level i's fast weights before any write (unbatched)."""
         p = self.levels[0 if self.spec.variant == "nested" else i].weights()
         if self.spec.decay_to == "init":  # the fast state is the change from p (_memory)
             p = jax.tree.map(jnp.zeros_like, p)
-        params_H = {k: v[None] for k, v in p.items()}  # one head
+        return p
+
+    def _init_state(self, i: int, batch_size: int) -> nm.MemoryState:
+        params_H = {k: v[None] for k, v in self._initial_fast(i).items()}  # one head
         state_H = nm.MemoryState(params_H, jax.tree.map(jnp.zeros_like, params_H))
         return nm.broadcast_state(state_H, batch_size)
 
@@ -114,6 +118,23 @@ class CMS(nnx.Module):
         full = lambda c: jnp.full(mask_BxT.shape, c, self.gate_dtype)
         return nm.Gates(eta[..., None], full(self.spec.retention)[..., None],
                         full(self.spec.momentum)[..., None])
+
+    def _static(self, i: int) -> bool:
+        """Level i never changes in context: no step (lr 0) and nothing that decays its weights
+        (retention 1, or decay toward the initial weights, where the fast state stays 0).  The
+        momentum stays 0 too (S = beta S - 0 g)."""
+        s = self.spec
+        lr = s.lr if isinstance(s.lr, (tuple, list)) else (s.lr,) * s.n_levels
+        return lr[i] == 0 and (s.retention == 1 or s.decay_to == "init")
+
+    def _static_read(self, i: int, r_BxTxD: jax.Array) -> jax.Array:
+        """The branch output of a static level: its memory read at the initial weights for every
+        token at once.  The engine's chunked scan computes the same (every write is zero), but
+        with the teach signal it also builds, per chunk, the inner gradient and its outer
+        derivative, all multiplied by eta = 0: a frozen-CMS model (the icl ``sm_only`` and
+        ``none`` variants, every frozen-at-eval score) paid for a learning CMS."""
+        y = self._memory(i).apply(self._initial_fast(i), r_BxTxD)
+        return layers.shard_batch(y.astype(r_BxTxD.dtype))
 
     def _run(self, i, state, r_BxTxD, v_BxTxD, mask_BxT, head, resets_BxT=None):
         """One engine level over the sequence. Returns (branch output f[B, T, D], final state).
@@ -154,11 +175,16 @@ class CMS(nnx.Module):
             mask_BxT = mask_BxT * writes.astype(mask_BxT.dtype)
         variant = self.spec.variant
         if variant == "nested":
+            if all(self._static(i) for i in range(self.spec.n_levels)):  # lam = 0: theta stays
+                return x_BxTxD + self._static_read(self.spec.n_levels - 1, x_BxTxD)
             return x_BxTxD + self._nested(x_BxTxD, v, mask_BxT, head, resets)
         r = x_BxTxD
         total = x_BxTxD
         for i in range(self.spec.n_levels):
-            y, _ = self._run(i, self._init_state(i, B), r, v, mask_BxT, head, resets)
+            if self._static(i):
+                y = self._static_read(i, r)
+            else:
+                y, _ = self._run(i, self._init_state(i, B), r, v, mask_BxT, head, resets)
             if variant == "sequential":
                 r = r + y
             else:
