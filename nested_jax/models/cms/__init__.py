@@ -52,7 +52,9 @@ Semantics (all documented in docs/paper_map/models.md):
   W - W_0 and only that decays, so a level forgets old context without forgetting what outer
   training put in it; decisions.md #28).
   Per-level learning rate eta_l = lr_l * 2 sigmoid(g_l) with a learned scalar g_l (init 0, so
-  eta_l = lr_l at init, bounded by 2 lr_l).  lr_l = 0 makes level l static.
+  eta_l = lr_l at init, bounded by 2 lr_l).  lr_l = 0 makes level l static (with retention 1
+  or ``decay_to="init"``): the forward then reads it at its initial weights for the whole
+  sequence without the engine's scan (``CMS._static``), the same function and gradients.
 * Variants (#14):
   - "sequential": levels chained, r -> level 0 -> level 1 -> ...
     (paper: y = MLP^(f_k)(...MLP^(f_1)(x))).
