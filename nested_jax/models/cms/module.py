@@ -14,7 +14,7 @@ from nested_jax import memory as nm
 from nested_jax.memory.chunked import scan_chunks
 from nested_jax.models import layers
 from nested_jax.models.cms.level import CMSLevel, SwiGLUMemory
-from nested_jax.models.cms.spec import CMSSpec
+from nested_jax.models.cms.spec import CMSSpec, _per_level
 from nested_jax.models.cms.teach import TeachHead, teach_delta
 
 
@@ -124,8 +124,7 @@ class CMS(nnx.Module):
         (retention 1, or decay toward the initial weights, where the fast state stays 0).  The
         momentum stays 0 too (S = beta S - 0 g)."""
         s = self.spec
-        lr = s.lr if isinstance(s.lr, (tuple, list)) else (s.lr,) * s.n_levels
-        return lr[i] == 0 and (s.retention == 1 or s.decay_to == "init")
+        return _per_level(s.lr, s.n_levels)[i] == 0 and (s.retention == 1 or s.decay_to == "init")
 
     def _static_read(self, i: int, r_BxTxD: jax.Array) -> jax.Array:
         """The branch output of a static level: its memory read at the initial weights for every
