@@ -16,7 +16,9 @@ Per topology the batch keeps the recipe's one 4K sequence per chip per microbatc
 sequences (0.5M tokens) in ``128 / chips`` microbatches up to 128 chips, and one sequence per
 chip in one microbatch beyond (v5e-256: 256 sequences, 1M tokens per step).  Everything else
 is the recipe as shipped (bf16, remat, splash attention, FSDP over every chip).  A compile
-that fails is a row too: the error says what did not fit.
+that fails is a row too: the error says what did not fit.  HopeLM is compiled twice: ``hope``
+(``memory_impl="auto"``: M_memory through the Mosaic kernel, compiled by libtpu for real) and
+``hope_xla`` (the kernel off: XLA's dual form).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from experiments import benchlib
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 STEM = "tpu_compile_grid"
-MODELS = ("transformer", "hope_attention", "hope", "titans")
+MODELS = ("transformer", "hope_attention", "hope", "hope_xla", "titans")
+# Grid rows that are a registered model with settings: HopeLM with the Mosaic memory kernel off
+# (M_memory through XLA's dual form), beside "hope", where ``memory_impl="auto"`` takes the kernel.
+ROW_SETTINGS = {"hope_xla": ("hope", [("model.memory_impl", "xla")])}
 PRESETS = ("125M", "340M", "760M", "1.3B")
 # (topology, slices): the issue's grid; "2xv5e-16" is multislice.
 TOPOLOGIES = {"v5e-16": ("v5e-16", 1), "v5e-256": ("v5e-256", 1), "v5p-32": ("v5p-32", 1),
@@ -53,12 +58,20 @@ def chips_of(topology: str, slices: int) -> int:
     return len(aot.topology_devices(topology, slices))
 
 
+def cell_config(model: str, preset: str, chips: int):
+    """The run config of one grid cell, and the settings it adds to the recipe."""
+    from nested_jax.train import config
+
+    name, extra = ROW_SETTINGS.get(model, (model, []))
+    settings = [("model", name)] + extra + batch_settings(chips)
+    return config.with_values(config.from_file(f"lm:{preset}"), settings), settings
+
+
 def compile_cell(model: str, preset: str, grid_topology: str) -> dict:
-    from nested_jax.train import aot, config
+    from nested_jax.train import aot
 
     topology, slices = TOPOLOGIES[grid_topology]
-    settings = [("model", model)] + batch_settings(chips_of(topology, slices))
-    cfg = config.with_values(config.from_file(f"lm:{preset}"), settings)
+    cfg, settings = cell_config(model, preset, chips_of(topology, slices))
     t0 = time.time()
     report = aot.compile_for(cfg, topology, slices)
     return {"model": model, "preset": preset, "topology": grid_topology,
@@ -78,7 +91,9 @@ def report(runs: list[dict], command: str) -> str:
         rep = r["report"]
         s = r["settings"]
         head = [r["model"], rep["n_params"] / 1e6, r["preset"], r["topology"], rep["chips"],
-                f"{s['data.batch_size']} x 4096, accum {s['optim.grad_accum']}"]
+                f"{s['data.batch_size']} x 4096, accum {s['optim.grad_accum']}"
+                + "".join(f", {k.split('.')[-1]}={v}" for k, v in s.items()
+                          if k not in ("data.batch_size", "optim.grad_accum"))]
         for st in rep["steps"]:
             mem = _gib(st["total_bytes"]) if st["compiled"] else "-"
             err = "" if st["compiled"] else st["error"].split("\n")[0][:160]

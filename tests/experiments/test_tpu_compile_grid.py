@@ -36,10 +36,19 @@ def test_a_logged_cell_is_a_row_and_leaves_the_todo_list():
     assert "| eval | no | 3 | - | ? | RESOURCE_EXHAUSTED: 20 GB |" in text
     todo = text.split("Cells not yet compiled")[1]
     assert "hope/125M/v5e-16" not in todo and "hope/340M/v5e-16" in todo
-    assert "(79 of 80)" in todo
+    assert "(99 of 100)" in todo
 
 
 def test_every_recipe_preset_loads():
     for p in grid.PRESETS:
         cfg = config.with_values(config.from_file(f"lm:{p}"), grid.batch_settings(16))
         assert cfg.preset == p and cfg.data.seq_len == 4096
+
+
+def test_hope_is_compiled_with_the_memory_kernel_on_and_off():
+    on, _ = grid.cell_config("hope", "125M", 16)
+    off, settings = grid.cell_config("hope_xla", "125M", 16)
+    assert on.model == off.model == "hope"
+    assert "memory_impl" not in on.model_overrides  # the preset's "auto": the kernel on TPU
+    assert off.model_overrides["memory_impl"] == "xla"
+    assert ("model.memory_impl", "xla") in settings
