@@ -64,7 +64,7 @@ class Case:
     """One model's compiled train step and its state."""
 
     def __init__(self, label: str, name: str, overrides: dict, args, seq_len: int):
-        self.label, self.seq_len = label, seq_len
+        self.label, self.name, self.seq_len = label, name, seq_len
         cfg_cls, _ = models.lookup(name)
         fields = {f.name for f in dataclasses.fields(cfg_cls)}
         kw = dict(vocab_size=args.vocab, max_seq_len=max(seq_len, 2), dtype=args.dtype)
@@ -142,7 +142,8 @@ def run(args) -> list[list]:
         for _ in range(args.steps):
             for case in cases:
                 case.time_once()
-        base = next((c.tok_s for c in cases if c.label == "transformer"), None)
+        # the first Transformer++ row, with or without overrides, is every ratio's baseline
+        base = next((c.tok_s for c in cases if c.name == "transformer"), None)
         for c in cases:
             ratio = c.tok_s / base if base else float("nan")
             mem = f"{c.peak_bytes / 2**30:.2f}" if c.peak_bytes else "?"
