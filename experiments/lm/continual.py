@@ -106,10 +106,11 @@ class Scale:
 SCALES = {
     # ~0.63M parameters without the embedding (+0.53M tied embedding at 4096 + 21 ids).
     # 100 steps of 32 definitions per task (2 passes over a task's 1600 training texts).
-    # Measured on 2 CPU cores shared with another job (load 2-5): HopeLM 2-4 s a step and ~1 min
-    # of compilation, without CMS about half that, Transformer++ ~0.25 s; scoring a HopeLM run's
-    # 3000 held-out texts, learning and frozen, ~3 min.  The whole suite (2 seeds) is estimated
-    # at ~1 h on 2 idle cores, ~2 h on shared ones (not yet run end to end).
+    # Measured (2026-12-02, one core each, the other core busy): Transformer++ 0.32 s a step,
+    # 2.9 min a run with scoring; without CMS 2.48 s, 23 min; HopeLM ~12 s a step (its CMS
+    # levels' teach signal runs through the 4096-piece logit lens:
+    # experiments/results/bench_models_continual.md), ~1.7 h a run.  The whole suite (2 seeds):
+    # ~2.7 h on 2 cores, the two HopeLM seeds side by side.
     "cpu": Scale(
         preset="small", base=dict(d_model=128, n_layers=2, n_heads=4),
         sizes=dict(hope=dict(d_ff=512, cms_periods=HOPE_PERIODS),
