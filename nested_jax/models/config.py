@@ -56,6 +56,10 @@ class ModelConfig:
         max_seq_len: the longest sequence the model accepts; the decode cache length.
         dtype: compute dtype of activations ("bfloat16" for mixed precision).
         param_dtype: dtype the parameters are stored in.
+        scan_layers: run the blocks' forward pass as one ``lax.scan`` over their stacked
+            parameters instead of a Python loop (models/lm.py).  Same numbers, same parameter
+            tree; XLA then compiles one block instead of L, which is what keeps a deep model's
+            compile time (and a TPU pod's) in minutes.  Decoding keeps the loop.
     """
 
     vocab_size: int = 32_000
@@ -65,6 +69,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = False
 
     PRESETS: ClassVar[Mapping[str, Preset]] = {}
 
@@ -75,6 +80,8 @@ class ModelConfig:
         """Raise ValueError naming the first bad field. Subclasses extend this."""
         check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
         check_divisible(self, "d_model", "n_heads")
+        if not isinstance(self.scan_layers, bool):
+            fail("scan_layers", self.scan_layers, "must be a bool")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) != "float64":
                 check_choice(self, name, DTYPES)

@@ -1,7 +1,8 @@
 """The language-model shell every model of this package shares (docs/decisions.md #11, #16, #17).
 
     x_0 = E[tokens]                         (tied embedding)
-    x_l = block_l(x_{l-1}, *context)        (the model's block, each optionally rematerialised)
+    x_l = block_l(x_{l-1}, *context)        (the model's block, each optionally rematerialised;
+                                             a loop, or one lax.scan with ``scan_layers``)
     logits = E RMSNorm_f(x_L)               (final norm, tied LM head, float32)
 
 A model subclasses ``LanguageModel`` and supplies only its block and the hooks around it: the
@@ -30,6 +31,31 @@ from nested_jax.models.registry import count_params
 def _call_block(block: nnx.Module, x_BxTxD: jax.Array, context: tuple) -> jax.Array:
     # Every block's input and output stay split by batch under a mesh (layers.shard_batch).
     return layers.shard_batch(block(layers.shard_batch(x_BxTxD), *context))
+
+
+def _scan_blocks(blocks: Sequence[nnx.Module], x_BxTxD: jax.Array, context: tuple,
+                 remat: bool) -> jax.Array:
+    """The blocks in order as one ``lax.scan`` over their parameters stacked along a new leading
+    axis (``config.scan_layers``).  XLA compiles the body once instead of once per block; the
+    stack is rebuilt at every call so the parameter tree (and every checkpoint) stays
+    ``blocks/<i>/...``, and its transpose hands each block its own gradient back.  Under FSDP
+    the stack keeps each parameter's sharding on its own axes, so the scan gathers one block's
+    parameters per iteration, as the loop does."""
+    graphdef, first = nnx.split(blocks[0])
+    states = [first]
+    for i, block in enumerate(blocks[1:], start=1):
+        other, state = nnx.split(block)
+        if other != graphdef:
+            raise ValueError(f"scan_layers=True needs blocks of one structure, and block {i} "
+                             f"differs from block 0; set scan_layers=False for this model")
+        states.append(state)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+    def body(x, state):
+        return _call_block(nnx.merge(graphdef, state), x, context), None
+
+    x_BxTxD, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x_BxTxD, stacked)
+    return x_BxTxD
 
 
 class LanguageModel(nnx.Module):
@@ -116,10 +142,13 @@ class LanguageModel(nnx.Module):
             docs = documents.from_segment_ids(segment_ids, self.config.document_alignment(),
                                               self.config.alignment_reason())
             context = self.block_context(x_BxTxD, docs)
-        forward = nnx.remat(_call_block) if self.config.remat else _call_block
-        x = x_BxTxD
-        for block in self.blocks:
-            x = forward(block, x, context)
+        if self.config.scan_layers and len(self.blocks) > 1:
+            x = _scan_blocks(self.blocks, x_BxTxD, context, self.config.remat)
+        else:
+            forward = nnx.remat(_call_block) if self.config.remat else _call_block
+            x = x_BxTxD
+            for block in self.blocks:
+                x = forward(block, x, context)
         return layers.shard_batch(self.embed.logits(layers.apply_norm(self.final_norm, x)))
 
     def init_state(self, batch_size: int) -> Any:
