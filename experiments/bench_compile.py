@@ -51,10 +51,6 @@ def compile_pair(model: str, preset: str, topology: str) -> dict:
     return out
 
 
-def _gib(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB"
-
-
 def report(runs: list[dict], command: str) -> str:
     rows = []
     for r in runs:
@@ -66,18 +62,14 @@ def report(runs: list[dict], command: str) -> str:
                 f"{a['seconds']:.0f}" if a["compiled"] else "failed",
                 f"{b['seconds']:.0f}" if b["compiled"] else "failed",
                 f"{a['seconds'] / b['seconds']:.1f}x" if ok else "-",
-                _gib(a["total_bytes"]) if a["compiled"] else "-",
-                _gib(b["total_bytes"]) if b["compiled"] else "-",
+                tpu_compile_grid.gib(a["total_bytes"]) if a["compiled"] else "-",
+                tpu_compile_grid.gib(b["total_bytes"]) if b["compiled"] else "-",
                 f"{b['flops'] / a['flops']:.3f}" if ok and a["flops"] else "-"])
     table = benchlib.markdown_table(
         ["model", "preset", "topology", "params (M)", "step", "compile s, loop",
          "compile s, scan", "loop / scan", "per chip, loop", "per chip, scan",
          "FLOPs scan / loop"], rows)
-    libtpu = sorted({r["libtpu"] for r in runs})
-    return (f"Command: `{command}` (the table covers every pair in `{STEM}_runs.jsonl`; "
-            f"libtpu {', '.join(libtpu) or '-'}; pairs compiled "
-            f"{min((r['date'] for r in runs), default='-')} to "
-            f"{max((r['date'] for r in runs), default='-')})\n\n"
+    return (tpu_compile_grid.provenance(runs, command, STEM, "pair") + "\n\n"
             "Recipe `lm:<preset>` as the compile grid builds it (bf16, every block "
             "rematerialised, FSDP over all chips, one 4K sequence per chip per microbatch), "
             "compiled by libtpu on this CPU-only machine, the loop then the scan in one "
@@ -98,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     command = "python -m experiments.bench_compile " + " ".join(argv or sys.argv[1:])
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
-    log = os.path.join(RESULTS, f"{STEM}_runs.jsonl")
-    runs = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+    log, runs = tpu_compile_grid.open_log(STEM)
     if not args.report_only:
         for m in args.models:
             run = compile_pair(m, args.preset, args.topology)

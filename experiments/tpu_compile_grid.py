@@ -81,7 +81,24 @@ def compile_cell(model: str, preset: str, grid_topology: str) -> dict:
             "report": aot.as_record(report)}
 
 
-def _gib(b: float) -> str:
+def open_log(stem: str) -> tuple[str, list[dict]]:
+    """The results log of ``stem`` and its records so far; off a TPU VM libtpu is told not to
+    look for a metadata server."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    log = os.path.join(RESULTS, f"{stem}_runs.jsonl")
+    return log, [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+
+
+def provenance(runs: list[dict], command: str, stem: str, unit: str) -> str:
+    """The command, the log the table covers, the libtpu versions and the compile dates."""
+    libtpu = sorted({r["libtpu"] for r in runs})
+    return (f"Command: `{command}` (the table covers every {unit} in `{stem}_runs.jsonl`; "
+            f"libtpu {', '.join(libtpu) or '-'}; {unit}s compiled "
+            f"{min((r['date'] for r in runs), default='-')} to "
+            f"{max((r['date'] for r in runs), default='-')})")
+
+
+def gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
 
 
@@ -95,7 +112,7 @@ def report(runs: list[dict], command: str) -> str:
                 + "".join(f", {k.split('.')[-1]}={v}" for k, v in s.items()
                           if k not in ("data.batch_size", "optim.grad_accum"))]
         for st in rep["steps"]:
-            mem = _gib(st["total_bytes"]) if st["compiled"] else "-"
+            mem = gib(st["total_bytes"]) if st["compiled"] else "-"
             err = "" if st["compiled"] else st["error"].split("\n")[0][:160]
             fits = {True: "yes", False: "no", None: "?"}[st["fits"]]
             rows.append(head + [st["step"], "yes" if st["compiled"] else "no",
@@ -107,11 +124,7 @@ def report(runs: list[dict], command: str) -> str:
     done = {(r["model"], r["preset"], r["topology"]) for r in runs}
     todo = [f"{m}/{p}/{t}" for t in TOPOLOGIES for p in PRESETS for m in MODELS
             if (m, p, t) not in done]
-    libtpu = sorted({r["libtpu"] for r in runs})
-    return (f"Command: `{command}` (the table covers every cell in `{STEM}_runs.jsonl`; "
-            f"libtpu {', '.join(libtpu) or '-'}; cells compiled "
-            f"{min((r['date'] for r in runs), default='-')} to "
-            f"{max((r['date'] for r in runs), default='-')})\n\n"
+    return (provenance(runs, command, STEM, "cell") + "\n\n"
             "Recipe `lm:<preset>` as shipped (bf16, every block rematerialised, splash attention "
             "on TPU, FSDP over all chips), one 4K sequence per chip per microbatch; memory is "
             "XLA's per-chip total (arguments + outputs + temporaries - donated) against the "
@@ -131,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     command = "python -m experiments.tpu_compile_grid " + " ".join(argv or sys.argv[1:])
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
-    log = os.path.join(RESULTS, f"{STEM}_runs.jsonl")
-    runs = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+    log, runs = open_log(STEM)
     done = {(r["model"], r["preset"], r["topology"]) for r in runs}
     if not args.report_only:
         from nested_jax.train import aot
