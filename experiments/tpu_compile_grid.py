@@ -67,6 +67,25 @@ def cell_config(model: str, preset: str, chips: int):
     return config.with_values(config.from_file(f"lm:{preset}"), settings), settings
 
 
+def blocks(run: dict) -> str:
+    """How a logged cell ran its blocks: "scan" or "loop" (cells logged before the recipe
+    recorded it were compiled with the loop)."""
+    return run.get("blocks", "loop")
+
+
+def recipe_blocks() -> str:
+    """How the recipe as shipped runs the blocks (``model.scan_layers`` in ``lm.py``)."""
+    from nested_jax.train import config
+
+    return "scan" if config.from_file("lm:125M").model_overrides.get("scan_layers") else "loop"
+
+
+def done_cells(runs: list[dict]) -> set[tuple[str, str, str]]:
+    """Cells compiled with the recipe's blocks setting: a loop cell does not stand for the scan."""
+    current = recipe_blocks()
+    return {(r["model"], r["preset"], r["topology"]) for r in runs if blocks(r) == current}
+
+
 def compile_cell(model: str, preset: str, grid_topology: str) -> dict:
     from nested_jax.train import aot
 
@@ -76,6 +95,7 @@ def compile_cell(model: str, preset: str, grid_topology: str) -> dict:
     report = aot.compile_for(cfg, topology, slices)
     return {"model": model, "preset": preset, "topology": grid_topology,
             "settings": dict(settings[1:]), "seconds": time.time() - t0,
+            "blocks": "scan" if cfg.model_overrides.get("scan_layers") else "loop",
             "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
             "libtpu": aot.check_libtpu(),
             "report": aot.as_record(report)}
@@ -107,7 +127,8 @@ def report(runs: list[dict], command: str) -> str:
     for r in runs:
         rep = r["report"]
         s = r["settings"]
-        head = [r["model"], rep["n_params"] / 1e6, r["preset"], r["topology"], rep["chips"],
+        head = [r["model"], rep["n_params"] / 1e6, r["preset"], r["topology"], blocks(r),
+                rep["chips"],
                 f"{s['data.batch_size']} x 4096, accum {s['optim.grad_accum']}"
                 + "".join(f", {k.split('.')[-1]}={v}" for k, v in s.items()
                           if k not in ("data.batch_size", "optim.grad_accum"))]
@@ -119,14 +140,18 @@ def report(runs: list[dict], command: str) -> str:
                                 f"{st['seconds']:.0f}", mem, fits, err])
             head = [""] * len(head)
     table = benchlib.markdown_table(
-        ["model", "params (M)", "preset", "topology", "chips", "batch", "step", "compiled",
+        ["model", "params (M)", "preset", "topology", "blocks", "chips", "batch", "step",
+         "compiled",
          "compile s", "per chip", "fits", "error"], rows)
-    done = {(r["model"], r["preset"], r["topology"]) for r in runs}
+    done = done_cells(runs)
     todo = [f"{m}/{p}/{t}" for t in TOPOLOGIES for p in PRESETS for m in MODELS
             if (m, p, t) not in done]
     return (provenance(runs, command, STEM, "cell") + "\n\n"
             "Recipe `lm:<preset>` as shipped (bf16, every block rematerialised, splash attention "
-            "on TPU, FSDP over all chips), one 4K sequence per chip per microbatch; memory is "
+            "on TPU, FSDP over all chips), one 4K sequence per chip per microbatch; *blocks*: "
+            "a Python loop over the blocks, or one `lax.scan` (`model.scan_layers`, the recipe "
+            f"since 2026-12-03: `{recipe_blocks()}` now, and a cell counts as done only when "
+            "compiled so); memory is "
             "XLA's per-chip total (arguments + outputs + temporaries - donated) against the "
             "chip's HBM.  Compiled by libtpu on a CPU-only machine: no TPU ran, so nothing "
             "here measures speed.\n\n"
@@ -145,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     command = "python -m experiments.tpu_compile_grid " + " ".join(argv or sys.argv[1:])
     log, runs = open_log(STEM)
-    done = {(r["model"], r["preset"], r["topology"]) for r in runs}
+    done = done_cells(runs)
     if not args.report_only:
         from nested_jax.train import aot
 

@@ -28,15 +28,27 @@ def test_a_logged_cell_is_a_row_and_leaves_the_todo_list():
         preset="125M", n_params=126_300_000, mesh={"fsdp": 16}, tokens_per_step=524288,
         model_flops_per_step=1e15, steps=[ok, bad], microbatches=8)
     run = {"model": "hope", "preset": "125M", "topology": "v5e-16", "libtpu": "0.0.42.1",
+           "blocks": "scan",
            "settings": dict(grid.batch_settings(16)), "seconds": 15.0,
            "date": "2026-12-01 05:00 UTC", "report": aot.as_record(rep)}
     text = grid.report([run], "python -m experiments.tpu_compile_grid")
-    assert "| hope | 126.3 | 125M | v5e-16 | 16 | 128 x 4096, accum 8 | train | yes | 12 | " \
-           "3.00 GiB | yes |" in text
+    assert "| hope | 126.3 | 125M | v5e-16 | scan | 16 | 128 x 4096, accum 8 | train | yes | " \
+           "12 | 3.00 GiB | yes |" in text
     assert "| eval | no | 3 | - | ? | RESOURCE_EXHAUSTED: 20 GB |" in text
     todo = text.split("Cells not yet compiled")[1]
     assert "hope/125M/v5e-16" not in todo and "hope/340M/v5e-16" in todo
     assert "(99 of 100)" in todo
+    # A cell logged before the recipe scanned its blocks (no "blocks" field) was a loop: it
+    # stays a row but is compiled again.
+    old = {k: v for k, v in run.items() if k != "blocks"}
+    text = grid.report([old], "python -m experiments.tpu_compile_grid")
+    assert "| hope | 126.3 | 125M | v5e-16 | loop | 16 |" in text
+    assert "(100 of 100)" in text.split("Cells not yet compiled")[1]
+
+
+def test_the_recipe_scans_its_blocks():
+    cfg, _ = grid.cell_config("transformer", "1.3B", 16)
+    assert cfg.model_overrides["scan_layers"] is True and grid.recipe_blocks() == "scan"
 
 
 def test_every_recipe_preset_loads():

@@ -18,10 +18,14 @@ Variants:
              vocabulary, bf16) on your data, FSDP over all devices.  Sized for a v5e-16
              slice (16 GiB per chip): 8 microbatches (one 4K sequence per chip on 16 chips; on
              N chips 128 / optim.grad_accum must be a multiple of N, e.g. --set
-             optim.grad_accum=4 on 32), every block rematerialised, and the
+             optim.grad_accum=4 on 32), every block rematerialised, the blocks run as
+             one lax.scan (model.scan_layers: XLA compiles one block, not L), and the
              presets' attention_impl="auto" (splash attention on TPU).  Transformer++,
-             Hope-Attention and HopeLM 125M fit so (train, eval, decode; per chip at most
-             2.17, 2.75 and 4.09 GiB to train: experiments/results/tpu_compile.md):
+             Hope-Attention and HopeLM 125M fit so (train, eval, decode; per chip to train
+             2.17, 2.75 and 5.58 GiB with the blocks looped,
+             experiments/results/tpu_compile.md; scanned, Transformer++ 1.31 and HopeLM
+             6.08 GiB, with the train step compiled 1.9x and 1.7x faster,
+             experiments/results/bench_compile.md):
 
                nested-jax train --config lm:760M --model hope \
                    --data /mnt/data/train.array_record-* \
@@ -55,7 +59,7 @@ def get_config(variant: str | None = None) -> TrainConfig:
             eval_batches=16, checkpoint_every=1000, keep_checkpoints=3,
             data=DataConfig(tokenizer="mistral", seq_len=4096, batch_size=128,
                             eval_fraction=0.005),
-            model_overrides={"remat": True},
+            model_overrides={"remat": True, "scan_layers": True},
             optim=OptimConfig(learning_rate=4e-4, warmup_steps=2000, weight_decay=0.1,
                               b2=0.95, grad_clip=1.0, grad_accum=8),
             mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
