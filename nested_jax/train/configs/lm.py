@@ -23,8 +23,8 @@ Variants:
              presets' attention_impl="auto" (splash attention on TPU).  Transformer++,
              Hope-Attention and HopeLM 125M fit so (train, eval, decode; per chip to train
              2.17, 2.75 and 5.58 GiB with the blocks looped,
-             experiments/results/tpu_compile.md; scanned, Transformer++ 1.31 and HopeLM
-             6.08 GiB, with the train step compiled 1.9x and 1.7x faster,
+             experiments/results/tpu_compile.md; scanned, 1.31, 4.17 and 6.08 GiB, the
+             train step compiled 1.9x, 1.4x and 1.7x faster,
              experiments/results/bench_compile.md):
 
                nested-jax train --config lm:760M --model hope \
