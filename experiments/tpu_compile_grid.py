@@ -73,11 +73,16 @@ def blocks(run: dict) -> str:
     return run.get("blocks", "loop")
 
 
+def blocks_of(cfg) -> str:
+    """How a run config runs the blocks: "scan" with ``model.scan_layers``, else "loop"."""
+    return "scan" if cfg.model_overrides.get("scan_layers") else "loop"
+
+
 def recipe_blocks() -> str:
-    """How the recipe as shipped runs the blocks (``model.scan_layers`` in ``lm.py``)."""
+    """How the recipe as shipped runs the blocks (``lm.py``)."""
     from nested_jax.train import config
 
-    return "scan" if config.from_file("lm:125M").model_overrides.get("scan_layers") else "loop"
+    return blocks_of(config.from_file("lm:125M"))
 
 
 def done_cells(runs: list[dict]) -> set[tuple[str, str, str]]:
@@ -95,7 +100,7 @@ def compile_cell(model: str, preset: str, grid_topology: str) -> dict:
     report = aot.compile_for(cfg, topology, slices)
     return {"model": model, "preset": preset, "topology": grid_topology,
             "settings": dict(settings[1:]), "seconds": time.time() - t0,
-            "blocks": "scan" if cfg.model_overrides.get("scan_layers") else "loop",
+            "blocks": blocks_of(cfg),
             "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
             "libtpu": aot.check_libtpu(),
             "report": aot.as_record(report)}
