@@ -40,8 +40,8 @@ PAPER_SIZES = ("125M", "340M", "760M", "1.3B")
 def get_config(variant: str | None = None) -> TrainConfig:
     variant = variant or "cpu_demo"
     if variant == "cpu_demo":
-        # 50 steps of 16 x 128 bytes: HopeLM small takes ~9 s a step on 2 idle cores (60 steps:
-        # 10.5 min in all, held-out perplexity 127.5 -> 13.5).
+        # 50 steps of 16 x 128 bytes: HopeLM small takes ~26 s a step on 2 cores of the CI VM
+        # (25 min in all, held-out perplexity 146.7 -> 12.7; README).
         return TrainConfig(
             model="hope", preset="small", steps=50, log_every=5, eval_every=25, eval_batches=8,
             checkpoint_every=25,
