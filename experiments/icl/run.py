@@ -178,6 +178,16 @@ def command_tasks(a, scale: Scale) -> dict:
     return build(scale, a.tasks or list(scale.tasks), task_set)
 
 
+def all_no(task, at: dict) -> str:
+    """The floor of never saying yes, for the tasks that have one (formal languages), in
+    distribution and at each evaluation length: a report's reader compares accuracy with it,
+    not only with the coin flip."""
+    if not hasattr(task, "all_no"):
+        return ""
+    longer = ", ".join(f"{name}: {t.all_no:.3f}" for name, t in at.items())
+    return f"; answering no everywhere {task.all_no:.3f}" + (f" ({longer})" if longer else "")
+
+
 def run_dir(root: str, stem: str, name: str, model: str, variant: str, seed: int,
             identity: dict) -> str:
     """One run's checkpoint directory; the hash of its identity (``train.run_identity``: the
@@ -361,8 +371,8 @@ def write(a, argv, scale, built, setup, log, total) -> None:
     notes = own if os.path.exists(own) else os.path.join(HERE, "notes", f"{a.suite}.md")
     reading = open(notes).read() if os.path.exists(notes) else "(no notes yet)\n"
     task_lines = "".join(f"  - `{name}`: {task} (chance {task.chance:.3f}, scored per "
-                         f"{getattr(task, 'scoring', 'token')})\n"
-                         for name, (task, _) in built.items())
+                         f"{getattr(task, 'scoring', 'token')}{all_no(task, at)})\n"
+                         for name, (task, at) in built.items())
     length_cols = [f"accuracy at {e}" for e in evals]
     body = (
         f"Command: `python -m experiments.icl.run {shlex.join(argv)}` "
@@ -426,6 +436,8 @@ def plot(groups, evals, path, built) -> None:
                         ax.plot(steps, acc, color=c, alpha=0.8, label=label if j == 0 else None)
                 ax.set_xlabel("training step")
         ax.axhline(task.chance, color="gray", ls=":", label="chance")
+        if hasattr(task, "all_no"):
+            ax.axhline(task.all_no, color="gray", ls="--", label="never yes")
         ax.set_title(name, fontsize=9)
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=6, ncol=2)

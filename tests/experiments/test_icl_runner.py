@@ -54,6 +54,19 @@ def test_every_suite_builds_its_tasks_and_lengths():
                 assert all(t.seq_len > task.seq_len for t in evals.values())
 
 
+def test_report_names_the_never_yes_floor_of_formal_tasks_only():
+    """A formal task's line in a report gives the floor of never saying yes in distribution and
+    at each evaluation length (a^n b^n's is about 1/3 where a coin flip's is 0.012); tasks
+    without one get nothing."""
+    built = run.build(run.SUITES["formal"]["cpu"], ["anbn"], {"prefix_labels": True})
+    task, at = built["anbn"]
+    line = run.all_no(task, at)
+    assert line.startswith(f"; answering no everywhere {task.all_no:.3f} (T=96: ")
+    assert 0.25 < task.all_no < 0.45 and task.chance < 0.02
+    mqar = run.build(run.SUITES["mqar"]["cpu"], ["mqar"])["mqar"]
+    assert run.all_no(*mqar) == ""
+
+
 def test_the_loss_mask_moves_the_loss_not_the_score():
     """train_on="all" (needle tasks): the loss averages every position, the accuracy still
     scores the task's targets only."""

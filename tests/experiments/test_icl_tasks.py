@@ -360,3 +360,18 @@ def test_needle_prose_haystack_comes_from_the_given_paragraphs():
     sentences = {s.strip().rstrip(".") for p in PARAGRAPHS for s in p.split(". ")}
     whole = [s.strip() for s in haystack.split(". ")[1:-1]]  # the ends may be cut
     assert whole and all(s in sentences for s in whole), whole
+
+
+@pytest.mark.parametrize("name, prefix_labels, want", [
+    # membership: never saying yes gets exactly the negatives, half of a balanced sample
+    *[(name, False, 0.5) for name in FORMAL],
+    # (aa)*: only the string "a" (one of 20 odd negative lengths) has no positive prefix
+    ("aa_star", True, 0.5 / 20),
+    # parity: only an all-zero string, a negative of n bits with probability 2^-(n-1)
+    ("parity", True, 0.5 * np.mean([0.5 ** (n - 1) for n in range(1, 41)])),
+])
+def test_formal_all_no_is_the_share_of_strings_without_a_yes(name, prefix_labels, want):
+    """``all_no``, the floor the reports print beside chance, matches its closed form to four
+    standard errors of its 4096-string estimate."""
+    got = tasks.make(name, prefix_labels=prefix_labels).all_no
+    assert abs(got - want) < 4 * np.sqrt(want * (1 - want) / 4096), (got, want)
