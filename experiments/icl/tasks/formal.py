@@ -21,6 +21,7 @@ draws strings of ``max_len + 1 .. T - 2`` symbols, the length-generalisation tes
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import numpy as np
@@ -149,7 +150,7 @@ class FormalLanguage:
             return 0.5
         return float(np.mean([0.5 ** (n + 1) for n in range(self.min_len, self.max_len + 1)]))
 
-    @property
+    @functools.cached_property  # sampled once: the report's text and its plot both read it
     def all_no(self) -> float:
         """The share of strings that answering "no" at every scored position gets right: the
         floor a network that never says yes reaches, estimated on 4096 strings of a fixed seed.
