@@ -414,12 +414,14 @@ def plot(groups, evals, path, built) -> None:
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    # One colour per arm (model, variant) across every panel, so a model reads the same in each.
+    arms = sorted({(model, variant) for _, model, variant in groups})
     for ax, name in zip(axes.flat, names, strict=False):
         task = built[name][0]
-        for i, ((t, model, variant), group) in enumerate(sorted(groups.items())):
+        for (t, model, variant), group in sorted(groups.items()):
             if t != name:
                 continue
-            c, label = f"C{i % 10}", f"{model}/{variant}"
+            c, label = f"C{arms.index((model, variant)) % 10}", f"{model}/{variant}"
             if evals:
                 xs = [task.seq_len] + [int(e.split("=")[1]) for e in evals]
                 ys = [[r["accuracy"]] + [r["by_eval"][e][0] for e in evals] for r in group
