@@ -14,8 +14,9 @@ that has one) and ``icl_<suite>.png``.
 
 Variants freeze in-context memories for training *and* evaluation (``train.VARIANTS``):
 Hope ``all`` / ``sm_only`` (CMS frozen) / ``cms_only`` (self-modifying memories frozen) /
-``none``; TitansLM and Hope-Attention ``all`` / ``none``.  Each ``all`` run of a model with
-self-modifying or Titans memories is also scored with those memories frozen at evaluation only.
+``none``; TitansLM and Hope-Attention ``all`` / ``none``.  Each run whose in-context memory
+learns (the self-modifying memories of Hope, the Titans memory, Hope-Attention's CMS) is also
+scored with that memory frozen at evaluation only (``train.EVAL_FREEZE``).
 
 Each run checkpoints every ``--checkpoint-every`` steps under
 ``<--runs-dir>/<stem>/<task>-<model>-<variant>-s<seed>-<setup hash>/``; rerunning the same
@@ -389,8 +390,9 @@ def write(a, argv, scale, built, setup, log, total) -> None:
         + "\n"
         "- accuracy: mean [min, max] over seeds, on 8 fresh held-out batches (the same for "
         "every run) of the training distribution; *frozen at eval*: the trained model scored "
-        "with its self-modifying (Hope) or Titans memory frozen (eta_max = 0) at evaluation "
-        "only; *accuracy at T=n*: the same trained model on the task at length n; "
+        "with its in-context memory frozen at evaluation only: the self-modifying memories "
+        "(Hope) or the Titans memory (eta_max = 0), CMS for Hope-Attention (cms_lr = 0); "
+        "*accuracy at T=n*: the same trained model on the task at length n; "
         "*non-finite steps*: steps the trainer's guard skipped because the loss or a gradient "
         "was NaN/Inf (a run stops after 20)\n\n"
         + benchlib.markdown_table(

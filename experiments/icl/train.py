@@ -30,6 +30,10 @@ VARIANTS = {
     "titans": {"all": {}, "none": SM_OFF},
     "transformer": {"all": {}},
 }
+# The in-context memory that ``freeze_eval`` freezes at evaluation only: the self-modifying
+# memories (Hope), the Titans memory, and CMS for Hope-Attention, whose only in-context learner
+# it is (its attention has no inner learning rate).
+EVAL_FREEZE = {"hope": SM_OFF, "titans": SM_OFF, "hope_attention": CMS_OFF}
 
 
 def variant_overrides(model: str, variant: str) -> dict:
@@ -266,10 +270,11 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         return float(np.mean(accs))
 
     fgraph = None
-    # Score the trained model again with its self-modifying / Titans memory frozen at eval.
-    if freeze_eval and model in ("hope", "titans") and "eta_max" not in variant_overrides(
-            model, variant):
-        frozen_net = create(model, cfg.replace(**SM_OFF), rngs=nnx.Rngs(seed))
+    # Score the trained model again with its in-context memory frozen at eval (EVAL_FREEZE),
+    # unless the variant already froze it in training.
+    off = EVAL_FREEZE.get(model) if freeze_eval else None
+    if off and not off.keys() & variant_overrides(model, variant).keys():
+        frozen_net = create(model, cfg.replace(**off), rngs=nnx.Rngs(seed))
         fgraph = nnx.split(frozen_net, nnx.Param, ...)[0]
     by_eval = {name: (score(params, graphdef, t), None if fgraph is None
                       else score(params, fgraph, t)) for name, t in evals.items()}

@@ -318,3 +318,20 @@ def test_a_logged_run_is_skipped_and_one_logged_under_other_defaults_runs_again(
     run.main(argv)
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["identity"] != lines[1]["identity"]
+
+
+# Hope's case compiles two full Hope models (~75 s on one core): slow, kept out of the default run.
+@pytest.mark.parametrize("model, same_as", [
+    ("hope_attention", "none"), pytest.param("hope", "cms_only", marks=pytest.mark.slow)])
+def test_frozen_at_eval_scores_the_model_with_its_in_context_memory_frozen(model, same_as):
+    """With the learning rate at 0 the trained parameters are the initial ones, so scoring the
+    ``all`` run with its in-context memory frozen at evaluation (CMS for Hope-Attention, the
+    self-modifying memories for Hope) must give exactly the accuracy of the variant that
+    freezes that memory throughout; that variant has nothing left to freeze at evaluation."""
+    task = tasks.make("mqar", n_pairs=4, seq_len=32, vocab=32)
+    kw = dict(lr=0.0, steps=2, batch=4, eval_batches=1, log_every=1)
+    learning = train.run(task, model, "tiny", "all", **kw)
+    frozen = train.run(task, model, "tiny", same_as, **kw)
+    assert learning.accuracy_frozen_eval is not None
+    assert learning.accuracy_frozen_eval == frozen.accuracy
+    assert frozen.accuracy_frozen_eval is None
