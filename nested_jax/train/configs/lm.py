@@ -3,7 +3,7 @@ r"""Language-model training configs; `--config lm:VARIANT`.
 Variants:
 
   cpu_demo   the README run: HopeLM at the small preset on the embedded Wikipedia
-             paragraphs, byte-level, under 10 minutes on a 2-core CPU; held-out perplexity
+             paragraphs, byte-level, ~25 min on a 2-core CPU (~26 s a step); held-out perplexity
              is printed before and after.  Any other model with --model:
 
                nested-jax train --config lm:cpu_demo --workdir runs/demo
