@@ -33,6 +33,7 @@ import time
 from experiments import benchlib
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+NOTES = os.path.join(os.path.dirname(__file__), "notes", "tpu_compile_grid.md")
 STEM = "tpu_compile_grid"
 MODELS = ("transformer", "hope_attention", "hope", "hope_xla", "titans")
 # Grid rows that are a registered model with settings: HopeLM with the Mosaic memory kernel off
@@ -163,7 +164,9 @@ def report(runs: list[dict], command: str) -> str:
             f"{table}\n\n"
             f"Cells not yet compiled ({len(todo)} of "
             f"{len(MODELS) * len(PRESETS) * len(TOPOLOGIES)}): "
-            + (", ".join(todo) if todo else "none") + "\n")
+            + (", ".join(todo) if todo else "none") + "\n"
+            + (f"\n## Reading (hand-written; experiments/notes/{os.path.basename(NOTES)})\n\n"
+               + open(NOTES).read() if os.path.exists(NOTES) else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
