@@ -22,7 +22,7 @@ def chunk_step(level: Level, state: MemoryState, q, k, v, gates: Gates):
     """One chunk. q, k: f[C, dk]; v: f[C, dv]; gates f[C]. Returns (state, o f[C, dv])."""
     boundary = state.params
     point = level.grad_point(boundary)  # the boundary, detached under first_order
-    eta = jax.vmap(level.step_eta, in_axes=(None, 0, 0))(point, k, gates.eta)
+    eta, _ = level.chunk_steps(point, k, gates.eta)
     gates = Gates(eta, gates.alpha, gates.beta)
     if level.read == "boundary" and not level.rule.momentum and not level.rule.dgd:
         v = level.target(point, v)

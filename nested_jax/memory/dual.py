@@ -117,7 +117,7 @@ def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int
     body = _linear_chunk if isinstance(level.memory, LinearMemory) else _mlp_chunk
 
     def chunk_fn(st, q_c, k_c, v_c, eta, alpha, beta):
-        eta = jax.vmap(level.step_eta, in_axes=(None, 0, 0))(st.params, k_c, eta)
+        eta, _ = level.chunk_steps(st.params, k_c, eta)
         g = Gates(eta, alpha, beta)
         return body(level, st, q_c, k_c, v_c, g, _prep(level, q_c, k_c, g, _dgd(level, True)))
 

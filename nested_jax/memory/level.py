@@ -132,13 +132,30 @@ class Level:
     def layer_inputs(self, params, k):
         return self.memory.layer_inputs(params, k, self.rule.dgd_all_layers)
 
-    def step_eta(self, boundary, k, eta):
-        """The token's step: eta, or under ``Rule.normalized`` eta / (1 + eta G) with
-        G = ``memory.write_gain(boundary, k)`` (normalised LMS for the whole memory, rules.py).
-        Taken at the chunk boundary, like the gradient it scales."""
+    def chunk_steps(self, boundary, k, eta, seen=0.0):
+        """The steps of C tokens whose writes all read the same boundary state.
+
+        k f[C, d], eta f[C]; ``seen`` is the gain already spent in this chunk by earlier tokens
+        (the streaming path's carry).  Returns (steps f[C], seen after the C tokens).  Without
+        ``Rule.normalized`` the steps are eta.  Under it, with a_t = eta_t G_t
+        (G = ``memory.write_gain(boundary, k_t)``) and P_t = seen + a_1 + ... + a_t::
+
+            step_t = eta_t / ((1 + P_{t-1}) (1 + P_t))
+
+        One token alone (C = 1, the oracle) gets eta / (1 + eta G), normalised LMS.  Why the
+        chunk's earlier gains enter: the writes of a chunk all take their error at the boundary,
+        so their effects on M add up without seeing each other; normalising each one alone
+        lets C of them along shared directions move M(k) by up to C times its error (TitansLM's
+        MLP memory, C = 64, diverged so past its training length; decisions #30).  The product
+        telescopes: sum_t step_t G_t = 1/(1 + seen) - 1/(1 + P_C) < 1, so the chunk's summed
+        write never overshoots, whatever its keys, and every step stays causal.
+        """
         if not self.rule.normalized:
-            return eta
-        return eta / (1.0 + eta * self.memory.write_gain(boundary, k))
+            return eta, seen
+        a = eta * jax.vmap(self.memory.write_gain, in_axes=(None, 0))(boundary, k)
+        upto = seen + jnp.cumsum(a)
+        before = jnp.concatenate([jnp.full_like(a[:1], seen), upto[:-1]])
+        return eta / ((1.0 + before) * (1.0 + upto)), upto[-1]
 
     def writes(self, boundary, k, v):
         """(inner gradients, DGD layer inputs) of one token, both at the boundary state.

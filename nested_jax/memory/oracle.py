@@ -15,13 +15,17 @@ from nested_jax.memory.level import Gates, Level, MemoryState, maybe_stop
 from nested_jax.memory.resets import restart
 
 
-def token_step(level: Level, state: MemoryState, boundary, q, k, v, eta, alpha, beta):
-    """One token with the inner gradient taken at ``boundary`` (the shared step of all paths)."""
+def token_step(level: Level, state: MemoryState, boundary, q, k, v, eta, alpha, beta, seen=0.0):
+    """One token with the inner gradient taken at ``boundary`` (the shared step of all paths).
+
+    ``seen``: the write gain spent since ``boundary`` by earlier tokens (``Level.chunk_steps``;
+    0 for the oracle, where every token is its own chunk).  Returns (state, seen after it)."""
     point = level.grad_point(boundary)
     grads, inputs = level.writes(point, k, v)
-    eta = level.step_eta(point, k, eta)
-    params, mom = rules.step(level.rule, state.params, state.mom, grads, inputs, eta, alpha, beta)
-    return MemoryState(params, mom)
+    steps, seen = level.chunk_steps(point, k[None], eta[None], seen)
+    params, mom = rules.step(level.rule, state.params, state.mom, grads, inputs, steps[0],
+                             alpha, beta)
+    return MemoryState(params, mom), seen
 
 
 def run(level: Level, state: MemoryState, q, k, v, gates: Gates, resets=None):
@@ -33,7 +37,7 @@ def run(level: Level, state: MemoryState, q, k, v, gates: Gates, resets=None):
 
     def body(st, xs):
         q_t, k_t, v_t, eta, alpha, beta = xs
-        new = token_step(level, st, st.params, q_t, k_t, v_t, eta, alpha, beta)
+        new, _ = token_step(level, st, st.params, q_t, k_t, v_t, eta, alpha, beta)
         read = new.params if level.read == "online" else st.params
         return new, level.memory.apply(read, q_t)
 

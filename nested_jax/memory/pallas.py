@@ -98,8 +98,11 @@ def _kernel_part(level: Level, pl_: plan.Plan, state: MemoryState, q, k, v, gate
     fl = flags_for(level)
     k, v, gates = maybe_stop(level, k, v, gates)
     if level.rule.normalized:  # a linear memory's write gain ||k||^2 reads no state
-        gates = gates._replace(eta=jnp.vectorize(lambda e, x: level.step_eta(None, x, e),
-                                                 signature="(),(d)->()")(gates.eta, k))
+        chunks = lambda x: jnp.moveaxis(x.reshape(B, T // chunk_size, chunk_size, H, *x.shape[3:]),
+                                        2, 3)  # [B, N, H, C, ...]
+        steps = jnp.vectorize(lambda e, x: level.chunk_steps(None, x, e)[0],
+                              signature="(c),(c,d)->(c)")(chunks(gates.eta), chunks(k))
+        gates = gates._replace(eta=jnp.moveaxis(steps, 3, 2).reshape(B, T, H))
     eta, _, beta = write_gates(level, k, gates, level.rule.dgd)
     seq = lambda x: jnp.moveaxis(x, 2, 1).reshape(B * H, T, *x.shape[3:]).astype(acc)
     ke, ve = error_inputs(level, k, v)

@@ -69,6 +69,9 @@ class TitansConfig(ModelConfig):
         steps with eta / (1 + eta G), G = ``memory.write_gain(M_b, k)`` >= ||J J^T|| for the
         Jacobian J of M(k) in all its matrices, so no write moves M(k) past its target however
         large the layers grow (DGD rules have their own per-layer step and ignore this).
+        Within a chunk, whose writes all take their error at the boundary, each step also
+        divides by the gain the chunk's earlier tokens spent (``Level.chunk_steps``, decisions
+        #30), so the chunk's writes together cannot overshoot either.
       ema_momentum: eta carries a factor (1 - beta), so a write's total effect through the
         momentum, eta / (1 - beta), stays eta_max-bounded.
         Both are on by default (decisions #19).  Without them the MLP memory's forward pass

@@ -17,7 +17,8 @@ from nested_jax import memory as nm
 from tests.kernels.helpers import all_grads, inputs, linear_memory, named_errs, rel_err
 
 TOL64 = 1e-10  # float64: ~1e-14 observed; margin for the ill-conditioned end of random draws
-RULES = {"gd": nm.GD, "titans": nm.TITANS, "dgd": nm.DGD, "dgd_all": nm.Rule(True, True, True)}
+RULES = {"gd": nm.GD, "titans": nm.TITANS, "dgd": nm.DGD, "dgd_all": nm.Rule(True, True, True),
+         "nlms": nm.Rule(momentum=True, normalized=True)}
 
 
 def stream_oracle(level, chunk_size):
@@ -59,6 +60,7 @@ def check(level, args, C, kernel, tol, oracle=True, grads=True, impl="interpret"
     ("mosaic", "dgd", "l2", False),
     ("triton", "titans", "dot", False),
     ("mosaic", "gd", "l2", True),
+    ("mosaic", "nlms", "l2", False),  # TitansLM's linear memory: chunk-normalised steps
     pytest.param("triton", "dgd_all", "l2", False, marks=pytest.mark.slow),
     pytest.param("mosaic", "titans", "l2", False, marks=pytest.mark.slow),
     pytest.param("triton", "dgd", "l2", True, marks=pytest.mark.slow),
