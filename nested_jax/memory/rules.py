@@ -15,7 +15,8 @@ used for both the factor and the gradient term (paper §2, DGD row).  ``normaliz
 without DGD) is normalised LMS for the whole memory: every matrix steps with
 eta' = eta / (1 + eta G), G = ``memory.write_gain(M_b, k)`` >= ||J J^T|| (J the Jacobian of M(k)
 in all matrices), so one write moves M(k) by less than its error however large the layers grow
-(``Level.step_eta``; TitansLM's MLP memory diverged without it, decisions #19).
+(``Level.chunk_steps``, which within a chunk also divides by the gain earlier tokens spent,
+decisions #30; TitansLM's MLP memory diverged without it, decisions #19).
 
 ``delta`` (decisions #19, the "delta form" of DGD with the l2 objective).  The l2 error of a
 memory, u = y_b - t, contains the output-side matrix's own product W_o,b x.  DGD's factor
@@ -80,7 +81,7 @@ DELTA = Rule(momentum=True, dgd=True, dgd_all_layers=True, delta=True)
 def effective_eta(rule: Rule, eta, x):
     """Per-matrix step: eta' = eta / (1 + eta ||x||^2) under ``dgd_all_layers`` (twice that
     under ``reflect``), else eta (``normalized`` scales eta for the whole memory before this:
-    ``Level.step_eta``)."""
+    ``Level.chunk_steps``)."""
     if rule.dgd_all_layers and x is not None:
         step = eta / (1.0 + eta * jnp.sum(x * x))
         return 2.0 * step if rule.reflect else step  # no factor 1.0 in the graph: same rounding
