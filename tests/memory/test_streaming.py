@@ -10,6 +10,18 @@ from tests.memory.helpers import inputs, max_diff
 D = 6
 
 
+def _assert_stream_equals(level, st, q, k, v, g, C, o_par, final_par):
+    """Token-by-token stream_step reproduces the parallel outputs and final state (float64)."""
+    step = jax.jit(lambda s, *x: nm.stream_step(level, s, *x, chunk_size=C))
+    s = nm.stream_init(st)
+    outs = []
+    for t in range(q.shape[1]):
+        o, s = step(s, q[:, t], k[:, t], v[:, t], nm.Gates(*(x[:, t] for x in g)))
+        outs.append(o)
+    assert max_diff(jnp.stack(outs, axis=1), o_par) < 1e-12
+    assert max_diff(nm.MemoryState(s.params, s.mom), final_par) < 1e-12
+
+
 @pytest.mark.parametrize("read", ["online", "prior", "boundary"])
 @pytest.mark.parametrize("mem", ["linear", "mlp"])
 @pytest.mark.parametrize("C", [1, 4])
@@ -18,14 +30,7 @@ def test_stream_equals_dual(x64, read, mem, C):
     level = nm.Level(memory, "l2", nm.DGD, read, self_target=(mem == "mlp"))
     st, q, k, v, g = inputs(level, jax.random.key(0), B=2, T=11, H=2, eta_scale=0.2)
     o_par, final_par = nm.apply(level, st, q, k, v, g, chunk_size=C, path="dual")
-    step = jax.jit(lambda s, *x: nm.stream_step(level, s, *x, chunk_size=C))
-    s = nm.stream_init(st)
-    outs = []
-    for t in range(11):
-        o, s = step(s, q[:, t], k[:, t], v[:, t], nm.Gates(*(x[:, t] for x in g)))
-        outs.append(o)
-    assert max_diff(jnp.stack(outs, axis=1), o_par) < 1e-12
-    assert max_diff(nm.MemoryState(s.params, s.mom), final_par) < 1e-12
+    _assert_stream_equals(level, st, q, k, v, g, C, o_par, final_par)
 
 
 @pytest.mark.parametrize("mem", ["linear", "mlp"])
@@ -36,11 +41,4 @@ def test_stream_equals_dual_with_chunk_normalised_steps(x64, mem):
     level = nm.Level(memory, "l2", nm.Rule(momentum=True, normalized=True))
     st, q, k, v, g = inputs(level, jax.random.key(1), B=2, T=11, H=2, eta_scale=2.0)
     o_par, final_par = nm.apply(level, st, q, k, v, g, chunk_size=4, path="dual")
-    step = jax.jit(lambda s, *x: nm.stream_step(level, s, *x, chunk_size=4))
-    s = nm.stream_init(st)
-    outs = []
-    for t in range(11):
-        o, s = step(s, q[:, t], k[:, t], v[:, t], nm.Gates(*(x[:, t] for x in g)))
-        outs.append(o)
-    assert max_diff(jnp.stack(outs, axis=1), o_par) < 1e-12
-    assert max_diff(nm.MemoryState(s.params, s.mom), final_par) < 1e-12
+    _assert_stream_equals(level, st, q, k, v, g, 4, o_par, final_par)

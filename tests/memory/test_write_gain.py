@@ -55,14 +55,12 @@ def test_write_gain_is_exact_with_a_zero_output_layer(x64):
                                _exact_gain(mem, params, x), rtol=1e-12)
 
 
-@pytest.mark.parametrize("normalized", [True, False])
-def test_titans_rule_mlp_memory_stays_bounded_only_when_normalized(x64, normalized):
-    """Titans' rule (momentum + retention, no DGD) on a 2-layer residual MLP memory, l2 targets,
-    large steps and a grown output layer: each write moves M(k) by less than its error when the
-    step is normalised by the whole memory's gain; per-token steps eta without it diverge."""
+def _grown_mlp_state_size(normalized, T, eta, alpha, beta, chunk_size, path):
+    """The largest entry of a Titans-rule 2-layer residual MLP memory (l2 targets, unit keys and
+    values, a grown output layer) after T tokens with constant gates."""
     mem = nm.MLPMemory(8, 8, hidden=16)
     level = nm.Level(mem, "l2", nm.Rule(momentum=True, normalized=normalized))
-    B, T, H = 1, 300, 1
+    B, H = 1, 1
     ks = jax.random.split(jax.random.key(0), 4)
     unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
     k = unit(jax.random.normal(ks[0], (B, T, H, 8), jnp.float64))
@@ -72,9 +70,18 @@ def test_titans_rule_mlp_memory_stays_bounded_only_when_normalized(x64, normaliz
     state = nm.broadcast_state(nm.broadcast_state(nm.MemoryState(
         params, jax.tree.map(jnp.zeros_like, params)), H), B)
     full = lambda x: jnp.full((B, T, H), x, jnp.float64)
-    gates = nm.Gates(full(1.0), full(1.0), full(0.5))  # eta = 1, no decay, momentum 0.5
-    _, final = nm.apply(level, state, k, k, v, gates, chunk_size=1, path="oracle")
-    size = max(float(jnp.abs(w).max()) for w in jax.tree.leaves(final.params))
+    gates = nm.Gates(full(eta), full(alpha), full(beta))
+    _, final = nm.apply(level, state, k, k, v, gates, chunk_size=chunk_size, path=path)
+    return max(float(jnp.abs(w).max()) for w in jax.tree.leaves(final.params))
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_titans_rule_mlp_memory_stays_bounded_only_when_normalized(x64, normalized):
+    """Titans' rule (momentum + retention, no DGD) on a 2-layer residual MLP memory, l2 targets,
+    large steps and a grown output layer: each write moves M(k) by less than its error when the
+    step is normalised by the whole memory's gain; per-token steps eta without it diverge."""
+    # eta = 1, no decay, momentum 0.5
+    size = _grown_mlp_state_size(normalized, 300, 1.0, 1.0, 0.5, 1, "oracle")
     if normalized:
         assert np.isfinite(size) and size < 50.0, size
     else:
@@ -110,21 +117,6 @@ def test_titans_rule_mlp_memory_stays_bounded_in_chunks_of_64(x64):
     64 writes all read the boundary state.  Normalised per token alone they summed to ~64
     overshooting writes and this state reached ~1e16 in 1024 tokens (measured before decisions
     #30); normalised by the chunk's spent gain it stays at the size of the per-token run."""
-    mem = nm.MLPMemory(8, 8, hidden=16)
-    level = nm.Level(mem, "l2", nm.Rule(momentum=True, normalized=True))
-    B, T, H = 1, 1024, 1
-    ks = jax.random.split(jax.random.key(0), 4)
-    unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
-    k = unit(jax.random.normal(ks[0], (B, T, H, 8), jnp.float64))
-    v = unit(jax.random.normal(ks[1], (B, T, H, 8), jnp.float64))
-    params = mem.init(ks[2], jnp.float64)
-    params["W1"] = 2.0 * jax.random.normal(ks[3], params["W1"].shape, jnp.float64) / 4.0
-    state = nm.broadcast_state(nm.broadcast_state(nm.MemoryState(
-        params, jax.tree.map(jnp.zeros_like, params)), H), B)
-    full = lambda x: jnp.full((B, T, H), x, jnp.float64)
-    gates = nm.Gates(full(0.1), full(0.99), full(0.9))
-    sizes = {}
-    for C, path in ((1, "oracle"), (64, "dual")):
-        _, final = nm.apply(level, state, k, k, v, gates, chunk_size=C, path=path)
-        sizes[C] = max(float(jnp.abs(w).max()) for w in jax.tree.leaves(final.params))
+    sizes = {C: _grown_mlp_state_size(True, 1024, 0.1, 0.99, 0.9, C, path)
+             for C, path in ((1, "oracle"), (64, "dual"))}
     assert np.isfinite(sizes[64]) and sizes[64] < 2 * sizes[1], sizes
