@@ -30,7 +30,10 @@ def _inner_dot_fwd(y, delta):
 
 
 def _inner_dot_bwd(delta, ct):
-    return ct * delta, jnp.zeros_like(delta)
+    # None, a symbolic zero: an instantiated zeros_like made the inner gradient run the transpose
+    # of delta's logit-lens JVP on zeros ([tokens, vocab] work per level, then differentiated
+    # again by the outer gradient): HopeLM's CPU-scale train step 18.2 s instead of 9.3.
+    return ct * delta, None
 
 
 inner_dot.defvjp(_inner_dot_fwd, _inner_dot_bwd)
