@@ -59,12 +59,14 @@ def chips_of(topology: str, slices: int) -> int:
     return len(aot.topology_devices(topology, slices))
 
 
-def cell_config(model: str, preset: str, chips: int):
+def cell_config(model: str, preset: str, chips: int, slices: int = 1):
     """The run config of one grid cell, and the settings it adds to the recipe."""
     from nested_jax.train import config
 
     name, extra = ROW_SETTINGS.get(model, (model, []))
     settings = [("model", name)] + extra + batch_settings(chips)
+    if slices > 1:  # data parallel across slices (data-center network), FSDP inside each
+        settings.append(("mesh.data", slices))
     return config.with_values(config.from_file(f"lm:{preset}"), settings), settings
 
 
@@ -96,7 +98,7 @@ def compile_cell(model: str, preset: str, grid_topology: str) -> dict:
     from nested_jax.train import aot
 
     topology, slices = TOPOLOGIES[grid_topology]
-    cfg, settings = cell_config(model, preset, chips_of(topology, slices))
+    cfg, settings = cell_config(model, preset, chips_of(topology, slices), slices)
     t0 = time.time()
     report = aot.compile_for(cfg, topology, slices)
     return {"model": model, "preset": preset, "topology": grid_topology,

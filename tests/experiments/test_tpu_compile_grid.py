@@ -51,6 +51,15 @@ def test_the_recipe_scans_its_blocks():
     assert cfg.model_overrides["scan_layers"] is True and grid.recipe_blocks() == "scan"
 
 
+def test_multislice_cells_are_data_parallel_across_slices():
+    """The mesh's data axis must span the slices (``sharding.make_mesh`` refuses data=1 on two
+    slices); FSDP stays inside each slice."""
+    cfg, settings = grid.cell_config("transformer", "125M", 32, slices=2)
+    assert cfg.mesh.data == 2 and cfg.mesh.fsdp == -1 and ("mesh.data", 2) in settings
+    single, _ = grid.cell_config("transformer", "125M", 16)
+    assert single.mesh.data == 1
+
+
 def test_every_recipe_preset_loads():
     for p in grid.PRESETS:
         cfg = config.with_values(config.from_file(f"lm:{p}"), grid.batch_settings(16))
