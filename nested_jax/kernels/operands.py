@@ -1,87 +1,63 @@
-"""Which arrays a kernel reads and writes, by kind, so the TPU and GPU kernels share one list.
+"""Which arrays the state-passing kernels read and write, by kind, shared by Triton and Mosaic.
 
-Kinds (all chunked over N = T / C chunks of C tokens, BH = batch * heads, nt dv-tiles of bv):
+Kinds (N chunks, BH = batch * heads, the state's dv rows tiled by bv):
 
-    key    [BH, N, C, dk]      k, q, ke, r, r2      (and their cotangents, [BH, nt, N, C, dk])
-    val    [BH, N, C, dv]      ve, y, dy, dve       (tiled over dv)
-    mat    [BH, N, C, C]       f, g, te             (cotangents [BH, nt, N, C, C])
-    cols   [BH, N, C, 8]       the per-token columns (cotangents [BH, nt, N, C, 8])
-    state  [BH, dv, dk]        w0, s0, wN, sN, and their cotangents (tiled over dv rows)
-    bstate [BH, N, dv, dk]     boundary states wb, sb saved by the forward for the backward
-
-Partial sums over dv tiles get a tile axis after BH; XLA adds them up (``vjp.py``).
+    mat    [BH, N, dk, dk]   k1, k2, kb                  (every dv tile reads all of it)
+    row    [BH, N, dv, dk]   u, v; boundary states wb, sb; their cotangents dwb, dsb; the
+                             cotangents after each chunk gn, hn          (tiled over dv rows)
+    gate   [BH, N, 1, 8]     gC, dC, bC per chunk
+    state  [BH, dv, dk]      w0, s0, wN, sN, dwN, dsN, g0, h0             (tiled over dv rows)
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from nested_jax.kernels.chunk_math import NCOL, Chunk, Flags
+from nested_jax.kernels.affine import NGATE, LoopFlags
 
-CHUNK_KINDS = {"k": "key", "q": "key", "ke": "key", "ve": "val", "r": "key", "r2": "key",
-               "f": "mat", "g": "mat", "te": "mat", "cols": "cols"}
-
-
-def chunk_names(fl: Flags) -> list[str]:
-    """Fields of ``Chunk`` that are present under these flags, in ``Chunk`` order."""
-    present = {"k": True, "q": True, "ke": fl.has_ke and not fl.ke_is_k, "ve": fl.has_ve,
-               "r": fl.dgd, "r2": fl.dgd and fl.momentum, "f": True, "g": fl.dgd, "te": fl.dgd,
-               "cols": True}
-    return [n for n in Chunk._fields if present[n]]
+KIND = {"k1": "mat", "k2": "mat", "kb": "mat", "u": "row", "v": "row", "gates": "gate",
+        "w0": "state", "s0": "state", "wN": "state", "sN": "state", "wb": "row", "sb": "row",
+        "dwb": "row", "dsb": "row", "dwN": "state", "dsN": "state", "gn": "row", "hn": "row",
+        "g0": "state", "h0": "state"}
 
 
-def grad_names(fl: Flags) -> list[str]:
-    """Backward outputs per chunk field: 'd' + name, with dve per tile and the rest partial."""
-    return ["d" + n for n in chunk_names(fl)]
-
-
-def grad_kind(name: str) -> str:
-    """Kind of a cotangent output; 'p' marks a partial sum with a tile axis."""
-    kind = CHUNK_KINDS[name[1:]]
-    return kind if kind == "val" else "p" + kind
-
-
-def array_shape(kind: str, BH: int, nt: int, N: int, C: int, dk: int, dv: int):
-    return {"key": (BH, N, C, dk), "val": (BH, N, C, dv), "mat": (BH, N, C, C),
-            "cols": (BH, N, C, NCOL), "state": (BH, dv, dk), "bstate": (BH, N, dv, dk),
-            "pkey": (BH, nt, N, C, dk), "pmat": (BH, nt, N, C, C),
-            "pcols": (BH, nt, N, C, NCOL)}[kind]
+def array_shape(kind: str, BH: int, N: int, dk: int, dv: int):
+    return {"mat": (BH, N, dk, dk), "row": (BH, N, dv, dk), "gate": (BH, N, 1, NGATE),
+            "state": (BH, dv, dk)}[kind]
 
 
 class Io(NamedTuple):
-    """A kernel's operand list: input names/arrays/kinds, output names/kinds/dtypes."""
+    """A kernel's operand list: input names and arrays, output names and dtypes."""
 
     in_names: list
     args: list
-    in_kinds: list
     out_names: list
-    out_kinds: list
     out_dtypes: list
 
+    @property
+    def in_kinds(self):
+        return [KIND[n] for n in self.in_names]
 
-def forward_io(ch: Chunk, w0, s0, fl: Flags, out_dtype, save: bool = True) -> Io:
-    """save=False (no backward will run): no boundary-state outputs, ~1/3 less HBM traffic."""
-    names = chunk_names(fl)
-    state = ["w0"] + (["s0"] if fl.momentum else [])
-    args = [getattr(ch, n) for n in names] + [w0] + ([s0] if fl.momentum else [])
-    outs = ["y", "wN", "sN"] + (["wb"] + (["sb"] if fl.momentum else []) if save else [])
-    kinds = {"y": "val", "wN": "state", "sN": "state", "wb": "bstate", "sb": "bstate"}
-    return Io(names + state, args, [CHUNK_KINDS[n] for n in names] + ["state"] * len(state),
-              outs, [kinds[o] for o in outs], [out_dtype if o == "y" else w0.dtype for o in outs])
+    @property
+    def out_kinds(self):
+        return [KIND[n] for n in self.out_names]
 
 
-def backward_io(ch: Chunk, wb, sb, dy, dwN, dsN, fl: Flags, nt: int) -> Io:
-    """Cotangents are written in their primal's dtype (what custom_vjp returns anyway) unless
-    they are partial sums over nt > 1 dv tiles, which stay in the carried precision."""
-    names = chunk_names(fl)
-    extra = ["wb"] + (["sb"] if fl.momentum else []) + ["dy", "dwN", "dsN"]
-    kind = {"wb": "bstate", "sb": "bstate", "dy": "val", "dwN": "state", "dsN": "state"}
-    val = {"wb": wb, "sb": sb, "dy": dy, "dwN": dwN, "dsN": dsN}
-    gnames = grad_names(fl)
-    acc = dwN.dtype
-    exact = lambda g: nt == 1 or grad_kind(g) == "val"
-    dtypes = [getattr(ch, g[1:]).dtype if exact(g) else acc for g in gnames]
-    return Io(names + extra, [getattr(ch, n) for n in names] + [val[e] for e in extra],
-              [CHUNK_KINDS[n] for n in names] + [kind[e] for e in extra],
-              gnames + ["dw0", "ds0"], [grad_kind(g) for g in gnames] + ["state", "state"],
-              dtypes + [acc, acc])
+def forward_io(ops: dict, w0, s0, lf: LoopFlags) -> Io:
+    """In: the loop operands and the initial state; out: boundary and final states."""
+    mom = lf.momentum
+    names = list(ops) + ["w0"] + (["s0"] if mom else [])
+    args = list(ops.values()) + [w0] + ([s0] if mom else [])
+    outs = ["wb", "wN"] + (["sb", "sN"] if mom else [])
+    return Io(names, args, outs, [w0.dtype] * len(outs))
+
+
+def backward_io(ops: dict, dwb, dsb, dwN, dsN, lf: LoopFlags) -> Io:
+    """In: the operands the reverse step reads, the cotangents of the forward's outputs;
+    out: the cotangents after every chunk (gn, hn) and of the initial state (g0, h0)."""
+    mom = lf.momentum
+    mats = {n: a for n, a in ops.items() if KIND[n] in ("mat", "gate")}
+    extra = {"dwb": dwb, "dwN": dwN} | ({"dsb": dsb, "dsN": dsN} if mom else {})
+    outs = ["gn", "g0"] + (["hn", "h0"] if mom else [])
+    return Io(list(mats) + list(extra), list(mats.values()) + list(extra.values()), outs,
+              [dwN.dtype] * len(outs))

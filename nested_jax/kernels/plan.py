@@ -7,16 +7,16 @@
   "interpret"  the kernel run by the Pallas interpreter (CPU tests); ``kernel`` picks which
                variant's code is interpreted (default Mosaic, run in TPU interpret mode).
   "xla"        ``nested_jax.memory.apply(path="dual")``: differentiable any number of times.
-  "scan"       the kernels' algorithm in plain XLA on any backend (``scan_xla``): the parallel
-               prep, a sequential chunk scan that saves the boundary states, and the
-               hand-written backward as a reverse scan (no remat, no autodiff of the loop).
-               Differentiable once.  Any chunk size, head dims and float dtype.
+  "scan"       the kernels' algorithm in plain XLA on any backend: the parallel prep and
+               transition, the state-passing loop as ``lax.scan`` (``statepass.scan``), the
+               parallel readout; plain autodiff.  Any chunk size, head dims and float dtype.
 
 Which levels a kernel can run is the engine's to say (``nested_jax/memory/pallas.py`` passes
 its reason as ``level_unsupported``); this module only knows kernels, chunk sizes and dtypes.
-Chunk size: a multiple of 8 (Mosaic) or a power of two >= 16 (Triton, whose dots need dims
->= 16).  Head dims are free: Triton pads dk and dv with zeros to powers of two >= 16 (exact:
-zero key columns and zero memory rows never mix into the rest), Mosaic uses full-dim blocks.
+Chunk size: any (the kernels' loop sees only [dk, dk] and [bv, dk] tiles; the chunks' own
+[C, .] maths is XLA).  Head dims are free: Triton pads dk and dv with zeros to powers of two
+>= 16 (its dots need dims >= 16; zero key columns and zero memory rows never mix into the
+rest), Mosaic uses full-dim blocks with dv tiles of whole sublanes.
 """
 
 from __future__ import annotations
@@ -79,12 +79,6 @@ def unsupported(kernel: str, chunk_size: int, dtype, level_unsupported: str = ""
     engine's reason, if any, that no kernel runs the level at all."""
     if level_unsupported:
         return level_unsupported
-    if kernel == "triton" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
-        return (f"chunk_size={chunk_size} must be a power of two >= 16 for the Triton kernel "
-                "(tl.dot needs dims >= 16); use e.g. chunk_size=64, or impl='xla'")
-    if kernel == "mosaic" and chunk_size % 8:
-        return (f"chunk_size={chunk_size} must be a multiple of 8 for the Mosaic kernel "
-                "(TPU sublane tiling); use e.g. chunk_size=64, or impl='xla'")
     if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64):
         return f"dtype {jnp.dtype(dtype)} is not supported by the kernels; use impl='xla'"
     return ""
@@ -121,10 +115,11 @@ def make_plan(dk: int, dv: int, chunk_size: int, dtype, impl: str = "auto",
         raise ValueError(why + ".")
     if kernel == "triton":
         dkp, dvp = _pow2_at_least(dk, 16), _pow2_at_least(dv, 16)
-        # One program per (sequence, head, bv rows of W): whole W at d <= 64 (no partial
-        # sums), 32-row tiles at d = 128 to keep the f32 tiles within registers.  32-bit
-        # operands also take 32-row tiles at d = 64: with 64 rows the f32 backward asked an
-        # H200 for 247,808 bytes of shared memory (232,448 available).
+        # One program per (sequence, head, bv rows of W and S): whole rows at d <= 64,
+        # 32-row tiles at d = 128 to keep the f32 state within registers, and to have
+        # ~4 programs per (sequence, head) to fill the GPU when B * H is small.  32-bit
+        # operands also take 32-row tiles at d = 64: their [dk, dk] operand tiles are twice
+        # the bytes, double-buffered in shared memory.
         wide = dkp <= 64 and jnp.dtype(dtype).itemsize <= 2
         bv = block_dv or min(dvp, 64 if wide else 32)
     else:
@@ -133,8 +128,9 @@ def make_plan(dk: int, dv: int, chunk_size: int, dtype, impl: str = "auto",
     if dvp % bv or (kernel == "triton" and (bv < 16 or bv & (bv - 1))):
         raise ValueError(f"block_dv={bv} must divide the (padded) dv={dvp}"
                          + (" and be a power of two >= 16." if kernel == "triton" else "."))
-    if kernel == "mosaic" and bv != dvp and (bv % 128):
-        raise ValueError(f"block_dv={bv} must be dv={dvp} or a multiple of 128 (Mosaic tiling).")
+    if kernel == "mosaic" and bv != dvp and (bv % 8):
+        raise ValueError(f"block_dv={bv} must be dv={dvp} or a multiple of 8 (Mosaic tiling: "
+                         "a dv tile is whole sublanes).")
     if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
         raise ValueError(f"num_warps={num_warps} must be a power of two (Triton).")
     if num_stages is not None and num_stages < 1:

@@ -1,11 +1,18 @@
-"""``jax.custom_vjp`` around the sequential kernels: forward kernel, then backward kernel.
+"""The kernels' pipeline after ``prep``: transition (XLA), state-passing loop, readout (XLA).
 
-The forward saves the boundary state of every chunk (f32, [BH, N, dv, dk] for W and for S)
-so the backward runs one reverse pass over chunks with no recomputation of the recurrence;
-inside a chunk it recomputes the cheap local terms (``chunk_math.backward``).  Cotangents
-come back for every ``Chunk`` field and for the initial (W, S); XLA then differentiates
-``prep`` to reach q, k, v and the gates.  A ``custom_vjp`` has no JVP and its backward
-kernel no VJP: for grad-of-grad or forward mode use impl='xla'.
+    core(ch, w0, s0) -> (y, wN, sN)
+      1. ``affine.transition``: each chunk as an affine map of its boundary state, and the
+         readout operands, all chunks in parallel;
+      2. the loop: every boundary state, sequential over chunks (a Pallas kernel, or
+         ``statepass.scan`` for impl="scan");
+      3. ``affine.output``: y from the boundary states, all chunks in parallel.
+
+Only the loop has a hand-written derivative: a ``custom_vjp`` whose backward is the reverse
+kernel (cotangents of the state after every chunk) followed by batched matmuls for the
+operands' cotangents (``statepass.operand_grads``).  Steps 1 and 3 are differentiated by JAX.
+The forward's outputs, the boundary states, are the backward's residuals: nothing is
+recomputed and nothing else is stored.  A ``custom_vjp`` has no JVP and its backward kernel no
+VJP: for grad-of-grad or forward mode use impl='xla' (or impl='scan', plain autodiff).
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
-from nested_jax.kernels import mosaic, scan_xla, triton
-from nested_jax.kernels.chunk_math import Chunk, Flags
+from nested_jax.kernels import affine, mosaic, scan_xla, statepass, triton
+from nested_jax.kernels.affine import Transition
+from nested_jax.kernels.chunk_math import Flags
 from nested_jax.kernels.compat import tpu_interpret
 
 _MODULES = {"mosaic": mosaic, "triton": triton}
@@ -47,71 +56,72 @@ def _interpret_arg(kernel: str, interpret: bool):
     return tpu_interpret() if kernel == "mosaic" else True
 
 
+def _kernel_loop(kernel: str, lf: affine.LoopFlags, op_dtype, bv: int, interpret: bool,
+                 num_warps, num_stages):
+    """(ops, w0, s0) -> (wb, sb, wN, sN) through the Pallas kernels, differentiable once."""
+    mod = _MODULES[kernel]
+    interp = _interpret_arg(kernel, interpret)
+    extra = {"num_warps": num_warps, "num_stages": num_stages} if kernel == "triton" else {}
+    forward = _first_order_only(
+        lambda ops, w0, s0: mod.forward(ops, w0, s0, lf, op_dtype, bv, interpret=interp,
+                                        **extra))
+    backward = _first_order_only(
+        lambda ops, dwb, dsb, dwn, dsn: mod.backward(ops, dwb, dsb, dwn, dsn, lf, op_dtype, bv,
+                                                     interpret=interp, **extra))
+
+    @jax.custom_vjp
+    def loop(ops, w0, s0):
+        return forward(ops, w0, s0)
+
+    def fwd(ops, w0, s0):
+        out = forward(ops, w0, s0)
+        return out, (ops, out[0], out[1], s0)
+
+    def bwd(res, cts):
+        ops, wb, sb, s0 = res
+        dwb, dsb, dwn, dsn = cts
+        acc = wb.dtype
+        mom = lf.momentum
+        gn, hn, g0, h0 = backward(ops, dwb.astype(acc), dsb.astype(acc) if mom else None,
+                                  dwn.astype(acc), dsn.astype(acc) if mom else None)
+        tr = Transition(**{n: ops.get(n) for n in Transition._fields})
+        d = statepass.operand_grads(tr, wb, sb, gn, hn, lf, op_dtype)
+        dops = {n: getattr(d, n) for n in ops}
+        ds0 = h0.astype(s0.dtype) if mom else jnp.zeros_like(s0)
+        return dops, g0.astype(wb.dtype), ds0
+
+    loop.defvjp(fwd, bwd)
+    return loop
+
+
 @functools.cache
 def make_core(kernel: str, fl: Flags, op_dtype, out_dtype, bv: int, interpret: bool,
               num_warps: int | None = None, num_stages: int | None = None):
-    """(Chunk [BH,N,C,...], w0, s0 f[BH,dv,dk]) -> (y [BH,N,C,dv], wN, sN), differentiable once.
+    """(Chunk [BH,N,C,...], w0, s0 f[BH,dv,dk]) -> (y [BH,N,C,dv], wN, sN).
 
-    kernel="xla-scan" runs ``scan_xla.scan`` through the same custom_vjp plumbing with
-    ``jax.vjp`` as the backward (a test of the plumbing itself); kernel="scan" runs
-    ``scan_xla.scan`` forward and the hand-written ``scan_xla.backward`` (``impl="scan"``).
+    kernel: "triton" | "mosaic" (the Pallas loop, differentiable once); "scan" (the same loop
+    as ``lax.scan``, plain autodiff: ``impl="scan"``); "xla-scan" (``scan_xla.scan``, the
+    per-chunk maths in its direct form with autodiff: the pipeline's oracle in tests).
     """
     if kernel == "xla-scan":
-        def run_fwd(ch, w0, s0):
+        def direct(ch, w0, s0):
             y, wn, sn, _, _ = scan_xla.scan(ch, w0, s0, fl, op_dtype)
             return y.astype(out_dtype), wn, sn
-        return run_fwd
-    if kernel == "scan":  # the kernels' algorithm in XLA: scan_xla.scan / scan_xla.backward
-        def forward_saving(ch, w0, s0):
-            y, wn, sn, wb, sb = scan_xla.scan(ch, w0, s0, fl, op_dtype)
-            return y.astype(out_dtype), wn, sn, wb, sb
-
-        forward = forward_saving
-        backward = _first_order_only(
-            lambda ch, wb, sb, dy, dwn, dsn: scan_xla.backward(ch, wb, sb, dy, dwn, dsn, fl,
-                                                               op_dtype))
+        return direct
+    lf = affine.loop_flags(fl)
+    if kernel == "scan":
+        loop = lambda ops, w0, s0: statepass.scan(Transition(**{
+            n: ops.get(n) for n in Transition._fields}), w0, s0, lf, op_dtype)
     else:
-        mod = _MODULES[kernel]
-        interp = _interpret_arg(kernel, interpret)
-        extra = {"num_warps": num_warps, "num_stages": num_stages} if kernel == "triton" else {}
+        loop = _kernel_loop(kernel, lf, op_dtype, bv, interpret, num_warps, num_stages)
 
-        def kernel_fwd(save):
-            return _first_order_only(
-                lambda ch, w0, s0: mod.forward(ch, w0, s0, fl, op_dtype, out_dtype, bv,
-                                               interpret=interp, save=save, **extra))
+    def core(ch, w0, s0):
+        acc = w0.dtype
+        tr, ro = affine.transition(ch, fl, op_dtype, acc)
+        wb, sb, wn, sn = loop(statepass.operands(tr, lf), w0.astype(acc), s0.astype(acc))
+        if not lf.momentum:
+            sn = affine.final_momentum(tr, wb[:, -1], op_dtype, acc)
+        y = affine.output(ro, wb, sb, op_dtype, acc)
+        return y.astype(out_dtype), wn, sn
 
-        forward, forward_saving = kernel_fwd(False), kernel_fwd(True)
-
-        backward = _first_order_only(
-            lambda ch, wb, sb, dy, dwn, dsn: mod.backward(ch, wb, sb, dy, dwn, dsn, fl,
-                                                          op_dtype, bv, interpret=interp,
-                                                          **extra))
-
-    @jax.custom_vjp
-    def core(ch: Chunk, w0, s0):
-        y, wn, sn, _, _ = forward(ch, w0, s0)
-        return y, wn, sn
-
-    def fwd(ch, w0, s0):
-        y, wn, sn, wb, sb = forward_saving(ch, w0, s0)
-        return (y, wn, sn), (ch, wb, sb, s0)
-
-    def bwd(res, cts):
-        ch, wb, sb, s0 = res
-        dy, dwn, dsn = cts
-        acc = wb.dtype
-        grads, dw0, ds0 = backward(ch, wb, sb, dy, dwn.astype(acc), dsn.astype(acc))
-        out = {}
-        for name in Chunk._fields:
-            primal = getattr(ch, name)
-            if primal is None:
-                out[name] = None
-                continue
-            g = grads["d" + name]
-            if name != "ve":  # partial sums over dv tiles (already in primal dtype if one tile)
-                g = g[:, 0] if g.shape[1] == 1 else g.sum(axis=1)
-            out[name] = g.astype(primal.dtype)
-        return Chunk(**out), dw0.astype(wb.dtype), ds0.astype(s0.dtype)
-
-    core.defvjp(fwd, bwd)
     return core
