@@ -84,15 +84,21 @@ class Case:
         self.tokens = self.batch * seq_len
         data = jax.random.randint(jax.random.key(1), (1, self.batch, seq_len + 1), 0, args.vocab)
         self.data = data
-        step = jax.jit(step_lib.make_train_step(graphdef, tx))
+        # donate: the step updates the state in place, as the trainer's does (less memory)
+        donate = (0,) if getattr(args, "donate", False) else ()
+        if donate:  # one buffer may sit at several leaves (e.g. zero counters): donate copies
+            self.state = jax.tree.map(lambda x: x.copy(), self.state)
+        step = jax.jit(step_lib.make_train_step(graphdef, tx), donate_argnums=donate)
         t0 = time.perf_counter()
         compiled = step.lower(self.state, data).compile()
         self.compile_s = time.perf_counter() - t0
         self.peak_bytes = _peak_bytes(compiled)
         self.step = compiled
         self.times: list[float] = []
+        t0 = time.perf_counter()
         self.state, metrics = self.step(self.state, data)  # warm-up
         jax.block_until_ready(metrics)
+        self.warmup_s = time.perf_counter() - t0
         self.finite = bool(metrics["finite"])
 
     def time_once(self) -> None:
@@ -112,6 +118,15 @@ def _peak_bytes(compiled) -> float | None:
         m = compiled.memory_analysis()
         return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                      - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+
+
+def device_peak_bytes() -> float | None:
+    """The allocator's high-water mark on device 0 since the process started (GPU, TPU); None
+    where the backend keeps no statistics (CPU)."""
+    try:
+        return float((jax.devices()[0].memory_stats() or {})["peak_bytes_in_use"])
     except Exception:  # noqa: BLE001 - not every backend reports it
         return None
 

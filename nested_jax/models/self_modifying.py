@@ -135,6 +135,8 @@ GATE_BIAS_INIT = {"eta": 0.0, "beta": 0.0}
 # alpha = sigmoid(4.6) = 0.99005 at init: the bias every result before retention_init used.
 RETENTION_INIT = 1.0 / (1.0 + math.exp(-4.6))
 GATE_SOURCE = {"eta": "eta", "alpha": "alpha", "beta": "alpha"}  # memory each gate is read from
+# jax.named_scope names of the training path's two memory stages (profiles: op_name metadata)
+SCOPE_COUPLED, SCOPE_MEMORY = "coupled_memories", "output_memory"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -648,7 +650,10 @@ class SelfModifyingTitans(nnx.Module):
               **{n: static[n] for n in ("k", "v") if n in static}}
         if docs is not None:
             xs["reset"] = pad(docs.starts, Tc)
-        _, (q, k, v, gates) = self._scan_coupled(coupled0, xs)
+        # Named scopes tag these ops in profiles (experiments/gpu_models.py sorts kernel time
+        # by them); they change no numbers.
+        with jax.named_scope(SCOPE_COUPLED):
+            _, (q, k, v, gates) = self._scan_coupled(coupled0, xs)
         q = static.get("q", q)
         # M_memory: the real tokens, then no-op updates (eta = 0, alpha = 1, beta = 0) to Tm.
         fit = lambda a: pad(a[:, :T], Tm)
@@ -657,10 +662,11 @@ class SelfModifyingTitans(nnx.Module):
         gates = self._memory_gates(gates)
         gates = nm.Gates(noop(gates.eta, 0.0), noop(gates.alpha, 1.0), noop(gates.beta, 0.0))
         resets = {} if docs is None else {"resets": fit(docs.starts)}
-        o_BxTxHxK, _ = nm.apply(self.level(cfg.memory_read), memory0, fit(q), fit(k), fit(v),
-                                gates, chunk_size=cfg.chunk_memory, **resets,
-                                **memory_route(cfg.memory_form == "linear", cfg.memory_impl,
-                                               cfg.memory_path))
+        with jax.named_scope(SCOPE_MEMORY):
+            o_BxTxHxK, _ = nm.apply(self.level(cfg.memory_read), memory0, fit(q), fit(k), fit(v),
+                                    gates, chunk_size=cfg.chunk_memory, **resets,
+                                    **memory_route(cfg.memory_form == "linear", cfg.memory_impl,
+                                                   cfg.memory_path))
         return layers.shard_batch(self._output(o_BxTxHxK[:, :T], x_BxTxD))
 
     # ---- streaming (decode) path --------------------------------------------------------------
