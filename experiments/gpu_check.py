@@ -6,6 +6,12 @@ H200; needs jax, numpy, flax, optax and this repository; not grain):
 
     PYTHONPATH=. OUT=/tmp/out python experiments/gpu_check.py
 
+In a 15-minute lease (a minute or two of it to start the machine), one call of
+``GPU_CHECK_BUDGET_S=170 GPU_MODELS_BUDGET_S=250 timeout 480 python experiments/gpu_check.py``
+leaves room for one short rerun; the model table then covers 125M at T = 8K and 32K (the
+targets' lengths), and ``python experiments/gpu_models.py --groups ...`` the rest in a later
+lease.
+
 (a) Correctness, fp32 and bf16, Hope's level (l2 + momentum + DGD) at d = 64 and 128 and
     Titans' (dot + momentum): the kernel path (impl="pallas") against the XLA dual form
     (nested_jax.memory.apply path="dual"): outputs, final W and S, and the gradients w.r.t.
