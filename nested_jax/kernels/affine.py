@@ -31,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nested_jax.kernels.chunk_math import Chunk, Flags
+from nested_jax.kernels.chunk_math import Chunk, Flags, precision
 
 
 class Transition(NamedTuple):
@@ -88,8 +88,7 @@ def final_momentum(tr: Transition, w_last, op_dtype, acc):
 
 
 def _matmul(op_dtype, acc):
-    exact = jnp.dtype(op_dtype).itemsize >= 4
-    prec = jax.lax.Precision.HIGHEST if exact else jax.lax.Precision.DEFAULT
+    prec = precision(op_dtype)
     return lambda a, b: jnp.matmul(a.astype(op_dtype), b.astype(op_dtype), precision=prec,
                                    preferred_element_type=acc)
 

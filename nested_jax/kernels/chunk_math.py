@@ -44,6 +44,13 @@ class Flags(NamedTuple):
     ke_is_k: bool = False  # error keys are the write keys (plain l2): no separate ke array
 
 
+def precision(op_dtype):
+    """XLA matmul precision for the kernels' operand dtype: IEEE for 32/64-bit operands (never
+    TF32), the default for 16-bit ones (their products are rounded to 16 bits anyway)."""
+    exact = jnp.dtype(op_dtype).itemsize >= 4
+    return jax.lax.Precision.HIGHEST if exact else jax.lax.Precision.DEFAULT
+
+
 def make_dot(op_dtype, acc_dtype):
     """dot(a, b, form): form 'nt' = a @ b^T, 'nn' = a @ b, 'tn' = a^T @ b, in acc_dtype."""
     prec = jax.lax.Precision.HIGHEST if op_dtype in (jnp.float32, jnp.float64) else None

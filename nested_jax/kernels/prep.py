@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nested_jax.kernels.chunk_math import NCOL, Chunk, Flags
+from nested_jax.kernels.chunk_math import NCOL, Chunk, Flags, precision
 from nested_jax.kernels.triangular import segment_products, shift_down, solve_unit_lower
 
 
@@ -37,8 +37,7 @@ def chunk_prep(q, k, ke, ve, eta, alpha, beta, fl: Flags, op_dtype):
     type), the per-token columns in the compute precision.  ``beta`` must already be zero when
     not fl.momentum.
     """
-    exact = jnp.dtype(op_dtype).itemsize >= 4
-    hp = jax.lax.Precision.HIGHEST if exact else jax.lax.Precision.DEFAULT
+    hp = precision(op_dtype)
     mm = lambda a, b: jnp.matmul(a, b, precision=hp)
     A = segment_products(alpha)
     gam = jnp.cumprod(alpha)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from nested_jax.kernels.affine import BC, DC, GC, LoopFlags, Transition
-from nested_jax.kernels.chunk_math import make_dot
+from nested_jax.kernels.chunk_math import make_dot, precision
 
 
 def gate_columns(row, acc):
@@ -107,8 +107,7 @@ def operand_grads(tr: Transition, wb, sb, gn, hn, lf: LoopFlags, op_dtype) -> Tr
     """Cotangents of the loop's operands, all chunks at once, from the boundary states
     (wb, sb) and the cotangents of the states after each chunk (gn, hn) [BH, N, dv, dk]."""
     acc = gn.dtype
-    exact = jnp.dtype(op_dtype).itemsize >= 4
-    prec = jax.lax.Precision.HIGHEST if exact else jax.lax.Precision.DEFAULT
+    prec = precision(op_dtype)
     tn = lambda a, b: jnp.einsum("...vd,...ve->...de", a.astype(op_dtype), b.astype(op_dtype),
                                  precision=prec, preferred_element_type=acc)
     inner = lambda a, b: jnp.sum(a * b, axis=(-2, -1))
