@@ -67,8 +67,12 @@ def versus_paper(groups: dict[str, list[dict]]) -> str:
     ranked = sorted(final, key=lambda arm: -np.mean(final[arm]))
     parts = []
     for hi, lo in zip(ranked, ranked[1:], strict=False):
-        apart = min(final[hi]) > max(final[lo])
-        parts.append(f"{hi} {'>' if apart else '~'} {lo}")
+        # one seed has no range: a gap between single runs is not called an ordering
+        if min(len(final[hi]), len(final[lo])) < 2:
+            sign = "?"
+        else:
+            sign = ">" if min(final[hi]) > max(final[lo]) else "~"
+        parts.append(f"{hi} {sign} {lo}")
     measured = ", ".join(parts) if parts else (ranked[0] if ranked else "no runs yet")
     return (
         "**Versus the paper.** The paper's continual-learning figure is class-incremental "
@@ -80,7 +84,8 @@ def versus_paper(groups: dict[str, list[dict]]) -> str:
         "Hope without CMS and Transformer++ (no EWC, no InCA), and every memory is reset per "
         "sequence, where the paper's CMS keeps learning along the stream.  What can be "
         f"compared is the ordering of the arms by final average accuracy: here {measured} "
-        "('>' when the seed ranges do not overlap, '~' when they do).\n")
+        "('>' when the seed ranges do not overlap, '~' when they do, '?' when an arm has "
+        "one seed so far).\n")
 
 
 def write(setup: dict, log: str, results_dir: str, total: float, command: str) -> None:
