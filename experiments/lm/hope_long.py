@@ -49,6 +49,7 @@ def config(seed: int):
 
 
 def one_run(seed: int, runs_dir: str) -> dict:
+    from experiments.lm.finished import train_to_end
     from nested_jax.train import evaluate, metrics, trainer
 
     workdir = os.path.join(runs_dir, "hope_long", f"s{seed}")
@@ -56,7 +57,7 @@ def one_run(seed: int, runs_dir: str) -> dict:
     t0 = time.time()
     # restart=True only matters before the first checkpoint: a killed run that left its
     # config but no checkpoint starts again; with a checkpoint the trainer resumes from it.
-    summary = trainer.train(cfg, workdir, progress=False, restart=True)
+    summary = train_to_end(cfg, workdir, restart=True)
     recs = metrics.read_records(trainer.workdir_path(workdir) / "metrics.jsonl")
     curve = [(r["step"], r["eval/perplexity"]) for r in recs if "eval/perplexity" in r]
     train = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]

@@ -45,7 +45,8 @@ STEPS, LAYERS, LR = 1000, 2, 3e-3
 
 
 def one_run(variant: str, seed: int, runs_dir: str, tokenizer: str) -> dict:
-    from nested_jax.train import evaluate, trainer
+    from experiments.lm.finished import train_to_end
+    from nested_jax.train import evaluate
 
     scale = recipes.SCALES["cpu"]
     over = {**scale.overrides("hope"), "n_layers": LAYERS, **VARIANTS[variant]}
@@ -53,7 +54,7 @@ def one_run(variant: str, seed: int, runs_dir: str, tokenizer: str) -> dict:
                               STEPS, f"sentencepiece:{os.path.abspath(tokenizer)}")
     workdir = os.path.join(runs_dir, "init_probe", f"{variant}-s{seed}")
     t0 = time.time()
-    trainer.train(cfg, workdir, progress=False)
+    train_to_end(cfg, workdir)
     ppl = lambda *f: evaluate.evaluate_checkpoint(workdir, freeze=f)["perplexity"]
     bins = lambda a: [float(np.mean(a[s:e])) for s, e in SPANS]
     L, n = scale.position_len, scale.position_batches

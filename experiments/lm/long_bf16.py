@@ -63,6 +63,7 @@ def corpus(runs_dir: str) -> str:
 
 
 def one_run(model: str, dtype: str, seed: int, runs_dir: str) -> dict:
+    from experiments.lm.finished import train_to_end
     from nested_jax.train import evaluate, metrics, trainer
     from nested_jax.train.config import DataConfig, OptimConfig, TrainConfig
 
@@ -78,7 +79,7 @@ def one_run(model: str, dtype: str, seed: int, runs_dir: str) -> dict:
                           weight_decay=0.1, b2=0.95, grad_clip=1.0))
     workdir = os.path.join(runs_dir, "long_bf16", f"{model}-{dtype}-s{seed}")
     t0 = time.time()
-    summary = trainer.train(cfg, workdir, progress=False)
+    summary = train_to_end(cfg, workdir)
     seconds = time.time() - t0
     recs = [r for r in metrics.read_records(trainer.workdir_path(workdir) / "metrics.jsonl")
             if "train/loss" in r]

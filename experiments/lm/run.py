@@ -111,10 +111,11 @@ def one_run(cfg, workdir: str, freezes, scale: recipes.Scale) -> dict:
     """Train (or resume) in `workdir`, then score: held-out perplexity, learning and with each
     memory frozen, and the loss by position."""
     from experiments.lm import position
+    from experiments.lm.finished import train_to_end
     from nested_jax.train import evaluate, metrics, trainer
 
     t0 = time.time()
-    summary = trainer.train(cfg, workdir, progress=False)
+    summary = train_to_end(cfg, workdir)
     seconds = time.time() - t0
     records = metrics.read_records(trainer.workdir_path(workdir) / "metrics.jsonl")
     curve = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]

@@ -81,3 +81,38 @@ def test_hope_long_is_the_readme_job_trained_longer_and_reports_every_freeze(tmp
     assert (tmp_path / "curves.png").exists()
     assert "| self-modifying frozen | 13.500 [13.500, 13.500] | 3.500 [3.500, 3.500] |" in text
     assert "| CMS frozen | 10.250 [10.250, 10.250] | 0.250 [0.250, 0.250] |" in text
+
+
+def test_a_run_stopped_by_a_signal_is_neither_scored_nor_logged(tmp_path):
+    """The trainer returns, checkpointed, when SIGTERM stops it; a suite that scored what came
+    back would log a half-trained run as finished and its sweep would skip it for good. Here a
+    real SIGTERM reaches a real run in this process once its loop is stepping."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from experiments.lm.finished import train_to_end
+    from nested_jax.train import metrics, trainer
+    from tests.train.conftest import tiny_config, write_corpus
+
+    cfg = tiny_config(write_corpus(tmp_path / "data"), model="transformer", steps=100_000,
+                      checkpoint_every=100_000)
+    workdir = tmp_path / "run"
+
+    def stop_once_stepping():
+        log = trainer.workdir_path(workdir) / "metrics.jsonl"
+        while True:
+            try:  # a line being written may not parse yet: read again
+                if any("train/loss" in r for r in metrics.read_records(log)):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler owns SIGTERM while stepping
+
+    threading.Thread(target=stop_once_stepping, daemon=True).start()
+    with pytest.raises(SystemExit, match=r"stopped by SIGTERM at step \d+ of 100000, so it is "
+                                         "neither scored nor logged"):
+        train_to_end(cfg, str(workdir))
+    assert list((workdir / "checkpoints").iterdir()), "the stop still checkpoints, to resume"
