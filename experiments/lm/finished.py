@@ -3,7 +3,8 @@
 `nested_jax.train.trainer.train` returns, rather than raises, when SIGTERM or Ctrl-C stops it:
 it checkpoints first so that the next call resumes. A suite that went on to score the returned
 run would log a half-trained model as a finished one, and the sweep would skip it from then on
-(a SIGTERM to `experiments.lm.run` did exactly that, 2026-12-05). Every language-model suite
+(a SIGTERM to `experiments.lm.run` on 2026-12-05 set it scoring a 17-step run, killed before it
+logged). Every language-model suite
 trains through `train_to_end`, so a stopped run exits before anything is scored or logged.
 """
 
