@@ -29,7 +29,8 @@ def write_text(path: str, text: str) -> None:
     print(f"wrote {path}")
 
 
-def _runs(log: str, setup: dict) -> list[dict]:
+def finished_runs(log: str, setup: dict) -> list[dict]:
+    """The log's finished runs with this setup (scale, steps, tokens, vocabulary, suite)."""
     if not os.path.exists(log):
         return []
     runs = [json.loads(line) for line in open(log) if line.strip()]
@@ -38,7 +39,7 @@ def _runs(log: str, setup: dict) -> list[dict]:
 
 def logged(log: str, setup: dict, arm: str) -> dict:
     """{(lr, seed): record} of the arm's finished runs with this setup (a rerun replaces)."""
-    return {(r["lr"], r["seed"]): r for r in _runs(log, setup) if r["arm"] == arm}
+    return {(r["lr"], r["seed"]): r for r in finished_runs(log, setup) if r["arm"] == arm}
 
 
 def best_lr(done: dict, seed: int, lrs) -> float:
@@ -58,7 +59,7 @@ def _spread(xs) -> str:
 
 
 def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> None:
-    runs = _runs(log, setup)
+    runs = finished_runs(log, setup)
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     first = min((r["seed"] for r in runs), default=0)
     sweep_rows, rows, best_groups = [], [], {}
@@ -108,8 +109,11 @@ def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> No
         "seeds use\n"
         "- perplexity: held-out, mean [min, max] over seeds; *frozen*: the same checkpoint "
         "scored with that in-context memory's inner learning rates at 0 (evaluation only), and "
-        "in brackets the perplexity it adds\n\n"
-        "### Learning-rate sweep (held-out perplexity)\n\n"
+        "in brackets the perplexity it adds\n"
+        + "".join(f"- {r['arm']} lr {r['lr']:g} seed {r['seed']}: the same training as "
+                  f"{r['reused_from']} (`lm_compare_runs.jsonl`), reused, not retrained\n"
+                  for r in runs if r.get("reused_from"))
+        + "\n### Learning-rate sweep (held-out perplexity)\n\n"
         + benchlib.markdown_table(["arm", *grid_cols, "best"], sweep_rows)
         + "\n\n### At the best learning rate\n\n"
         + benchlib.markdown_table(

@@ -107,6 +107,28 @@ def train_config(scale: recipes.Scale, preset: str, model: str, overrides: dict,
                           weight_decay=0.1, b2=0.95, grad_clip=1.0))
 
 
+def compare_twin(suite: str, setup: dict, model: str, overrides: dict, optimizer: str,
+                 lr: float, seed: int) -> dict | None:
+    """The compare suite's finished run of this very training, if one is logged.
+
+    The ablation suite's reference row ("hope") and the optimizer suite's AdamW arm train the
+    compare suite's HopeLM: same model overrides, optimizer, learning rate, seed, steps and
+    tokens.  Training is deterministic, so their run would repeat compare's bit for bit (45 min
+    on one CPU core); its record is reused instead, marked ``reused_from``.
+    """
+    if suite == "compare":
+        return None
+    same = (model, overrides, optimizer, lr, seed)
+    for r in report.finished_runs(os.path.join(RESULTS, "lm_compare_runs.jsonl"),
+                                  dict(setup, suite="compare")):
+        if (r["model"], r["overrides"], r["optimizer"], r["lr"], r["seed"]) == same:
+            own = set(report.SETUP_KEYS) | {"arm", "model", "optimizer", "overrides", "lr",
+                                            "seed"}
+            return dict({k: v for k, v in r.items() if k not in own},
+                        reused_from=f"compare {r['arm']} lr {lr:g} seed {seed}")
+    return None
+
+
 def one_run(cfg, workdir: str, freezes, scale: recipes.Scale) -> dict:
     """Train (or resume) in `workdir`, then score: held-out perplexity, learning and with each
     memory frozen, and the loss by position."""
@@ -160,11 +182,13 @@ def main(argv=None) -> None:
                     lr = report.best_lr(report.logged(log, setup, name), a.seeds[0], lrs)
                 if (lr, seed) in done:
                     continue
-                cfg = train_config(scale, recipes.PRESET[a.scale], model, overrides, optimizer,
-                                   lr, seed, steps,
-                                   f"sentencepiece:{os.path.abspath(tok)}")
-                workdir = os.path.join(runs_dir, a.suite, f"{name}-lr{lr:g}-s{seed}")
-                r = one_run(cfg, workdir, FREEZES[model], scale)
+                r = compare_twin(a.suite, setup, model, overrides, optimizer, lr, seed)
+                if r is None:
+                    cfg = train_config(scale, recipes.PRESET[a.scale], model, overrides,
+                                       optimizer, lr, seed, steps,
+                                       f"sentencepiece:{os.path.abspath(tok)}")
+                    workdir = os.path.join(runs_dir, a.suite, f"{name}-lr{lr:g}-s{seed}")
+                    r = one_run(cfg, workdir, FREEZES[model], scale)
                 print(f"{a.suite} {name:16s} lr {lr:g} seed {seed}: ppl {r['ppl']:.3f} "
                       f"frozen {r['frozen']} {r['seconds']:.0f}s", flush=True)
                 with open(log, "a") as f:  # one line per run: shards in parallel processes

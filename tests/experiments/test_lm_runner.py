@@ -54,6 +54,47 @@ def test_bad_options_fail_before_training(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_ablation_reference_row_and_adamw_arm_reuse_compares_identical_run(tmp_path, monkeypatch):
+    """The ablation's "hope" row and the optimizer suite's AdamW arm are compare's HopeLM run
+    (same overrides, optimizer, lr, seed, budget): their record is copied, nothing trains.  A
+    row that differs in one flag, lr or seed is not a twin."""
+    import json
+
+    scale = recipes.SCALES["cpu"]
+    setup = dict(suite="compare", scale="cpu", steps=scale.steps, seq_len=scale.seq_len,
+                 batch=scale.batch, vocab=scale.vocab)
+    curve = [(100, 5.0), (400, 4.9)]
+    position = [5.0] * 8
+    record = dict(setup, arm="hope", model="hope", optimizer="adamw",
+                  overrides=scale.overrides("hope"), lr=0.01, seed=0, ppl=144.05,
+                  frozen={"self_modifying": 220.1}, params_body=1.25e6, sec_per_step=6.0, seconds=2500.0,
+                  curve=curve, position=position, position_frozen={"self_modifying": position})
+    (tmp_path / "lm_compare_runs.jsonl").write_text(json.dumps(record) + "\n")
+    monkeypatch.setattr(run, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(run.tok_lib, "build", lambda *a, **k: str(tmp_path / "tok.model"))
+
+    def no_training(*a, **k):
+        raise AssertionError("a reused run must not train")
+
+    monkeypatch.setattr(run, "one_run", no_training)
+    run.main(["ablation", "--rows", "hope", "--lrs", "0.01", "--seeds", "0"])
+    run.main(["optimizers", "--optimizers", "adamw", "--lrs", "0.01", "--seeds", "0"])
+    for suite, arm in (("ablation", "hope"), ("optimizers", "adamw")):
+        (got,) = [json.loads(x) for x in open(tmp_path / f"lm_{suite}_runs.jsonl")]
+        assert (got["suite"], got["arm"], got["ppl"]) == (suite, arm, 144.05)
+        assert got["reused_from"] == "compare hope lr 0.01 seed 0"
+        assert "reused, not retrained" in (tmp_path / f"lm_{suite}.md").read_text()
+
+    twin = dict(suite="ablation", setup=dict(setup, suite="ablation"), model="hope",
+                overrides=scale.overrides("hope"), optimizer="adamw", lr=0.01, seed=0)
+    assert run.compare_twin(**twin) is not None
+    for change in (dict(overrides={**scale.overrides("hope"), **recipes.ABLATIONS["no_cms"]}),
+                   dict(optimizer="muon"), dict(lr=0.003), dict(seed=1),
+                   dict(setup=dict(setup, suite="ablation", steps=200))):
+        assert run.compare_twin(**{**twin, **change}) is None, change
+
+
 def test_hope_long_is_the_readme_job_trained_longer_and_reports_every_freeze(tmp_path):
     """The long run differs from the README's main job (`lm:cpu_demo`) only in its length,
     seed and cadences, so its frozen-memory gaps are about that model; and the report puts
