@@ -58,11 +58,22 @@ def _spread(xs) -> str:
     return f"{np.mean(xs):.2f} [{min(xs):.2f}, {max(xs):.2f}]" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
+def paired_gap(group: list[dict], ref: dict) -> str:
+    """The row's perplexity minus the reference's on each seed both have: mean [min, max]."""
+    gaps = [r["ppl"] - ref[r["seed"]] for r in group if r["seed"] in ref]
+    if not gaps:
+        return "-"
+    if len(gaps) == 1:
+        return f"{gaps[0]:+.2f}"
+    return f"{np.mean(gaps):+.2f} [{min(gaps):+.2f}, {max(gaps):+.2f}]"
+
+
 def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> None:
     runs = finished_runs(log, setup)
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     first = min((r["seed"] for r in runs), default=0)
     sweep_rows, rows, best_groups = [], [], {}
+    ablation = setup["suite"] == "ablation"
     all_lrs = sorted({r["lr"] for r in runs if r["seed"] == first})
     for arm in arms:
         done = {(r["lr"], r["seed"]): r for r in runs if r["arm"] == arm}
@@ -81,12 +92,16 @@ def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> No
         frozen = "; ".join(f"{n}: {_spread([r['frozen'][n] for r in group])} "
                            f"(+{_spread([r['frozen'][n] - r['ppl'] for r in group])})"
                            for n in frozen_names) or "-"
-        paper = recipes.PAPER_ABLATION_PPL.get(arm) if setup["suite"] == "ablation" else None
+        paper = recipes.PAPER_ABLATION_PPL.get(arm) if ablation else None
         rows.append((arm, f"{group[0]['params_body'] / 1e6:.2f}M", f"{best:g}",
                      _spread([r["ppl"] for r in group]), frozen,
                      _spread([r["sec_per_step"] for r in group]),
                      ", ".join(str(r["seed"]) for r in group))
-                    + ((f"{paper:.2f}",) if setup["suite"] == "ablation" else ()))
+                    + ((f"{paper:.2f}",) if ablation else ()))
+    if ablation:  # seeds move HopeLM by ~18 perplexity: compare rows on the same seeds
+        ref = {r["seed"]: r["ppl"] for r in best_groups.get("hope", [])}
+        rows = [row[:4] + ("reference" if row[0] == "hope" else
+                           paired_gap(best_groups[row[0]], ref),) + row[4:] for row in rows]
     png = os.path.join(RESULTS, f"lm_{setup['suite']}.png")
     plot(best_groups, png)
     notes = os.path.join(HERE, "notes", f"{setup['suite']}.md")
@@ -117,8 +132,10 @@ def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> No
         + benchlib.markdown_table(["arm", *grid_cols, "best"], sweep_rows)
         + "\n\n### At the best learning rate\n\n"
         + benchlib.markdown_table(
-            ["arm", "params w/o embedding", "lr", "perplexity", "frozen at eval (+ppl)",
-             "s / step", "seeds"] + (["paper ppl"] if setup["suite"] == "ablation" else []),
+            ["arm", "params w/o embedding", "lr", "perplexity"]
+            + (["vs hope, same seeds"] if ablation else [])
+            + ["frozen at eval (+ppl)", "s / step", "seeds"]
+            + (["paper ppl"] if ablation else []),
             rows)
         + f"\n\n![curves]({os.path.basename(png)})\n\n" + reading)
     benchlib.write_result(os.path.join(RESULTS, f"lm_{setup['suite']}.md"),

@@ -38,6 +38,16 @@ def test_best_lr_is_the_lowest_perplexity_and_needs_the_whole_sweep():
         report.best_lr(done, 0, (1e-3, 3e-3, 1e-2, 3e-2))
 
 
+def test_ablation_gap_to_hope_is_paired_by_seed():
+    """HopeLM's seeds differ by ~18 perplexity, more than some rows' effects: each row's gap is
+    taken against the reference on the same seed, and only on seeds both have."""
+    ref = {0: 144.0, 1: 162.0}
+    assert report.paired_gap([{"seed": 0, "ppl": 191.0}], ref) == "+47.00"
+    assert report.paired_gap([{"seed": 0, "ppl": 150.0}, {"seed": 1, "ppl": 160.0}],
+                             ref) == "+2.00 [-2.00, +6.00]"
+    assert report.paired_gap([{"seed": 2, "ppl": 150.0}], ref) == "-"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["nope"], "suite='nope' is unknown"),
     (["compare", "--scale", "huge"], "--scale='huge' is unknown"),
