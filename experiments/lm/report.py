@@ -70,7 +70,9 @@ def paired_gap(group: list[dict], ref: dict) -> str:
 
 def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> None:
     runs = finished_runs(log, setup)
-    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    order = list({"compare": recipes.MODELS, "ablation": recipes.ABLATIONS,
+                  "optimizers": recipes.OPTIMIZERS}[setup["suite"]])
+    arms = sorted({r["arm"] for r in runs}, key=order.index)  # the suite's order, not the log's
     first = min((r["seed"] for r in runs), default=0)
     sweep_rows, rows, best_groups = [], [], {}
     ablation = setup["suite"] == "ablation"
