@@ -51,31 +51,30 @@ def best_lr(done: dict, seed: int, lrs) -> float:
     return min(swept, key=lambda lr: (np.nan_to_num(swept[lr], nan=np.inf), lr))
 
 
-def _spread(xs) -> str:
+def _spread(xs, fmt: str = ".2f") -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
-    return f"{np.mean(xs):.2f} [{min(xs):.2f}, {max(xs):.2f}]" if len(xs) > 1 else f"{xs[0]:.2f}"
+    if len(xs) == 1:
+        return f"{xs[0]:{fmt}}"
+    return f"{np.mean(xs):{fmt}} [{min(xs):{fmt}}, {max(xs):{fmt}}]"
 
 
 def paired_gap(group: list[dict], ref: dict) -> str:
     """The row's perplexity minus the reference's on each seed both have: mean [min, max]."""
-    gaps = [r["ppl"] - ref[r["seed"]] for r in group if r["seed"] in ref]
-    if not gaps:
-        return "-"
-    if len(gaps) == 1:
-        return f"{gaps[0]:+.2f}"
-    return f"{np.mean(gaps):+.2f} [{min(gaps):+.2f}, {max(gaps):+.2f}]"
+    return _spread([r["ppl"] - ref[r["seed"]] for r in group if r["seed"] in ref], "+.2f")
 
 
 def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> None:
     runs = finished_runs(log, setup)
     order = list({"compare": recipes.MODELS, "ablation": recipes.ABLATIONS,
                   "optimizers": recipes.OPTIMIZERS}[setup["suite"]])
-    arms = sorted({r["arm"] for r in runs}, key=order.index)  # the suite's order, not the log's
+    arms = sorted({r["arm"] for r in runs},  # the suite's order, not the log's
+                  key=lambda arm: order.index(arm) if arm in order else len(order))
     first = min((r["seed"] for r in runs), default=0)
     sweep_rows, rows, best_groups = [], [], {}
     ablation = setup["suite"] == "ablation"
+    hope_ppl = {}  # seed -> the reference row's perplexity ("hope" comes first in ABLATIONS)
     all_lrs = sorted({r["lr"] for r in runs if r["seed"] == first})
     for arm in arms:
         done = {(r["lr"], r["seed"]): r for r in runs if r["arm"] == arm}
@@ -95,15 +94,16 @@ def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> No
                            f"(+{_spread([r['frozen'][n] - r['ppl'] for r in group])})"
                            for n in frozen_names) or "-"
         paper = recipes.PAPER_ABLATION_PPL.get(arm) if ablation else None
+        vs_hope = ()
+        if ablation:  # seeds move HopeLM by ~18 perplexity: compare rows on the same seeds
+            if arm == "hope":
+                hope_ppl = {r["seed"]: r["ppl"] for r in group}
+            vs_hope = ("reference" if arm == "hope" else paired_gap(group, hope_ppl),)
         rows.append((arm, f"{group[0]['params_body'] / 1e6:.2f}M", f"{best:g}",
-                     _spread([r["ppl"] for r in group]), frozen,
+                     _spread([r["ppl"] for r in group]), *vs_hope, frozen,
                      _spread([r["sec_per_step"] for r in group]),
                      ", ".join(str(r["seed"]) for r in group))
                     + ((f"{paper:.2f}",) if ablation else ()))
-    if ablation:  # seeds move HopeLM by ~18 perplexity: compare rows on the same seeds
-        ref = {r["seed"]: r["ppl"] for r in best_groups.get("hope", [])}
-        rows = [row[:4] + ("reference" if row[0] == "hope" else
-                           paired_gap(best_groups[row[0]], ref),) + row[4:] for row in rows]
     png = os.path.join(RESULTS, f"lm_{setup['suite']}.png")
     plot(best_groups, png)
     notes = os.path.join(HERE, "notes", f"{setup['suite']}.md")
