@@ -3,6 +3,8 @@
     python -m experiments.tpu_compile_grid                        # the whole grid, resumable
     python -m experiments.tpu_compile_grid --models hope --presets 125M --topologies v5e-16
     python -m experiments.tpu_compile_grid --report-only
+    python -m experiments.tpu_compile_grid --models hope_attention --presets 1.3B \
+        --topologies v5e-16 --set mesh.tensor=2     # a cell that does not fit as shipped
 
 Each cell is ``nested_jax.train.aot.compile_for`` on the ``lm:<preset>`` recipe
 (``nested_jax/train/configs/lm.py``) for a topology, compiled by libtpu on this machine
@@ -19,6 +21,12 @@ is the recipe as shipped (bf16, remat, splash attention, FSDP over every chip). 
 that fails is a row too: the error says what did not fit.  HopeLM is compiled twice: ``hope``
 (``memory_impl="auto"``: M_memory through the Mosaic kernel, compiled by libtpu for real) and
 ``hope_xla`` (the kernel off: XLA's dual form).
+
+``--set KEY=VALUE`` adds config settings to every cell it compiles (the trainer's ``--set``
+keys: ``mesh.tensor=2``, ``optim.grad_accum=16``, ...): a cell that does not fit as shipped is
+compiled again with the setting it needs, logged as a further row beside the recipe's, its
+settings in the batch column.  A cell is skipped when a row with exactly its settings is
+logged.
 """
 
 from __future__ import annotations
@@ -59,14 +67,17 @@ def chips_of(topology: str, slices: int) -> int:
     return len(aot.topology_devices(topology, slices))
 
 
-def cell_config(model: str, preset: str, chips: int, slices: int = 1):
-    """The run config of one grid cell, and the settings it adds to the recipe."""
+def cell_config(model: str, preset: str, chips: int, slices: int = 1,
+                extra: list[tuple[str, object]] | None = None):
+    """The run config of one grid cell, and the settings it adds to the recipe; ``extra``
+    (``--set``) comes last, so it can change the batch rule's settings too."""
     from nested_jax.train import config
 
-    name, extra = ROW_SETTINGS.get(model, (model, []))
-    settings = [("model", name)] + extra + batch_settings(chips)
+    name, row = ROW_SETTINGS.get(model, (model, []))
+    settings = [("model", name)] + row + batch_settings(chips)
     if slices > 1:  # data parallel across slices (data-center network), FSDP inside each
         settings.append(("mesh.data", slices))
+    settings = list(dict(settings + list(extra or [])).items())  # a later value replaces
     return config.with_values(config.from_file(f"lm:{preset}"), settings), settings
 
 
@@ -94,11 +105,27 @@ def done_cells(runs: list[dict]) -> set[tuple[str, str, str]]:
     return {(r["model"], r["preset"], r["topology"]) for r in runs if blocks(r) == current}
 
 
-def compile_cell(model: str, preset: str, grid_topology: str) -> dict:
+def cell_settings(model: str, preset: str, grid_topology: str,
+                  extra: list[tuple[str, object]] | None = None):
+    """``cell_config`` for a grid topology name."""
+    topology, slices = TOPOLOGIES[grid_topology]
+    return cell_config(model, preset, chips_of(topology, slices), slices, extra)
+
+
+def logged(runs: list[dict], model: str, preset: str, grid_topology: str,
+           settings: list[tuple[str, object]]) -> bool:
+    """Whether a row with exactly these settings (and the recipe's blocks) is logged."""
+    return any((r["model"], r["preset"], r["topology"]) == (model, preset, grid_topology)
+               and r["settings"] == dict(settings[1:]) and blocks(r) == recipe_blocks()
+               for r in runs)
+
+
+def compile_cell(model: str, preset: str, grid_topology: str,
+                 extra: list[tuple[str, object]] | None = None) -> dict:
     from nested_jax.train import aot
 
     topology, slices = TOPOLOGIES[grid_topology]
-    cfg, settings = cell_config(model, preset, chips_of(topology, slices), slices)
+    cfg, settings = cell_settings(model, preset, grid_topology, extra)
     t0 = time.time()
     report = aot.compile_for(cfg, topology, slices)
     return {"model": model, "preset": preset, "topology": grid_topology,
@@ -176,11 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     ap.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), choices=TOPOLOGIES)
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config settings added to every cell, logged as further rows "
+                         "(e.g. mesh.tensor=2 where a cell does not fit as shipped)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
+    from nested_jax.train import config
+
+    extra = config.parse_assignments(args.set)
     command = "python -m experiments.tpu_compile_grid " + " ".join(argv or sys.argv[1:])
     log, runs = open_log(STEM)
-    done = done_cells(runs)
     if not args.report_only:
         from nested_jax.train import aot
 
@@ -188,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         for t in args.topologies:
             for p in args.presets:
                 for m in args.models:
-                    if (m, p, t) in done:
+                    # Built before the first compile: a bad --set key or value stops here.
+                    if logged(runs, m, p, t, cell_settings(m, p, t, extra)[1]):
                         continue
                     print(f"compiling {m}/{p} on {t} ...", flush=True)
-                    run = compile_cell(m, p, t)
+                    run = compile_cell(m, p, t, extra)
                     with open(log, "a") as f:
                         f.write(json.dumps(run) + "\n")
                     runs.append(run)

@@ -286,15 +286,21 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def apply_overrides(cfg: TrainConfig, assignments: Sequence[str]) -> TrainConfig:
-    """Apply `key=value` strings (`--set`): values parse as Python literals, else strings."""
+def parse_assignments(assignments: Sequence[str]) -> list[tuple[str, Any]]:
+    """`key=value` strings (`--set`) as (key, value) pairs: values parse as Python literals,
+    else strings."""
     pairs = []
     for item in assignments:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             fail("--set", item, "expects key=value, e.g. optim.learning_rate=3e-4")
         pairs.append((key.strip(), parse_value(text.strip())))
-    return with_values(cfg, pairs)
+    return pairs
+
+
+def apply_overrides(cfg: TrainConfig, assignments: Sequence[str]) -> TrainConfig:
+    """Apply `key=value` strings (`--set`), checked and coerced by `with_values`."""
+    return with_values(cfg, parse_assignments(assignments))
 
 
 def with_values(cfg: TrainConfig, pairs: Sequence[tuple[str, Any]]) -> TrainConfig:

@@ -73,3 +73,41 @@ def test_hope_is_compiled_with_the_memory_kernel_on_and_off():
     assert "memory_impl" not in on.model_overrides  # the preset's "auto": the kernel on TPU
     assert off.model_overrides["memory_impl"] == "xla"
     assert ("model.memory_impl", "xla") in settings
+
+
+def test_set_adds_a_setting_as_a_further_row():
+    """``--set`` (a cell that does not fit as shipped, compiled again with what it needs): the
+    setting reaches the config, replaces the batch rule's value for the same key, is shown in
+    the batch column, and the recipe's row and the new one are each skipped only by
+    themselves."""
+    cfg, settings = grid.cell_config("hope_attention", "1.3B", 16,
+                                     extra=config.parse_assignments(["mesh.tensor=2"]))
+    assert cfg.mesh.tensor == 2 and settings[-1] == ("mesh.tensor", 2)
+    cfg, settings = grid.cell_config("transformer", "125M", 16,
+                                     extra=[("optim.grad_accum", 16)])
+    assert cfg.optim.grad_accum == 16 and dict(settings)["optim.grad_accum"] == 16
+    assert [k for k, _ in settings].count("optim.grad_accum") == 1
+
+    recipe = grid.cell_config("hope_attention", "1.3B", 16)[1]
+    tensor = grid.cell_config("hope_attention", "1.3B", 16, extra=[("mesh.tensor", 2)])[1]
+    ok = aot.StepReport("train", True, 12.0, argument_bytes=2**30, temp_bytes=2**31)
+    rep = aot.CompileReport(
+        topology="v5e:4x4", num_slices=1, chips=16, device_kind="TPU v5 lite",
+        hbm_bytes=16 * 2**30, hbm_bandwidth=8.2e11, peak_flops=1.97e14,
+        model="hope_attention", preset="1.3B", n_params=1_318_000_000, mesh={"fsdp": 8},
+        tokens_per_step=524288, model_flops_per_step=1e15, steps=[ok], microbatches=8)
+    run = {"model": "hope_attention", "preset": "1.3B", "topology": "v5e-16", "blocks": "scan",
+           "libtpu": "0.0.42.1", "settings": dict(tensor[1:]), "seconds": 15.0,
+           "date": "2026-12-06 05:00 UTC", "report": aot.as_record(rep)}
+    assert grid.logged([run], "hope_attention", "1.3B", "v5e-16", tensor)
+    assert not grid.logged([run], "hope_attention", "1.3B", "v5e-16", recipe)
+    assert not grid.logged([run], "hope_attention", "1.3B", "v5p-32", tensor)
+    text = grid.report([run], "python -m experiments.tpu_compile_grid")
+    assert "| 128 x 4096, accum 8, tensor=2 | train | yes |" in text
+
+
+def test_a_bad_set_names_the_option():
+    with pytest.raises(Exception, match="--set"):
+        config.parse_assignments(["mesh.tensor"])
+    with pytest.raises(Exception, match="mesh.tensr"):
+        grid.cell_config("transformer", "125M", 16, extra=[("mesh.tensr", 2)])
