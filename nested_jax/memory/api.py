@@ -208,7 +208,7 @@ def resolve_path(level: Level, path: str) -> str:
 
 
 def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size: int = 1,
-          path: str = "dual", remat: bool = True, resets=None, **kernel_options):
+          path: str = "dual", remat: bool | int = True, resets=None, **kernel_options):
     """Run a level over its context flow. Returns (o f[B, T, H, dv], final MemoryState).
 
     ``path``: "oracle" | "chunked" | "dual" | "pallas" | "auto" (module docstring of
@@ -218,8 +218,11 @@ def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size
 
     ``remat`` rematerialises each chunk body in the backward pass (one stored state per chunk);
     a caller that already rematerialises around this call (one chunk inside its own
-    checkpointed scan) passes False, so the chunk is not recomputed twice.  Non-finite inputs
-    stay causal (``causal_nonfinite``).
+    checkpointed scan) passes False, so the chunk is not recomputed twice.  An int g > 1 (paths
+    "chunked" and "dual") stores one state per g chunks instead, recomputing a group's chunks
+    in the backward: n / g + g states for n chunks, where a state is a level's weights
+    (``chunked._scan_stored``; the values are unchanged).  Non-finite inputs stay causal
+    (``causal_nonfinite``).
 
     ``resets`` (bool [B, T], optional): document starts.  Where set, the state returns to
     ``state`` before that token, so every document of a packed row computes what it computes
@@ -227,6 +230,9 @@ def apply(level: Level, state: MemoryState, q, k, v, gates: Gates, *, chunk_size
     form under impl="auto" (no kernel restarts a state) and is an error under any other impl.
     """
     validate(level, state, q, k, v, gates, chunk_size, path, kernel_options, resets)
+    if not isinstance(remat, (bool, int)) or remat < 0:
+        raise ValueError(f"remat={remat!r}: must be True, False (0) or an int g >= 1 "
+                         "(one state stored per g chunks for the backward pass)")
     chunk_size = int(chunk_size)
     path = resolve_path(level, path)
     if resets is not None:

@@ -69,9 +69,36 @@ def split_chunks(x, chunk_size: int):
     return full, tail
 
 
-def scan_chunks(chunk_fn, state, xs, chunk_size: int, remat: bool = True, resets=None):
+def _scan_stored(step, state, chunks, group: int):
+    """``lax.scan(step, state, chunks)``, storing one state per ``group`` chunks for the backward.
+
+    With group > 1 the chunks run in groups of ``group``, each group's scan checkpointed: the
+    backward pass keeps one state per group and, while it goes back through a group, recomputes
+    that group's chunk states: n / group + group stored states instead of n (2 sqrt(n) at
+    group = sqrt(n)), for one more forward of every chunk.  Why: a level's state is its weights,
+    so n of them can be most of a train step's memory (a CMS level of period 16 at T = 4096
+    keeps 256 copies of its weights).  The same chunks run in the same order, so the values are
+    the plain scan's.  Chunks past the last full group run as a plain scan after it.
+    """
+    n = chunks[0].shape[0]
+    if group <= 1 or n < 2 * group:
+        return jax.lax.scan(step, state, chunks)
+    m = n // group * group
+    grouped = tuple(x[:m].reshape(m // group, group, *x.shape[1:]) for x in chunks)
+    state, o = jax.lax.scan(jax.checkpoint(lambda s, g: jax.lax.scan(step, s, g)), state, grouped)
+    o = o.reshape(m, *o.shape[2:])
+    if m < n:
+        state, rest = jax.lax.scan(step, state, tuple(x[m:] for x in chunks))
+        o = jnp.concatenate([o, rest], axis=0)
+    return state, o
+
+
+def scan_chunks(chunk_fn, state, xs, chunk_size: int, remat: bool | int = True, resets=None):
     """Run ``chunk_fn(state, *chunk) -> (state, out)`` over full chunks, then the ragged tail.
 
+    remat: False stores every chunk's intermediates for the backward pass; True (= 1)
+    rematerialises each chunk body, storing one state per chunk; an int g > 1 also stores
+    only one state per g chunks (``_scan_stored``).
     resets: optional bool [T], document starts: a chunk whose first token is one starts from
     ``state`` (the initial state) instead of the carried one (``memory/resets.py``).
     """
@@ -86,7 +113,7 @@ def scan_chunks(chunk_fn, state, xs, chunk_size: int, remat: bool = True, resets
     body = jax.checkpoint(chunk_fn) if remat else chunk_fn
     outs = []
     if full[0].shape[0] > 0:
-        state, o = jax.lax.scan(lambda s, c: body(s, *c), state, tuple(full))
+        state, o = _scan_stored(lambda s, c: body(s, *c), state, tuple(full), int(remat))
         outs.append(o.reshape(-1, *o.shape[2:]))
     if tails[0] is not None:
         state, o = body(state, *tails)
@@ -95,7 +122,7 @@ def scan_chunks(chunk_fn, state, xs, chunk_size: int, remat: bool = True, resets
 
 
 def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int,
-        remat: bool = True, resets=None):
+        remat: bool | int = True, resets=None):
     """q, k: f[T, dk]; v: f[T, dv]; gates f[T]; resets optional bool [T] (document starts).
     Returns (o f[T, dv], final state)."""
     k, v, gates = maybe_stop(level, k, v, gates)

@@ -96,7 +96,7 @@ def _mlp_chunk(level: Level, st: MemoryState, q, k, v, g: Gates, p2: gdd.Prep):
 
 
 def run(level: Level, state: MemoryState, q, k, v, gates: Gates, chunk_size: int,
-        remat: bool = True, resets=None):
+        remat: bool | int = True, resets=None):
     """q, k: f[T, dk]; v: f[T, dv]; gates f[T]; resets optional bool [T] (document starts,
     ``memory/resets.py``). Returns (o f[T, dv], final state).
 

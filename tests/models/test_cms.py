@@ -24,12 +24,12 @@ LR = (0.05, 0.03, 0.08)
 
 def _setup(variant="sequential", signal="teach", periods=(3, 5, 2), lr=None, momentum=0.0,
            retention=1.0, dtype=jnp.float64, seed=0, teach_at="output", decay_to="zero",
-           teach_stop_grad=False, first_order=False):
+           teach_stop_grad=False, first_order=False, remat_chunks=1):
     lr = LR[:len(periods)] if lr is None else lr
     spec = C.CMSSpec(d_model=D, periods=periods, d_ff=F, lr=lr, variant=variant, signal=signal,
                      momentum=momentum, retention=retention, teach_at=teach_at,
                      decay_to=decay_to, teach_stop_grad=teach_stop_grad,
-                     first_order=first_order)
+                     first_order=first_order, remat_chunks=remat_chunks)
     model = C.CMS(spec, n_layers=2, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
     ks = jax.random.split(jax.random.key(seed + 1), 8)
     normal = lambda k, shape, std: std * jax.random.normal(k, shape, dtype)
@@ -386,6 +386,25 @@ def test_first_order_keeps_the_forward_and_changes_only_the_gradient(x64, varian
         check_grads(f, (params,), order=1, modes=["rev"], atol=1e-7, rtol=1e-7, eps=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["sequential", "nested"])
+def test_fewer_stored_states_keep_the_forward_and_the_gradient(x64, variant):
+    """``remat_chunks`` (one stored state per g chunks, ``memory/chunked.py::_scan_stored``)
+    is memory only: the same outputs and outer gradients as one state per chunk.  T = 13 at
+    periods (3, 5, 2): groups of 2 over 4 and 6 full chunks, and a level too short to group."""
+    periods = (6, 3) if variant == "nested" else (3, 5, 2)
+    runs = {}
+    for g in (1, 2):
+        model, head, tokens, x = _setup(variant, periods=periods, remat_chunks=g)
+        nxt = C.next_embeddings(head.embedding_VxD[tokens])
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+        f = jax.jit(lambda p, graph=graph, rest=rest, x=x, head=head, nxt=nxt: jnp.sum(
+            jnp.sin(nnx.merge(graph, p, rest)(x, head, nxt))))
+        runs[g] = f(params), jax.grad(f)(params)
+    assert abs(float(runs[1][0] - runs[2][0])) < TOL
+    for a, b in zip(jax.tree.leaves(runs[1][1]), jax.tree.leaves(runs[2][1]), strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=TOL)
+
+
 def test_initial_weights_reach_later_chunks_through_the_updates(x64):
     """d out[t >= C] / d W_init differs from the static network's: gradients flow through the
     inner updates (decision #4), not only through the read."""
@@ -423,6 +442,8 @@ def test_batch_rows_have_their_own_fast_state(x64):
         (dict(periods=(4,), decay_to="one"), "decay_to"),
         (dict(periods=(4,), teach_stop_grad=1), "teach_stop_grad"),
         (dict(periods=(4,), first_order="yes"), "first_order"),
+        (dict(periods=(4,), remat_chunks=0), "remat_chunks"),
+        (dict(periods=(4,), remat_chunks=True), "remat_chunks"),
         (dict(periods=(8, 4), variant="nested", decay_to="init"), "decay_to"),
         (dict(periods=(4, 8), variant="nested"), "periods"),
         (dict(periods=(8, 3), variant="nested"), "periods"),

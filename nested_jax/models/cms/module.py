@@ -141,7 +141,8 @@ class CMS(nnx.Module):
         resets = {} if resets_BxT is None else {"resets": resets_BxT}
         o, final = nm.apply(self._level(i, head), state, r_BxTxD[:, :, None], r_BxTxD[:, :, None],
                             v_BxTxD[:, :, None], self._gates(i, mask_BxT),
-                            chunk_size=self.spec.periods[i], path="chunked", **resets)
+                            chunk_size=self.spec.periods[i], path="chunked",
+                            remat=self.spec.remat_chunks, **resets)
         return layers.shard_batch(o[:, :, 0].astype(r_BxTxD.dtype)), final
 
     # -- parallel forward --

@@ -46,6 +46,10 @@ class CMSSpec:
         each chunk step full-batch GD past its stability limit: ``lm_long_bf16.md``).
       norm_eps: epsilon of each level's RMSNorm.
       stop_grad: engine ablation (decisions.md #4): outer gradients skip the inner updates.
+      remat_chunks: chunks per level state the backward pass stores (``memory.apply``'s
+        ``remat``): 1 stores one state (the level's weights) per chunk, T / C of them; g > 1
+        stores one per g chunks and recomputes a group's, T / (C g) + g states for one more
+        forward of each level.  Memory only: the values are the same.
     """
 
     d_model: int
@@ -62,6 +66,7 @@ class CMSSpec:
     first_order: bool = False
     norm_eps: float = 1e-6
     stop_grad: bool = False
+    remat_chunks: int = 1
 
     def __post_init__(self):
         validate_spec(self, prefix="")
@@ -105,6 +110,10 @@ def validate_spec(spec: Any, prefix: str = "cms_", max_seq_len: int | None = Non
     for lr in _per_level(spec.lr, n):
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
             fail(name("lr"), spec.lr, "inner learning rates must be floats >= 0 (0 = static)")
+    r = spec.remat_chunks
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        fail(name("remat_chunks"), r, "must be an int >= 1 (chunks per stored state; 1 = one "
+             "per chunk, e.g. 16 for a period-16 level at T = 4096)")
     if spec.variant not in VARIANTS:
         fail(name("variant"), spec.variant, f"must be one of {list(VARIANTS)}")
     if spec.signal not in SIGNALS:
@@ -156,6 +165,7 @@ class CMSFields:
     cms_teach_stop_grad: bool = False
     cms_first_order: bool = False
     cms_stop_grad: bool = False
+    cms_remat_chunks: int = 1
 
     @property
     def cms_fields(self) -> dict[str, Any]:
@@ -163,7 +173,7 @@ class CMSFields:
                     variant=self.cms_variant, signal=self.cms_signal, teach_at=self.cms_teach_at,
                     momentum=self.cms_momentum, retention=self.cms_retention,
                     decay_to=self.cms_decay_to, teach_stop_grad=self.cms_teach_stop_grad,
-                    first_order=self.cms_first_order)
+                    first_order=self.cms_first_order, remat_chunks=self.cms_remat_chunks)
 
     def validate_cms(self) -> None:
         view = type("_View", (), self.cms_fields)
@@ -182,4 +192,5 @@ class CMSFields:
                        retention=self.cms_retention, decay_to=self.cms_decay_to,
                        teach_stop_grad=self.cms_teach_stop_grad,
                        first_order=self.cms_first_order,
-                       norm_eps=getattr(self, "norm_eps", 1e-6), stop_grad=self.cms_stop_grad)
+                       norm_eps=getattr(self, "norm_eps", 1e-6), stop_grad=self.cms_stop_grad,
+                       remat_chunks=self.cms_remat_chunks)

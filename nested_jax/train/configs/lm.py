@@ -25,7 +25,9 @@ Variants:
              2.17, 2.75 and 5.58 GiB with the blocks looped,
              experiments/results/tpu_compile.md; scanned, 1.31, 4.17 and 6.08 GiB, the
              train step compiled 1.9x, 1.4x and 1.7x faster,
-             experiments/results/bench_compile.md):
+             experiments/results/bench_compile.md).  Hope-Attention 1.3B on v5e-16 needs
+             --set model.cms_remat_chunks=16 (8.67 GiB a chip; 16.00 as shipped, which does
+             not fit; docs/training.md, experiments/results/tpu_compile_grid.md):
 
                nested-jax train --config lm:760M --model hope \
                    --data /mnt/data/train.array_record-* \
