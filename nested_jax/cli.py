@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 log = logging.getLogger("nested_jax")
@@ -380,6 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       exc_info=True)
             _append_to_train_log(args, f"internal error: {type(e).__name__}: {e}")
             return code
+        if code == EXIT_IO:
+            # A checkpoint write that failed mid-way leaves orbax's async writers' coroutines
+            # unawaited; at exit Python would warn about each ("coroutine ... was never
+            # awaited", 2 lines, timing-dependent) under the one line that says what to do.
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                                    category=RuntimeWarning)
         message = str(e)
         if isinstance(e, OSError) and not message.startswith(("--", "checkpoint")) and (
                 e.filename is not None):
