@@ -115,17 +115,16 @@ def cell_settings(model: str, preset: str, grid_topology: str,
 def logged(runs: list[dict], model: str, preset: str, grid_topology: str,
            settings: list[tuple[str, object]]) -> bool:
     """Whether a row with exactly these settings (and the recipe's blocks) is logged."""
+    current = recipe_blocks()
     return any((r["model"], r["preset"], r["topology"]) == (model, preset, grid_topology)
-               and r["settings"] == dict(settings[1:]) and blocks(r) == recipe_blocks()
-               for r in runs)
+               and r["settings"] == dict(settings[1:]) and blocks(r) == current for r in runs)
 
 
-def compile_cell(model: str, preset: str, grid_topology: str,
-                 extra: list[tuple[str, object]] | None = None) -> dict:
+def compile_cell(model: str, preset: str, grid_topology: str, cfg, settings) -> dict:
+    """Compile one cell, its config and settings from ``cell_settings``."""
     from nested_jax.train import aot
 
     topology, slices = TOPOLOGIES[grid_topology]
-    cfg, settings = cell_settings(model, preset, grid_topology, extra)
     t0 = time.time()
     report = aot.compile_for(cfg, topology, slices)
     return {"model": model, "preset": preset, "topology": grid_topology,
@@ -221,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             for p in args.presets:
                 for m in args.models:
                     # Built before the first compile: a bad --set key or value stops here.
-                    if logged(runs, m, p, t, cell_settings(m, p, t, extra)[1]):
+                    cfg, settings = cell_settings(m, p, t, extra)
+                    if logged(runs, m, p, t, settings):
                         continue
                     print(f"compiling {m}/{p} on {t} ...", flush=True)
-                    run = compile_cell(m, p, t, extra)
+                    run = compile_cell(m, p, t, cfg, settings)
                     with open(log, "a") as f:
                         f.write(json.dumps(run) + "\n")
                     runs.append(run)
