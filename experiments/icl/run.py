@@ -317,7 +317,8 @@ def main(argv=None) -> None:
                       checkpoint_dir=p.checkpoint_dir, checkpoint_every=a.checkpoint_every)
         print(f"{p.name:18s} {p.model:15s} {p.variant:9s} seed {p.seed}: "
               f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
-              f"evals {r.by_eval} skipped {r.skipped} {r.seconds:.0f}s", flush=True)
+              f"evals {r.by_eval} characters {r.by_eval_token} skipped {r.skipped} "
+              f"{r.seconds:.0f}s", flush=True)
         # One line per run, appended: shards of a suite (several processes) add to the same
         # log, and the report covers every matching run.
         with open(log, "a") as f:
@@ -354,8 +355,15 @@ def gather(log: str, setup: dict, built: dict):
                 train_acc = [r["accuracy"] for r in group]
                 frozen = [r["accuracy_frozen_eval"] for r in group
                           if r["accuracy_frozen_eval"] is not None]
+                # Per-sequence tasks: the share of target characters right at the training
+                # length, as trained (frozen at eval); runs logged before it was kept have none.
+                chars = [[r["by_eval_token"]["train"][i] for r in group
+                          if r.get("by_eval_token") and r["by_eval_token"]["train"][i] is not None]
+                         for i in (0, 1)]
                 rows.append((name, model, variant, group[0]["params"], _spread(train_acc),
-                             _spread(frozen), *(_spread(by(e, 0)) for e in evals),
+                             _spread(frozen),
+                             _spread(chars[0]) + (f" ({_spread(chars[1])})" if chars[1] else ""),
+                             *(_spread(by(e, 0)) for e in evals),
                              "/".join(str(r["skipped"]) for r in group),
                              ", ".join(str(r["seed"]) for r in group),
                              f"{np.mean([r['seconds'] for r in group]):.0f}"))
@@ -375,6 +383,9 @@ def write(a, argv, scale, built, setup, log, total) -> None:
                          f"{getattr(task, 'scoring', 'token')}{all_no(task, at)})\n"
                          for name, (task, at) in built.items())
     length_cols = [f"accuracy at {e}" for e in evals]
+    # The characters column only where some run has it (a per-sequence task logged since).
+    chars_col = ["characters right (frozen at eval)"] if any(r[6] != "-" for r in rows) else []
+    rows = [r[:6] + r[6 + (not chars_col):] for r in rows]
     body = (
         f"Command: `python -m experiments.icl.run {shlex.join(argv)}` "
         f"(this invocation {total / 60:.1f} min; the tables cover every run in "
@@ -394,10 +405,13 @@ def write(a, argv, scale, built, setup, log, total) -> None:
         "(Hope) or the Titans memory (eta_max = 0), CMS for Hope-Attention (cms_lr = 0); "
         "*accuracy at T=n*: the same trained model on the task at length n; "
         "*non-finite steps*: steps the trainer's guard skipped because the loss or a gradient "
-        "was NaN/Inf (a run stops after 20)\n\n"
+        "was NaN/Inf (a run stops after 20)"
+        + ("; *characters right*: on a task scored per sequence, the share of the target "
+           "characters predicted right at the training length, whole value or not (runs "
+           "logged before 2026-12-06 have none: -)" if chars_col else "") + "\n\n"
         + benchlib.markdown_table(
             ["task", "model", "variant (frozen in training and eval)", "params", "accuracy",
-             "frozen at eval", *length_cols, "non-finite steps (per seed)", "seeds",
+             "frozen at eval", *chars_col, *length_cols, "non-finite steps (per seed)", "seeds",
              "s / run"], rows)
         + f"\n\n![accuracy]({os.path.basename(png)})\n\n" + reading)
     benchlib.write_result(os.path.join(RESULTS, f"{stem}.md"),

@@ -93,6 +93,44 @@ def test_the_loss_mask_moves_the_loss_not_the_score():
         assert acc == acc_t
 
 
+def test_token_and_sequence_accuracy_count_the_masked_positions_only():
+    """A row counts for the sequence score only if every masked position is right; the token
+    score is the share of masked positions right; unmasked positions count for neither."""
+    import jax.numpy as jnp
+
+    targets = jnp.asarray([[1, 2, 3, 4], [1, 2, 3, 4]])
+    mask = jnp.asarray([[False, True, True, True]] * 2)
+    guess = jnp.asarray([[0, 2, 3, 4], [1, 2, 0, 0]])  # row 0 wrong only where unmasked
+    logits = jnp.eye(5)[guess]
+    token, sequence = train.accuracies(logits, targets, mask)
+    np.testing.assert_allclose([token, sequence], [4 / 6, 1 / 2], rtol=1e-6)
+    model = lambda inputs: logits  # noqa: E731
+    assert train.masked_loss(model, None, targets, mask, "sequence")[1] == sequence
+    assert train.masked_loss(model, None, targets, mask, "token")[1] == token
+
+
+def test_a_needle_report_gives_the_characters_right_beside_whole_values(tmp_path, monkeypatch):
+    """A task scored per sequence logs, per evaluation length, the share of its target
+    characters right, and the report gives it at the training length in its own column."""
+    import dataclasses
+    import json
+
+    scale = dataclasses.replace(run.SUITES["niah"]["cpu"], steps=2, batch=2, eval_batch=2,
+                                eval_lengths=(384,),
+                                tasks={"niah_noise": ("niah_noise", dict(seq_len=192))})
+    monkeypatch.setitem(run.SUITES, "niah", {"cpu": scale})
+    monkeypatch.setattr(run, "RESULTS", str(tmp_path))
+    run.main(["niah", "--models", "transformer", "--seeds", "0", "--checkpoint-every", "0",
+              "--out", "icl_t"])
+    (r,) = [json.loads(x) for x in (tmp_path / "icl_t_runs.jsonl").read_text().splitlines()]
+    assert set(r["by_eval_token"]) == {"train", "T=384"}
+    token, frozen = r["by_eval_token"]["train"]
+    assert 0 <= r["accuracy"] <= token <= 1 and frozen is None  # seven digits a needle
+    report = (tmp_path / "icl_t.md").read_text()
+    assert "| characters right (frozen at eval) |" in report
+    assert f"| {token:.3f} [{token:.3f}, {token:.3f}] |" in report
+
+
 def test_unknown_train_on_is_refused():
     task = tasks.make("mqar", n_pairs=8, seq_len=64, vocab=64)
     with pytest.raises(ValueError, match="train_on='every'"):
@@ -312,6 +350,7 @@ def test_a_logged_run_is_skipped_and_one_logged_under_other_defaults_runs_again(
     run.main(argv)
     log = tmp_path / "icl_t_runs.jsonl"
     assert len(log.read_text().splitlines()) == 1
+    assert "characters right" not in (tmp_path / "icl_t.md").read_text()  # scored per token
     monkeypatch.setattr(train, "run", real)
     older = train.run_identity
     monkeypatch.setattr(train, "run_identity", lambda *a, **k: dict(older(*a, **k), new=1))
