@@ -221,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                 for m in args.models:
                     # Built before the first compile: a bad --set key or value stops here.
                     cfg, settings = cell_settings(m, p, t, extra)
+                    # Shards of the grid run side by side (a process per core): the log is read
+                    # again before each cell, so one that another process has logged since this
+                    # one started is not compiled twice.
+                    runs = open_log(STEM)[1]
                     if logged(runs, m, p, t, settings):
                         continue
                     print(f"compiling {m}/{p} on {t} ...", flush=True)

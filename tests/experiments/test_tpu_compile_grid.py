@@ -111,3 +111,42 @@ def test_a_bad_set_names_the_option():
         config.parse_assignments(["mesh.tensor"])
     with pytest.raises(Exception, match="mesh.tensr"):
         grid.cell_config("transformer", "125M", 16, extra=[("mesh.tensr", 2)])
+
+
+def test_a_cell_another_shard_logged_meanwhile_is_not_compiled_again(tmp_path, monkeypatch):
+    """Two shards side by side: a cell that the other process logs while this one compiles is
+    skipped when this one reaches it, and the report covers both processes' cells."""
+    import json
+
+    monkeypatch.setattr(grid, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(aot, "check_libtpu", lambda: "0.0.42.1")
+    log = tmp_path / f"{grid.STEM}_runs.jsonl"
+
+    def record(preset, settings):
+        ok = aot.StepReport("train", True, 12.0, argument_bytes=2**30, temp_bytes=2**31)
+        rep = aot.CompileReport(
+            topology="v6e:2x4", num_slices=1, chips=8, device_kind="TPU v6 lite",
+            hbm_bytes=32 * 2**30, hbm_bandwidth=1.6e12, peak_flops=9.2e14, model="transformer",
+            preset=preset, n_params=123_700_000, mesh={"fsdp": 8}, tokens_per_step=524288,
+            model_flops_per_step=1e15, steps=[ok], microbatches=16)
+        return {"model": "transformer", "preset": preset, "topology": "v6e-8",
+                "settings": dict(settings[1:]), "seconds": 1.0, "blocks": grid.recipe_blocks(),
+                "date": "2026-12-06 05:00 UTC", "libtpu": "0.0.42.1",
+                "report": aot.as_record(rep)}
+
+    compiled = []
+
+    def fake_compile(model, preset, topology, cfg, settings):
+        compiled.append(preset)
+        other = grid.cell_settings("transformer", "340M", "v6e-8")[1]
+        with open(log, "a") as f:  # the other shard finishes 340M meanwhile
+            f.write(json.dumps(record("340M", other)) + "\n")
+        return record(preset, settings)
+
+    monkeypatch.setattr(grid, "compile_cell", fake_compile)
+    grid.main(["--models", "transformer", "--presets", "125M", "340M", "--topologies", "v6e-8"])
+    assert compiled == ["125M"]
+    assert len(log.read_text().splitlines()) == 2
+    text = (tmp_path / f"{grid.STEM}.md").read_text()
+    assert "| transformer | 123.7 | 125M | v6e-8 |" in text
+    assert "| transformer | 123.7 | 340M | v6e-8 |" in text
