@@ -120,6 +120,7 @@ def test_a_cell_another_shard_logged_meanwhile_is_not_compiled_again(tmp_path, m
 
     monkeypatch.setattr(grid, "RESULTS", str(tmp_path))
     monkeypatch.setattr(aot, "check_libtpu", lambda: "0.0.42.1")
+    monkeypatch.setattr(grid, "chips_of", lambda topology, slices: 8)  # v6e-8, without libtpu
     log = tmp_path / f"{grid.STEM}_runs.jsonl"
 
     def record(preset, settings):
