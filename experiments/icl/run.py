@@ -407,8 +407,9 @@ def write(a, argv, scale, built, setup, log, total) -> None:
         "*non-finite steps*: steps the trainer's guard skipped because the loss or a gradient "
         "was NaN/Inf (a run stops after 20)"
         + ("; *characters right*: on a task scored per sequence, the share of the target "
-           "characters predicted right at the training length, whole value or not (runs "
-           "logged before 2026-12-06 have none: -)" if chars_col else "") + "\n\n"
+           "characters predicted right at the training length, whole value or not, over the "
+           "seeds logged with it (kept since 2026-12-06; - where none is)" if chars_col else "")
+        + "\n\n"
         + benchlib.markdown_table(
             ["task", "model", "variant (frozen in training and eval)", "params", "accuracy",
              "frozen at eval", *chars_col, *length_cols, "non-finite steps (per seed)", "seeds",
