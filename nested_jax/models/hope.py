@@ -195,7 +195,7 @@ class HopeLM(LanguageModel):
         return self.teach_head(), next_embeddings(x_BxTxD), docs
 
     def decode_context(self, state: HopeState, emb_Bx1xD):
-        return self.teach_head(), emb_Bx1xD
+        return self.teach_head(whole=True), emb_Bx1xD
 
     def block_state(self, state: HopeState, i: int):
         return state.mixers[i], (state.cms[i] if self.config.use_cms else None)

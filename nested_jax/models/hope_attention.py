@@ -125,7 +125,7 @@ class HopeAttention(LanguageModel):
         return docs.positions, self.teach_head(), next_embeddings(x_BxTxD), docs
 
     def decode_context(self, state: HopeAttentionState, emb_Bx1xD):
-        return state.pos, self.teach_head(), emb_Bx1xD
+        return state.pos, self.teach_head(whole=True), emb_Bx1xD
 
     def init_block_state(self, block: Block, batch_size: int):
         return *empty_kv(self.config, batch_size), block.cms.init_state(batch_size)

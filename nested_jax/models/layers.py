@@ -70,9 +70,8 @@ def shard_batch(x_Bx: jax.Array) -> jax.Array:
     width and vocabulary in the weights (the logits come out split by vocabulary), which a
     replicated constraint would all-gather.
     """
-    get = getattr(jax.sharding, "get_abstract_mesh", None)
-    mesh = get() if get is not None else None
-    if mesh is None or not mesh.axis_names:
+    mesh = _context_mesh()
+    if mesh is None:
         return x_Bx
     sizes = dict(mesh.shape)
     axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
@@ -82,6 +81,29 @@ def shard_batch(x_Bx: jax.Array) -> jax.Array:
     spec = jax.sharding.PartitionSpec(axes, *[jax.sharding.PartitionSpec.UNCONSTRAINED]
                                       * (x_Bx.ndim - 1))
     return jax.lax.with_sharding_constraint(x_Bx, spec)
+
+
+def replicate(x: jax.Array) -> jax.Array:
+    """``x`` constrained to be whole on every chip of the context mesh; ``x`` itself where
+    ``shard_batch`` would leave its input alone (no mesh, Manual or Explicit axes).
+
+    Why: a weight that many layers read in one step (the tied table of the CMS teach head,
+    read by every level of every block) is otherwise all-gathered once per read, and XLA may
+    start all those gathers early and hold them at once: HopeLM's decode step compiled for
+    v5e-16 held 34 gathered copies of the table in float32 and bfloat16 (4.06 GiB a chip at
+    125M, 10.95 at 340M; experiments/notes/tpu_compile_grid.md).  Constrained once, it is
+    gathered once and shared."""
+    mesh = _context_mesh()
+    if mesh is None or set(mesh.axis_names) - set(getattr(mesh, "auto_axes", ())):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+
+
+def _context_mesh():
+    """The abstract mesh of the ``jax.set_mesh`` context, or None where there is none."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    return mesh if mesh is not None and mesh.axis_names else None
 
 
 def param_init(init: Initializer, *logical_axes: str | None) -> Initializer:

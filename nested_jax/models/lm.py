@@ -118,10 +118,17 @@ class LanguageModel(nnx.Module):
 
     # ---- the shell -----------------------------------------------------------------------------
 
-    def teach_head(self) -> TeachHead:
-        """The tied LM head through which the CMS levels' teach signal flows (decision #13)."""
-        return TeachHead(self.embed.embed.embedding[...], self.final_norm.scale[...],
-                         self.config.norm_eps)
+    def teach_head(self, whole: bool = False) -> TeachHead:
+        """The tied LM head through which the CMS levels' teach signal flows (decision #13).
+
+        ``whole``: the table gathered once onto every chip (``layers.replicate``), for the
+        decode step, where one token's teach signal reads all of it at every level of every
+        block.  Training leaves it sharded: there the reads are [B, T] matmuls that XLA
+        partitions."""
+        table_VxD = self.embed.embed.embedding[...]
+        if whole:
+            table_VxD = layers.replicate(table_VxD)
+        return TeachHead(table_VxD, self.final_norm.scale[...], self.config.norm_eps)
 
     def __call__(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """Logits of every position.  ``segment_ids`` (int [B, T], 0 = padding) marks the

@@ -76,6 +76,34 @@ def test_shard_batch_constrains_only_the_batch_and_only_where_it_can():
     assert _specs(jnp.ones((3, 6)), _mesh()) == []  # 4 does not divide B = 3
 
 
+def test_replicate_asks_for_the_whole_array_only_under_a_mesh():
+    x = jnp.ones((8, 4))
+    trace = lambda: [s.spec for s in _constraints(jax.make_jaxpr(layers.replicate)(x).jaxpr)]
+    assert trace() == []  # no mesh: the identity
+    with sharding.mesh_context(_mesh(1, 4, 2)):
+        assert trace() == [P()]
+
+
+@pytest.mark.parametrize("name", ["hope", "hope_attention"])
+def test_decode_gathers_the_teach_table_once_and_decodes_as_one_device(name):
+    """The decode step's teach head asks for the tied table whole, once (``teach_head(whole=
+    True)``), not once per level and block; under a (data=1, fsdp=4) mesh its logits equal the
+    one-device decode's to float32 round-off."""
+    model = models.create(name, "tiny", rngs=nnx.Rngs(0))
+    tokens_B = _tokens(B=4, T=1)[:, 0]
+    step = lambda m, s, t: m.decode_step(s, t)[0]
+    logits1 = nnx.jit(step)(model, model.init_state(4), tokens_B)
+    mesh = _mesh(1, 4, 1)
+    tokens4 = _sharded(model, tokens_B[:, None], mesh)[:, 0]
+    with sharding.mesh_context(mesh):
+        state = model.init_state(4)
+        jaxpr = jax.make_jaxpr(lambda t: step(model, state, t))(tokens4).jaxpr
+        logits4 = nnx.jit(step)(model, state, tokens4)
+    whole = [s for s in _constraints(jaxpr) if s.spec == P()]
+    assert len(whole) == 1
+    np.testing.assert_allclose(logits4, logits1, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_without_a_mesh_the_program_is_unchanged(name, monkeypatch):
     """No mesh, or a one-device mesh: the very program traced with `shard_batch` the identity."""
