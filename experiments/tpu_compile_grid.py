@@ -27,6 +27,12 @@ keys: ``mesh.tensor=2``, ``optim.grad_accum=16``, ...): a cell that does not fit
 compiled again with the setting it needs, logged as a further row beside the recipe's, its
 settings in the batch column.  A cell is skipped when a row with exactly its settings is
 logged.
+
+``--recompile STEP ...`` compiles the named steps again for the selected cells that are
+logged, and replaces those steps in their rows, dated (the table says "recompiled"): for a
+code change that moves one step's memory, such as the decode step's teach table
+(``layers.replicate``, 2026-12-06), without compiling the other steps again.  Run it alone:
+it rewrites the log.
 """
 
 from __future__ import annotations
@@ -130,9 +136,35 @@ def compile_cell(model: str, preset: str, grid_topology: str, cfg, settings) -> 
     return {"model": model, "preset": preset, "topology": grid_topology,
             "settings": dict(settings[1:]), "seconds": time.time() - t0,
             "blocks": blocks_of(cfg),
-            "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+            "date": now(),
             "libtpu": aot.check_libtpu(),
             "report": aot.as_record(report)}
+
+
+def now() -> str:
+    return f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def recompile_cell(run: dict, cfg, steps: tuple[str, ...]) -> dict:
+    """``run`` (a logged row of ``cfg``'s cell) with ``steps`` compiled again and dated."""
+    from nested_jax.train import aot
+
+    topology, slices = TOPOLOGIES[run["topology"]]
+    fresh = {st["step"]: st for st in aot.as_record(aot.compile_for(cfg, topology, slices,
+                                                                      steps))["steps"]}
+    report_ = dict(run["report"], steps=[fresh.get(st["step"], st)
+                                         for st in run["report"]["steps"]])
+    date = now()
+    return dict(run, report=report_, libtpu=aot.check_libtpu(),
+                recompiled={**run.get("recompiled", {}), **{s: date for s in steps}})
+
+
+def rewrite_log(log: str, runs: list[dict]) -> None:
+    """The whole log replaced at once (a temporary file renamed over it)."""
+    tmp = log + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in runs)
+    os.replace(tmp, log)
 
 
 def open_log(stem: str) -> tuple[str, list[dict]]:
@@ -170,7 +202,9 @@ def report(runs: list[dict], command: str) -> str:
             mem = gib(st["total_bytes"]) if st["compiled"] else "-"
             err = "" if st["compiled"] else st["error"].split("\n")[0][:160]
             fits = {True: "yes", False: "no", None: "?"}[st["fits"]]
-            rows.append(head + [st["step"], "yes" if st["compiled"] else "no",
+            again = r.get("recompiled", {}).get(st["step"])
+            step = st["step"] + (f" (recompiled {again})" if again else "")
+            rows.append(head + [step, "yes" if st["compiled"] else "no",
                                 f"{st['seconds']:.0f}", mem, fits, err])
             head = [""] * len(head)
     table = benchlib.markdown_table(
@@ -205,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="config settings added to every cell, logged as further rows "
                          "(e.g. mesh.tensor=2 where a cell does not fit as shipped)")
+    ap.add_argument("--recompile", nargs="+", default=[], metavar="STEP",
+                    choices=("train", "eval", "decode"),
+                    help="compile these steps again for the selected cells already logged, "
+                         "replacing them in their rows (dated); compiles no new cell")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     from nested_jax.train import config
@@ -225,6 +263,18 @@ def main(argv: list[str] | None = None) -> int:
                     # again before each cell, so one that another process has logged since this
                     # one started is not compiled twice.
                     runs = open_log(STEM)[1]
+                    if args.recompile:
+                        rows = [i for i, r in enumerate(runs)
+                                if logged([r], m, p, t, settings)]
+                        for i in rows:
+                            print(f"recompiling {', '.join(args.recompile)} of {m}/{p} on "
+                                  f"{t} ...", flush=True)
+                            runs[i] = recompile_cell(runs[i], cfg, tuple(args.recompile))
+                            rewrite_log(log, runs)
+                        if rows:
+                            benchlib.write_result(os.path.join(RESULTS, f"{STEM}.md"),
+                                                  "TPU compile grid", report(runs, command))
+                        continue
                     if logged(runs, m, p, t, settings):
                         continue
                     print(f"compiling {m}/{p} on {t} ...", flush=True)

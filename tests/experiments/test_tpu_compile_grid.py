@@ -151,3 +151,51 @@ def test_a_cell_another_shard_logged_meanwhile_is_not_compiled_again(tmp_path, m
     text = (tmp_path / f"{grid.STEM}.md").read_text()
     assert "| transformer | 123.7 | 125M | v6e-8 |" in text
     assert "| transformer | 123.7 | 340M | v6e-8 |" in text
+
+
+def test_recompile_replaces_only_the_named_step_of_logged_cells(tmp_path, monkeypatch):
+    """``--recompile decode``: the logged cell's decode step is compiled again and replaced,
+    dated in its row and the table; its train step, other cells' rows and cells never logged
+    are left alone."""
+    import json
+
+    monkeypatch.setattr(grid, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(aot, "check_libtpu", lambda: "0.0.42.1")
+    monkeypatch.setattr(grid, "chips_of", lambda topology, slices: 8)  # v6e-8, without libtpu
+
+    def compiled(steps, temp_gib):
+        reports = [aot.StepReport(s, True, 5.0, argument_bytes=2**30, temp_bytes=temp_gib * 2**30)
+                   for s in steps]
+        return aot.CompileReport(
+            topology="v6e:2x4", num_slices=1, chips=8, device_kind="TPU v6 lite",
+            hbm_bytes=32 * 2**30, hbm_bandwidth=1.6e12, peak_flops=9.2e14, model="hope",
+            preset="125M", n_params=126_300_000, mesh={"fsdp": 8}, tokens_per_step=524288,
+            model_flops_per_step=1e15, steps=reports, microbatches=16)
+
+    def row(preset, model="hope"):
+        settings = grid.cell_settings(model, preset, "v6e-8")[1]
+        return {"model": model, "preset": preset, "topology": "v6e-8",
+                "settings": dict(settings[1:]), "seconds": 1.0, "blocks": grid.recipe_blocks(),
+                "date": "2026-12-06 05:00 UTC", "libtpu": "0.0.42.1",
+                "report": aot.as_record(compiled(("train", "decode"), 8))}
+
+    log = tmp_path / f"{grid.STEM}_runs.jsonl"
+    before = [row("125M"), row("125M", "hope_xla")]
+    log.write_text("".join(json.dumps(r) + "\n" for r in before))
+    asked = []
+
+    def fake_compile_for(cfg, topology, slices, steps):
+        asked.append((cfg.preset, steps))
+        return compiled(steps, 1)
+
+    monkeypatch.setattr(aot, "compile_for", fake_compile_for)
+    grid.main(["--models", "hope", "--presets", "125M", "340M", "--topologies", "v6e-8",
+               "--recompile", "decode"])
+    assert asked == [("125M", ("decode",))]  # 340M was never logged: not compiled
+    after = [json.loads(line) for line in log.read_text().splitlines()]
+    assert after[1] == before[1]
+    train, decode = after[0]["report"]["steps"]
+    assert train == before[0]["report"]["steps"][0]
+    assert decode["temp_bytes"] == 2**30 and set(after[0]["recompiled"]) == {"decode"}
+    text = (tmp_path / f"{grid.STEM}.md").read_text()
+    assert f"| decode (recompiled {after[0]['recompiled']['decode']}) | yes |" in text
