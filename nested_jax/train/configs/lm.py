@@ -29,8 +29,8 @@ Variants:
              --set model.cms_remat_chunks=16 (8.67 GiB a chip; 16.00 as shipped, which does
              not fit), and so on two v5e-16 slices (8.56; 16.14 as shipped); v5e-256 fits as
              shipped (12.92; docs/training.md, experiments/results/tpu_compile_grid.md).
-             HopeLM 1.3B on v5e-16 needs the same setting (11.61 GiB a chip with the Mosaic
-             kernel off; 18.72 as shipped):
+             HopeLM 1.3B on v5e-16 needs the same setting (13.46 GiB a chip, 11.61 with the
+             Mosaic kernel off; 18.72 as shipped with it off):
 
                nested-jax train --config lm:760M --model hope \
                    --data /mnt/data/train.array_record-* \
