@@ -11,6 +11,20 @@ symbols repeat their predecessors.  This counts, on the task's own values
 ideal such copier gets right when a later write to the same key replaces the earlier one:
 the fraction of the 36 characters, and of whole UUIDs.  No model is trained: it is a ceiling
 for a copier with that key, to read ``icl_niah_uuid_2400.md`` against.
+
+The self-modifying memories do not hold a table: M_memory is one linear matrix per head
+(``memory_form="linear"``, decisions #25) written by the delta rule.  ``delta_copy`` puts the
+same writes into such a memory of dimension D -- each character's one-hot under a unit key for
+its k-character context, a full delta step (the Sherman-Morrison step at eta = 1), no decay,
+the haystack's own writes left out, so again a ceiling -- and reads each character back as the
+arg-max of W q.  Two kinds of key:
+
+- ``random``: an independent random unit vector per distinct context, the best a learned
+  non-linear key map can hope for (contexts sharing a character get unrelated keys);
+- ``linear``: the l2-normalised sum of the k characters' own random unit embeddings weighted
+  1, 1/2, 1/4, ...: what a causal conv over the previous tokens gives before any non-linearity.
+  Every such key lies in the span of the 17 symbols' embeddings (16 hex digits and the dash),
+  so a longer conv alone adds no room.
 """
 
 from __future__ import annotations
@@ -23,7 +37,9 @@ import numpy as np
 from experiments import benchlib
 from experiments.icl.tasks.niah import NeedleUuid
 
-RESULTS = os.path.join(os.path.dirname(__file__), "..", "results")
+HERE = os.path.dirname(__file__)
+RESULTS = os.path.join(HERE, "..", "results")
+NOTES = os.path.join(HERE, "notes", "niah_uuid_keys.md")
 PREFIX = "The special magic uuid for {key} is: "  # NeedleUuid.needle before the value
 
 
@@ -37,6 +53,48 @@ def ideal_copy(value: str, k: int) -> list[bool]:
     return [table[text[i - k:i]] == text[i] for i in range(k, len(text))]
 
 
+def delta_copy(values: list[str], k: int, dim: int, keys: str,
+               rng: np.random.Generator) -> np.ndarray:
+    """[n, 36] bools: each character of each value read back right from a linear delta-rule
+    memory of dimension ``dim`` that stored the value (module docstring).  ``keys`` is
+    "random" (one random unit key per distinct context, drawn once for all values) or
+    "linear" (a weighted sum of per-character random embeddings)."""
+    texts = [PREFIX.format(key="x")[-k:] + v for v in values]
+    symbols = sorted(set("".join(texts)))
+    index = {c: i for i, c in enumerate(symbols)}
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    if keys == "random":
+        contexts = sorted({t[i - k:i] for t in texts for i in range(k, len(t))})
+        table = dict(zip(contexts, unit(rng.normal(size=(len(contexts), dim))), strict=True))
+        key = lambda ctx: table[ctx]
+    elif keys == "linear":
+        emb = unit(rng.normal(size=(len(symbols), dim)))
+        weights = 0.5 ** np.arange(k)  # the character just before weighs most
+        key = lambda ctx: unit(sum(w * emb[index[c]]
+                                   for w, c in zip(weights, ctx[::-1], strict=True)))
+    else:
+        raise ValueError(f"keys={keys!r}: must be 'random' or 'linear'")
+    n, L = len(texts), len(texts[0])
+    k_NxLxD = np.stack([[key(t[i - k:i]) for i in range(k, L)] for t in texts])
+    v_NxL = np.array([[index[c] for c in t[k:]] for t in texts])
+    onehot = np.eye(len(symbols))
+    W_NxSxD = np.zeros((n, len(symbols), dim))
+    for i in range(L - k):  # the delta rule: W <- W + (v - W k) k^T on unit keys
+        k_NxD = k_NxLxD[:, i]
+        err_NxS = onehot[v_NxL[:, i]] - np.einsum("nsd,nd->ns", W_NxSxD, k_NxD)
+        W_NxSxD += np.einsum("ns,nd->nsd", err_NxS, k_NxD)
+    read_NxLxS = np.einsum("nsd,nld->nls", W_NxSxD, k_NxLxD)
+    return read_NxLxS.argmax(-1) == v_NxL
+
+
+def measure_delta(seed: int, n: int, k: int, dim: int, keys: str) -> tuple[float, float]:
+    """(fraction of characters, fraction of whole values) a delta-rule memory reads back."""
+    task = NeedleUuid.__new__(NeedleUuid)
+    rng = np.random.default_rng(seed)
+    right = delta_copy([task.value(rng) for _ in range(n)], k, dim, keys, rng)
+    return float(right.mean()), float(right.all(axis=1).mean())
+
+
 def measure(seed: int, n: int, k: int) -> tuple[float, float]:
     """(fraction of characters, fraction of whole values) right over n values of one seed."""
     task = NeedleUuid.__new__(NeedleUuid)  # value() needs no paragraphs
@@ -48,21 +106,40 @@ def measure(seed: int, n: int, k: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--n", type=int, default=100_000, help="values per seed")
+    ap.add_argument("--n", type=int, default=100_000, help="values per seed (the table)")
+    ap.add_argument("--n-delta", type=int, default=5_000,
+                    help="values per seed (the delta-rule memory)")
+    ap.add_argument("--dims", nargs="+", type=int, default=[64, 128, 256],
+                    help="delta-rule memory dimensions (the S-NIAH recipe's head is 64)")
     args = ap.parse_args(argv)
+    span = lambda xs: f"{np.mean(xs):.4f} [{min(xs):.4f}, {max(xs):.4f}]"
     rows = []
     for k in (1, 2, 3, 4):
         chars, whole = zip(*(measure(s, args.n, k) for s in args.seeds), strict=True)
-        span = lambda xs: f"{np.mean(xs):.4f} [{min(xs):.4f}, {max(xs):.4f}]"
         rows.append([k, span(chars), span(whole)])
     table = benchlib.markdown_table(["key: characters before", "characters right",
                                      "whole UUIDs right"], rows)
+    rows = []
+    for keys in ("random", "linear"):
+        for dim in args.dims:
+            for k in (1, 2, 3, 4):
+                got = [measure_delta(s, args.n_delta, k, dim, keys) for s in args.seeds]
+                chars, whole = zip(*got, strict=True)
+                rows.append([keys, dim, k, span(chars), span(whole)])
+    delta_table = benchlib.markdown_table(["keys", "D", "key: characters before",
+                                           "characters right", "whole UUIDs right"], rows)
     command = "python -m experiments.icl.uuid_keys " + " ".join(argv or [])
     body = (f"Command: `{command.strip()}`; {args.n} values per seed, seeds "
             f"{', '.join(map(str, args.seeds))} (mean [min, max])\n\n"
             "An ideal last-write-wins copier of the S-NIAH-3 value keyed on the k characters "
             "before each character (no model trained; the module docstring says how):\n\n"
-            f"{table}\n")
+            f"{table}\n\n"
+            f"The same writes in a linear delta-rule memory of dimension D ({args.n_delta} "
+            "values per seed; random keys: one random unit key per distinct context; linear "
+            "keys: a weighted sum of the characters' embeddings, what a conv gives):\n\n"
+            f"{delta_table}\n"
+            f"\n## Reading (hand-written; experiments/icl/notes/{os.path.basename(NOTES)})\n\n"
+            + open(NOTES).read())
     benchlib.write_result(os.path.join(RESULTS, "icl_niah_uuid_keys.md"),
                           "S-NIAH-3: what a copier keyed on the previous characters can hold",
                           body)

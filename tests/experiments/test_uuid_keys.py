@@ -1,6 +1,9 @@
 """The ideal previous-characters copier behind results/icl_niah_uuid_keys.md."""
 
+import numpy as np
+
 from experiments.icl import uuid_keys
+from experiments.icl.tasks.niah import NeedleUuid
 
 
 def test_a_repeated_key_keeps_only_its_last_successor():
@@ -14,3 +17,24 @@ def test_uuids_cannot_be_copied_whole_with_a_one_character_key():
     chars, whole = uuid_keys.measure(seed=0, n=2000, k=1)
     assert whole == 0.0 and 0.4 < chars < 0.55
     assert uuid_keys.measure(seed=0, n=2000, k=4)[1] > 0.98
+
+
+def test_delta_rule_with_near_orthogonal_keys_is_the_lookup_table():
+    """At a dimension far above the number of writes, random keys are nearly orthogonal and
+    the delta rule reads back exactly what the last-write-wins table does, value by value."""
+    rng, task = np.random.default_rng(0), NeedleUuid.__new__(NeedleUuid)
+    values = [task.value(rng) for _ in range(20)]
+    for k in (1, 2):
+        got = uuid_keys.delta_copy(values, k, 8192, "random", rng)
+        want = np.array([uuid_keys.ideal_copy(v, k) for v in values])
+        np.testing.assert_array_equal(got, want)
+
+
+def test_linear_keys_from_more_characters_add_nothing():
+    """A weighted sum of the previous characters' embeddings stays in their 17-dim span: the
+    delta rule copies no more with k = 3 such keys than with one character, at any width,
+    while random (non-linear) keys of three characters copy nearly everything."""
+    one = uuid_keys.measure_delta(seed=0, n=300, k=1, dim=256, keys="linear")
+    three = uuid_keys.measure_delta(seed=0, n=300, k=3, dim=256, keys="linear")
+    assert three[0] <= one[0] + 0.01 and three[1] == 0.0
+    assert uuid_keys.measure_delta(seed=0, n=300, k=3, dim=256, keys="random")[0] > 0.99
