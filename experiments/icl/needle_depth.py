@@ -148,37 +148,37 @@ EARLY, LATE = 1024, 2048  # needles written in the first 1K tokens (the training
 
 
 @contextlib.contextmanager
-def recording_coupled_outputs():
-    """Yield a list that collects (q, k, v, Gates) of every self-modifying layer the model runs
-    (one entry per layer, in order) while the context is open: a read-only probe that wraps
-    ``SelfModifyingTitans._scan_coupled``, so the model's own code path makes the gates."""
-    from nested_jax.models import self_modifying as smod
+def recording(cls, method: str):
+    """Yield a list that collects what ``cls.method`` returns, call by call (for a model's
+    layers: one entry per layer, in order), while the context is open: a read-only probe, so
+    the model's own code path makes what is recorded (``SelfModifyingTitans._scan_coupled``:
+    (state, (q, k, v, Gates)); ``_static``: the static projections, q among them)."""
+    original, record = getattr(cls, method), []
 
-    cls, record = smod.SelfModifyingTitans, []
-    original = cls._scan_coupled
+    def wrapped(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        record.append(out)
+        return out
 
-    def wrapped(self, state, xs):
-        state, outs = original(self, state, xs)
-        record.append(outs)
-        return state, outs
-
-    cls._scan_coupled = wrapped
+    setattr(cls, method, wrapped)
     try:
         yield record
     finally:
-        cls._scan_coupled = original
+        setattr(cls, method, original)
 
 
 def gate_trace(graph, params, rest, task, seed: int, batch: int):
     """(alpha [L, N, T], eta [L, N, T], needle position [N]) on GATE_ROWS held-out needles of
     ``task`` (head 0 of each layer; the runs traced here have one head)."""
 
+    from nested_jax.models import self_modifying as smod
+
     @jax.jit
     def gates(p, x):
-        with recording_coupled_outputs() as record:
+        with recording(smod.SelfModifyingTitans, "_scan_coupled") as record:
             nnx.merge(graph, p, rest)(x)
-        return ([g.alpha[:, :x.shape[1], 0] for _, _, _, g in record],
-                [g.eta[:, :x.shape[1], 0] for _, _, _, g in record])
+        return ([g.alpha[:, :x.shape[1], 0] for _, (_, _, _, g) in record],
+                [g.eta[:, :x.shape[1], 0] for _, (_, _, _, g) in record])
 
     rng = np.random.default_rng(EVAL_SEED + seed)
     alpha, eta, pos = [], [], []

@@ -374,3 +374,49 @@ def test_frozen_at_eval_scores_the_model_with_its_in_context_memory_frozen(model
     assert learning.accuracy_frozen_eval is not None
     assert learning.accuracy_frozen_eval == frozen.accuracy
     assert frozen.accuracy_frozen_eval is None
+
+
+def test_trained_keys_measures_an_ideal_one_character_key_as_the_lookup_table():
+    """Keys that are exactly the previous character's one-hot and queries the current input's:
+    the delta read equals the last-write-wins copier keyed on one character, character by
+    character (uuid_keys.ideal_copy), and the key-span cosines are 1 (same previous
+    character) and 0 (different)."""
+    from experiments.icl import trained_keys, uuid_keys
+    from experiments.icl.tasks import NeedleUuid
+    from experiments.icl.tasks.base import RESERVED
+
+    task = NeedleUuid(seq_len=512, paragraphs=("A short haystack sentence. " * 4,))
+    tokens = task.sample(np.random.default_rng(0), 4).tokens
+    writes, reads = trained_keys.value_positions(tokens, task.value_len)
+    emb = np.eye(256 + RESERVED)
+    k_BxTxK = np.concatenate([np.zeros((4, 1, emb.shape[1])), emb[tokens[:, :-2]]], axis=1)
+    q_BxTxK = emb[tokens[:, :-1]]
+    m = trained_keys.measures(q_BxTxK, k_BxTxK, tokens, writes, reads)
+    for row, delta in zip(tokens, m["delta"], strict=True):
+        value = bytes((row[-task.value_len:] - RESERVED).astype(np.uint8)).decode()
+        assert delta.tolist() == uuid_keys.ideal_copy(value, 1)
+    np.testing.assert_allclose(m["cos_same_prev_diff_before"], 1.0)
+    np.testing.assert_allclose(m["cos_diff_prev"], 0.0, atol=1e-12)
+
+
+def test_trained_keys_records_each_layers_queries_and_keys(monkeypatch):
+    """record() returns the model's own unit q and k per self-modifying layer at every input
+    position, and leaves the layer's methods as it found them."""
+    from experiments.icl import trained_keys
+    from experiments.icl.tasks import NeedleNoise
+    from nested_jax.models import self_modifying as smod
+
+    originals = smod.SelfModifyingTitans._scan_coupled, smod.SelfModifyingTitans._static
+    task = NeedleNoise(seq_len=160)
+    cfg = train.model_config(task, "hope", "tiny", "sm_only", {"max_seq_len": 160})
+    graph, params, rest = nnx.split(create("hope", cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    tokens = task.sample(np.random.default_rng(0), 2).tokens
+    out = trained_keys.record(graph, params, rest, tokens)
+    assert len(out) == cfg.n_layers
+    for q, k in out:
+        assert q.shape == k.shape == (2, 160, cfg.d_model // cfg.n_heads)
+        # from position 1: k_0 sees only the conv's zero padding before the first token (its
+        # small off-identity taps times x_0), where the l2 norm's epsilon shows
+        np.testing.assert_allclose(np.linalg.norm(q[:, 1:], axis=-1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(k[:, 1:], axis=-1), 1.0, atol=1e-5)
+    assert (smod.SelfModifyingTitans._scan_coupled, smod.SelfModifyingTitans._static) == originals
