@@ -9,7 +9,8 @@ previous token, decisions #24) a hex digit's successor is ambiguous: 32 digits f
 symbols repeat their predecessors.  This counts, on the task's own values
 (``NeedleUuid.value``, ``experiments/icl/tasks/niah.py``) and its needle sentence, what an
 ideal such copier gets right when a later write to the same key replaces the earlier one:
-the fraction of the 36 characters, and of whole UUIDs.  No model is trained: it is a ceiling
+the fraction of the 36 characters, and of whole UUIDs; and, for contrast, the same for
+S-NIAH-1/2's 7-digit numbers (``NeedleNoise.value``).  No model is trained: it is a ceiling
 for a copier with that key, to read ``icl_niah_uuid_2400.md`` against.
 
 The self-modifying memories do not hold a table: M_memory is one linear matrix per head
@@ -35,18 +36,20 @@ import os
 import numpy as np
 
 from experiments import benchlib
-from experiments.icl.tasks.niah import NeedleUuid
+from experiments.icl.tasks.niah import NeedleNoise, NeedleUuid
 
 HERE = os.path.dirname(__file__)
 RESULTS = os.path.join(HERE, "..", "results")
 NOTES = os.path.join(HERE, "notes", "niah_uuid_keys.md")
-PREFIX = "The special magic uuid for {key} is: "  # NeedleUuid.needle before the value
+PREFIX = "The special magic {kind} for {key} is: "  # the needle sentence before the value
+# The value kinds counted: S-NIAH-3's UUID, and S-NIAH-1/2's 7-digit number for contrast.
+VALUES = {"uuid": NeedleUuid, "number": NeedleNoise}
 
 
-def ideal_copy(value: str, k: int) -> list[bool]:
+def ideal_copy(value: str, k: int, kind: str = "uuid") -> list[bool]:
     """Per character of ``value``: does a last-write-wins copier keyed on the k characters
     before it (the needle sentence's, before the first) read it back right?"""
-    text = PREFIX.format(key="x")[-k:] + value
+    text = PREFIX.format(kind=kind, key="x")[-k:] + value
     table = {}
     for i in range(k, len(text)):
         table[text[i - k:i]] = text[i]
@@ -59,7 +62,7 @@ def delta_copy(values: list[str], k: int, dim: int, keys: str,
     memory of dimension ``dim`` that stored the value (module docstring).  ``keys`` is
     "random" (one random unit key per distinct context, drawn once for all values) or
     "linear" (a weighted sum of per-character random embeddings)."""
-    texts = [PREFIX.format(key="x")[-k:] + v for v in values]
+    texts = [PREFIX.format(kind="uuid", key="x")[-k:] + v for v in values]
     symbols = sorted(set("".join(texts)))
     index = {c: i for i, c in enumerate(symbols)}
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -95,11 +98,12 @@ def measure_delta(seed: int, n: int, k: int, dim: int, keys: str) -> tuple[float
     return float(right.mean()), float(right.all(axis=1).mean())
 
 
-def measure(seed: int, n: int, k: int) -> tuple[float, float]:
+def measure(seed: int, n: int, k: int, kind: str = "uuid") -> tuple[float, float]:
     """(fraction of characters, fraction of whole values) right over n values of one seed."""
-    task = NeedleUuid.__new__(NeedleUuid)  # value() needs no paragraphs
+    cls = VALUES[kind]
+    task = cls.__new__(cls)  # value() needs no haystack
     rng = np.random.default_rng(seed)
-    right = [ideal_copy(task.value(rng), k) for _ in range(n)]
+    right = [ideal_copy(task.value(rng), k, kind) for _ in range(n)]
     return float(np.mean(right)), float(np.mean([all(r) for r in right]))
 
 
@@ -114,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     span = lambda xs: f"{np.mean(xs):.4f} [{min(xs):.4f}, {max(xs):.4f}]"
     rows = []
-    for k in (1, 2, 3, 4):
-        chars, whole = zip(*(measure(s, args.n, k) for s in args.seeds), strict=True)
-        rows.append([k, span(chars), span(whole)])
-    table = benchlib.markdown_table(["key: characters before", "characters right",
-                                     "whole UUIDs right"], rows)
+    for kind in VALUES:
+        for k in (1, 2, 3, 4):
+            got = [measure(s, args.n, k, kind) for s in args.seeds]
+            chars, whole = zip(*got, strict=True)
+            rows.append([kind, k, span(chars), span(whole)])
+    table = benchlib.markdown_table(["value", "key: characters before", "characters right",
+                                     "whole values right"], rows)
     rows = []
     for keys in ("random", "linear"):
         for dim in args.dims:
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m experiments.icl.uuid_keys " + " ".join(argv or [])
     body = (f"Command: `{command.strip()}`; {args.n} values per seed, seeds "
             f"{', '.join(map(str, args.seeds))} (mean [min, max])\n\n"
-            "An ideal last-write-wins copier of the S-NIAH-3 value keyed on the k characters "
+            "An ideal last-write-wins copier of the S-NIAH-3 value (`uuid`), and of the "
+            "S-NIAH-1/2 value (`number`, 7 digits) for contrast, keyed on the k characters "
             "before each character (no model trained; the module docstring says how):\n\n"
             f"{table}\n\n"
             f"The same writes in a linear delta-rule memory of dimension D ({args.n_delta} "

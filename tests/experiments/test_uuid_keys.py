@@ -19,6 +19,15 @@ def test_uuids_cannot_be_copied_whole_with_a_one_character_key():
     assert uuid_keys.measure(seed=0, n=2000, k=4)[1] > 0.98
 
 
+def test_a_seven_digit_number_is_copied_whole_by_a_one_character_key_sometimes():
+    """S-NIAH-1/2's value: 7 digits, so a one-character key is ambiguous less often than on a
+    UUID, and a number whose digits never repeat a predecessor copies whole."""
+    assert uuid_keys.ideal_copy("1234567", 1, "number") == [True] * 7
+    assert uuid_keys.ideal_copy("1213", 1, "number") == [True, False, True, True]
+    chars, whole = uuid_keys.measure(seed=0, n=2000, k=1, kind="number")
+    assert 0.1 < whole < 0.25 and 0.75 < chars < 0.9
+
+
 def test_delta_rule_with_near_orthogonal_keys_is_the_lookup_table():
     """At a dimension far above the number of writes, random keys are nearly orthogonal and
     the delta rule reads back exactly what the last-write-wins table does, value by value."""
