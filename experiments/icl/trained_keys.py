@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import benchlib
-from experiments.icl import needle_depth, run
+from experiments.icl import needle_depth, run, uuid_keys
 
 SEQUENCES = 32  # held-out needles per run
 
@@ -88,12 +88,7 @@ def measures(q_BxTxK, k_BxTxK, tokens, writes, reads) -> dict:
     # A fresh delta-rule memory over the value's writes, read with the trained queries.
     symbols = np.unique(values)
     onehot = (values[..., None] == symbols).astype(np.float64)  # [B, N, S]
-    W_BxSxK = np.zeros((len(tokens), len(symbols), k_BxTxK.shape[-1]))
-    for i in range(n):
-        k = kw_BxNxK[:, i]
-        err = onehot[:, i] - np.einsum("bsk,bk->bs", W_BxSxK, k)
-        W_BxSxK += np.einsum("bs,bk->bsk", err, k)
-    delta = symbols[np.einsum("bsk,bnk->bns", W_BxSxK, qr_BxNxK).argmax(-1)] == values
+    delta = symbols[uuid_keys.delta_read(kw_BxNxK, onehot, qr_BxNxK).argmax(-1)] == values
     # Key span over pairs of value positions (the first two have prefix characters before).
     prev1, prev2 = tokens[b, writes - 1], tokens[b, writes - 2]
     cos = np.einsum("bik,bjk->bij", kw_BxNxK, kw_BxNxK) / np.einsum(

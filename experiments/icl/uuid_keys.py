@@ -77,17 +77,22 @@ def delta_copy(values: list[str], k: int, dim: int, keys: str,
                                    for w, c in zip(weights, ctx[::-1], strict=True)))
     else:
         raise ValueError(f"keys={keys!r}: must be 'random' or 'linear'")
-    n, L = len(texts), len(texts[0])
+    L = len(texts[0])
     k_NxLxD = np.stack([[key(t[i - k:i]) for i in range(k, L)] for t in texts])
     v_NxL = np.array([[index[c] for c in t[k:]] for t in texts])
-    onehot = np.eye(len(symbols))
-    W_NxSxD = np.zeros((n, len(symbols), dim))
-    for i in range(L - k):  # the delta rule: W <- W + (v - W k) k^T on unit keys
-        k_NxD = k_NxLxD[:, i]
-        err_NxS = onehot[v_NxL[:, i]] - np.einsum("nsd,nd->ns", W_NxSxD, k_NxD)
-        W_NxSxD += np.einsum("ns,nd->nsd", err_NxS, k_NxD)
-    read_NxLxS = np.einsum("nsd,nld->nls", W_NxSxD, k_NxLxD)
+    read_NxLxS = delta_read(k_NxLxD, np.eye(len(symbols))[v_NxL], k_NxLxD)
     return read_NxLxS.argmax(-1) == v_NxL
+
+
+def delta_read(k_NxLxD: np.ndarray, v_NxLxS: np.ndarray, q_NxMxD: np.ndarray) -> np.ndarray:
+    """[N, M, S]: a fresh linear memory per row, written by the delta rule at a full step,
+    W <- W + (v - W k) k^T, with the L pairs in order (no decay), then read at the queries."""
+    W_NxSxD = np.zeros((k_NxLxD.shape[0], v_NxLxS.shape[-1], k_NxLxD.shape[-1]))
+    for i in range(k_NxLxD.shape[1]):
+        k_NxD = k_NxLxD[:, i]
+        err_NxS = v_NxLxS[:, i] - np.einsum("nsd,nd->ns", W_NxSxD, k_NxD)
+        W_NxSxD += np.einsum("ns,nd->nsd", err_NxS, k_NxD)
+    return np.einsum("nsd,nmd->nms", W_NxSxD, q_NxMxD)
 
 
 def measure_delta(seed: int, n: int, k: int, dim: int, keys: str) -> tuple[float, float]:
