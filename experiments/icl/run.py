@@ -119,6 +119,9 @@ def parse(argv):
                    help="task overrides for every task, e.g. prefix_labels=true (formal)")
     p.add_argument("--train-on", default=None, choices=train.TRAIN_ON,
                    help="positions the training loss covers (default: the suite's; train.run)")
+    p.add_argument("--short-first", default=None, metavar="LEN:STEPS",
+                   help="length curriculum: the first STEPS steps train on the task at length "
+                        "LEN, the rest at its own length (train.run)")
     p.add_argument("--out", default=None, help="results stem (default icl_<suite>)")
     p.add_argument("--runs-dir", default="runs/icl",
                    help="where each run checkpoints (resumable: rerun the same command)")
@@ -130,6 +133,12 @@ def parse(argv):
     if a.checkpoint_every < 0:
         p.error(f"--checkpoint-every={a.checkpoint_every}: use a positive step count, or 0 "
                 "for no checkpoints")
+    if a.short_first is not None:
+        try:
+            length, n = (int(x) for x in a.short_first.split(":"))
+        except ValueError:
+            p.error(f"--short-first={a.short_first!r}: use LEN:STEPS, e.g. 256:1200")
+        a.short_first = (length, n)
     if a.suite not in SUITES:
         p.error(f"suite={a.suite!r} is unknown; choose one of {sorted(SUITES)}")
     if a.scale not in SUITES[a.suite]:
@@ -283,7 +292,8 @@ def planned(a, scale: Scale, built: dict) -> list[Planned]:
             for variant in a.variants or list(train.VARIANTS[model]):
                 for seed in a.seeds:
                     identity = train.run_identity(task, model, scale.preset, variant, seed,
-                                                  a.lr, steps, batch, overrides, train_on)
+                                                  a.lr, steps, batch, overrides, train_on,
+                                                  short_first=a.short_first)
                     ckdir = (run_dir(a.runs_dir, stem, name, model, variant, seed, identity)
                              if a.checkpoint_every else None)
                     out.append(Planned(name, task, evals, model, variant, seed, identity,
@@ -297,11 +307,17 @@ def main(argv=None) -> None:
     scale = SUITES[a.suite][a.scale]
     steps, batch, overrides, train_on = settings(a, scale)
     built = command_tasks(a, scale)  # a bad task or length fails here, before any training
+    for task, _ in built.values():  # and so does a curriculum length no model can take
+        for m in a.models:
+            train.short_task(task, train.model_config(task, m, scale.preset, "all", overrides),
+                             steps, a.short_first)
     stem = a.out or f"icl_{a.suite}"
     log = os.path.join(RESULTS, f"{stem}_runs.jsonl")
     setup = dict(preset=scale.preset, steps=steps, batch=batch, lr=a.lr, overrides=overrides)
     if train_on != "target":  # absent from older logs, which all trained on the target
         setup["train_on"] = train_on
+    if a.short_first:  # absent from the logs of runs without a curriculum
+        setup["short_first"] = list(a.short_first)
     t0, done = time.time(), logged(log)
     for p in [] if a.report_only else planned(a, scale, built):
         if digest(p.identity) in done:  # the same run (budget and whole config) is logged
@@ -314,7 +330,8 @@ def main(argv=None) -> None:
         r = train.run(p.task, p.model, scale.preset, p.variant, p.seed, lr=a.lr, steps=steps,
                       batch=batch, overrides=overrides, eval_tasks=p.evals,
                       eval_batch=scale.eval_batch, train_on=train_on,
-                      checkpoint_dir=p.checkpoint_dir, checkpoint_every=a.checkpoint_every)
+                      checkpoint_dir=p.checkpoint_dir, checkpoint_every=a.checkpoint_every,
+                      short_first=a.short_first)
         print(f"{p.name:18s} {p.model:15s} {p.variant:9s} seed {p.seed}: "
               f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
               f"evals {r.by_eval} characters {r.by_eval_token} skipped {r.skipped} "
@@ -398,6 +415,8 @@ def write(a, argv, scale, built, setup, log, total) -> None:
                   "only",
            "both": "; trained on the mean of two next-token losses (every position, and the "
                    "targets), scored on the targets only"}.get(setup.get("train_on"), "")
+        + ("; length curriculum: the first {1} steps at T={0}, the rest at the task's length"
+           .format(*setup["short_first"]) if setup.get("short_first") else "")
         + "\n"
         "- accuracy: mean [min, max] over seeds, on 8 fresh held-out batches (the same for "
         "every run) of the training distribution; *frozen at eval*: the trained model scored "

@@ -107,14 +107,37 @@ def model_config(task, model: str, preset: str, variant: str, overrides: dict | 
 
 def run_identity(task, model: str, preset: str, variant: str, seed: int, lr: float,
                  steps: int, batch: int, overrides: dict | None, train_on: str,
-                 max_skipped: int = 20) -> dict:
+                 max_skipped: int = 20, short_first: tuple[int, int] | None = None) -> dict:
     """What a checkpoint must match to be resumed by a run (JSON, as it reads back): the
-    whole model config, not only the overrides, so a changed default is not resumed."""
+    whole model config, not only the overrides, so a changed default is not resumed.
+    ``short_first`` enters only when set, so the runs logged before it keep their identity."""
     cfg = model_config(task, model, preset, variant, overrides)
+    extra = {} if short_first is None else {"short_first": list(short_first)}
     return normalize(dict(task=repr(task), model=model, preset=preset, variant=variant,
                           seed=seed, lr=lr, steps=steps, batch=batch,
                           config=dataclasses.asdict(cfg), train_on=train_on,
-                          max_skipped=max_skipped))
+                          max_skipped=max_skipped, **extra))
+
+
+def short_task(task, cfg, steps: int, short_first: tuple[int, int] | None):
+    """The task the first steps of a length curriculum train on: ``task.at_length(L)`` for
+    ``short_first = (L, N)``, N < steps (None without one).  Refused with the option named,
+    before any training, where L is not shorter than the task or does not fit the model."""
+    if short_first is None:
+        return None
+    length, n = short_first
+    if not 0 < length < task.seq_len:
+        raise ValueError(f"--short-first {length}:{n}: the length must be between 1 and the "
+                         f"task's seq_len={task.seq_len} (exclusive)")
+    if not 0 < n < steps:
+        raise ValueError(f"--short-first {length}:{n}: the steps must be between 1 and "
+                         f"--steps={steps} (exclusive), so the run ends at the task's length")
+    cfg.check_seq_len(length, "--short-first length")
+    try:
+        return task.at_length(length)
+    except ValueError as e:  # e.g. a formal language, whose at_length only lengthens
+        raise ValueError(f"--short-first {length}:{n}: {type(task).__name__} has no shorter "
+                         f"version of that length: {e}") from e
 
 
 class _Progress:
@@ -179,7 +202,8 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         overrides: dict | None = None, freeze_eval: bool = True, log_every: int = 50,
         max_skipped: int = 20, verbose: bool = False, eval_tasks: dict | None = None,
         eval_batch: int | None = None, train_on: str = "target",
-        checkpoint_dir: str | None = None, checkpoint_every: int = 100) -> Result:
+        checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+        short_first: tuple[int, int] | None = None) -> Result:
     """Train on ``task``; score it and every ``eval_tasks`` entry (name -> task, e.g. the same
     task at longer lengths) on fixed held-out batches.
 
@@ -188,6 +212,11 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     (a needle's value), whose loss alone is too sparse a signal at CPU budgets.
     ``train_on="both"`` averages the two means (every position, and the scored ones), so the
     few scored tokens carry half the gradient instead of 7 parts in 1024.
+
+    ``short_first = (L, N)``: a length curriculum; the first N steps train on the task at
+    length L (``task.at_length(L)``: the same distribution, a shorter sequence), the rest at
+    the task's own length.  Scoring is unchanged.  For needles: the value's few scored tokens
+    are a larger share of a short haystack, and a memory can find the copy there first.
 
     ``checkpoint_dir``: save the parameters, optimizer state and batch generator there every
     ``checkpoint_every`` steps and at the end (orbax, ``nested_jax.train.checkpoints``), and
@@ -204,6 +233,7 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         if t.vocab_size > cfg.vocab_size:
             raise ValueError(f"task {name!r} vocab_size={t.vocab_size} exceeds the model's "
                              f"vocab_size={cfg.vocab_size}; drop the vocab_size override.")
+    short = short_task(task, cfg, steps, short_first)
     scoring = getattr(task, "scoring", "token")
     net = create(model, cfg, rngs=nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
@@ -239,7 +269,7 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
             raise ValueError(f"checkpoint_every={checkpoint_every}: must be >= 1")
         ckpt = Checkpoints(checkpoint_dir, keep=2, use_async=False)
         identity = run_identity(task, model, preset, variant, seed, lr, steps, batch,
-                                overrides, train_on, max_skipped)
+                                overrides, train_on, max_skipped, short_first)
         found = ckpt.restore({"params": params, "opt": opt}, prog,
                              check=same_run(identity, checkpoint_dir,
                                              config_defaults(task, model, preset)))
@@ -249,7 +279,7 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     t0, loss = time.time(), jnp.nan if prog.loss is None else prog.loss
     i = start
     while i < steps and prog.skipped <= max_skipped:  # a run that keeps failing stops there
-        b = task.sample(prog.rng, batch)
+        b = (task if short is None or i >= short_first[1] else short).sample(prog.rng, batch)
         params, opt, loss, acc, finite = step(params, opt, *map(jnp.asarray, b.arrays()))
         prog.skipped += int(not bool(finite))
         i += 1

@@ -20,6 +20,7 @@ from nested_jax.models import create
     (["mqar", "--task-set", "prefix_labels=true"], "--task-set: 'prefix_labels=true' must be"),
     (["formal", "--task-set", "prefix_labels"], "--task-set: 'prefix_labels' must be"),
     (["mqar", "--checkpoint-every", "-1"], "--checkpoint-every=-1: use a positive"),
+    (["niah", "--short-first", "256"], "--short-first='256': use LEN:STEPS"),
 ])
 def test_bad_names_fail_with_the_option(capsys, argv, needle):
     with pytest.raises(SystemExit):
@@ -181,6 +182,62 @@ def test_an_interrupted_run_resumes_bitwise_and_refuses_another_runs_checkpoint(
     with pytest.raises(CheckpointMismatchError, match="seed: checkpoint 0, this run 1"):
         train.run(task, "transformer", "tiny", seed=1, checkpoint_dir=ckdir, **kw)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == steps_before
+
+
+class _Recording(_Interrupting):
+    """The task, noting the length of every batch drawn (into ``log``, shared with the
+    shorter versions ``at_length`` makes), and interrupted as ``_Interrupting``."""
+
+    def __init__(self, task, after: int, log: list, shared=None):
+        super().__init__(task, after)
+        self.log, self.shared = log, shared or self
+
+    def at_length(self, seq_len):
+        return _Recording(self.task.at_length(seq_len), self.after, self.log, self.shared)
+
+    def sample(self, rng, n):
+        self.log.append(self.task.seq_len)
+        self.shared.calls += 1
+        if self.shared.calls > self.after:
+            raise KeyboardInterrupt
+        return self.task.sample(rng, n)
+
+
+def test_a_length_curriculum_trains_short_first_and_resumes_bitwise(tmp_path):
+    """``short_first=(32, 3)`` of 6 steps draws three batches at T=32 and then three at the
+    task's 64; interrupted after step 4 (checkpoints every 2 steps) it resumes from step 4 in
+    the long phase and ends with the uninterrupted run's curve and accuracy, bit for bit.  Its
+    identity is not a run's without the curriculum (another checkpoint directory), and a
+    curriculum that is not shorter, or not over before the last step, is refused naming the
+    option before any batch is drawn."""
+    task = tasks.make("mqar", n_pairs=4, seq_len=64, vocab=32)
+    kw = dict(steps=6, batch=4, eval_batches=1, log_every=1, freeze_eval=False,
+              short_first=(32, 3))
+    lengths = []
+    whole = train.run(_Recording(task, 10**9, lengths), "transformer", "tiny", **kw)
+    assert lengths[:6] == [32, 32, 32, 64, 64, 64]  # then the held-out batches, at 64
+    plain = train.run(task, "transformer", "tiny", **dict(kw, short_first=None))
+    assert plain.curve != whole.curve
+    ckdir = str(tmp_path / "ck")
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_Recording(task, 5, []), "transformer", "tiny", checkpoint_dir=ckdir,
+                  checkpoint_every=2, **kw)
+    resumed_lengths = []
+    resumed = train.run(_Recording(task, 10**9, resumed_lengths), "transformer", "tiny",
+                        checkpoint_dir=ckdir, checkpoint_every=2, **kw)
+    assert resumed_lengths[:2] == [64, 64]  # steps 5 and 6, then the held-out batches
+    assert resumed.curve == whole.curve and resumed.accuracy == whole.accuracy
+    ident = lambda sf: train.run_identity(task, "transformer", "tiny", "all", 0, 3e-3, 6, 4,  # noqa: E731
+                                          None, "target", short_first=sf)
+    assert "short_first" not in ident(None) and run.digest(ident((32, 3))) != run.digest(
+        ident(None))
+    for bad, needle in [((64, 3), "the length must be between"),
+                        ((32, 6), "the steps must be between")]:
+        drawn = []
+        with pytest.raises(ValueError, match=f"--short-first {bad[0]}:{bad[1]}: {needle}"):
+            train.run(_Recording(task, 10**9, drawn), "transformer", "tiny",
+                      **dict(kw, short_first=bad))
+        assert drawn == []
 
 
 def test_a_run_saved_before_a_config_field_existed_resumes_and_a_changed_default_does_not(
