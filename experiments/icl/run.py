@@ -110,6 +110,9 @@ def parse(argv):
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--variants", nargs="+", default=None, help="default: every variant")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--data-seeds", nargs="+", type=int, default=None,
+                   help="one per --seeds entry: the seed of that run's training batches, "
+                        "which otherwise follow its seed (the model's initialisation)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
@@ -139,6 +142,8 @@ def parse(argv):
         except ValueError:
             p.error(f"--short-first={a.short_first!r}: use LEN:STEPS, e.g. 256:1200")
         a.short_first = (length, n)
+    if a.data_seeds is not None and len(a.data_seeds) != len(a.seeds):
+        p.error(f"--data-seeds {a.data_seeds}: give one per --seeds entry {a.seeds}")
     if a.suite not in SUITES:
         p.error(f"suite={a.suite!r} is unknown; choose one of {sorted(SUITES)}")
     if a.scale not in SUITES[a.suite]:
@@ -203,8 +208,15 @@ def run_dir(root: str, stem: str, name: str, model: str, variant: str, seed: int
     """One run's checkpoint directory; the hash of its identity (``train.run_identity``: the
     budget and the whole model config) in its name keeps runs of one stem with other budgets,
     overrides or defaults apart, so each resumes only itself."""
-    return os.path.abspath(os.path.join(root, stem, f"{name}-{model}-{variant}-s{seed}-"
+    return os.path.abspath(os.path.join(root, stem, f"{name}-{model}-{variant}-"
+                                                    f"{seed_label(seed, identity)}-"
                                                     f"{digest(identity)[:10]}"))
+
+
+def seed_label(seed: int, record: dict) -> str:
+    """``s0``, or ``s0d1`` for a run whose training batches follow data seed 1."""
+    data_seed = record.get("data_seed")
+    return f"s{seed}" + ("" if data_seed is None else f"d{data_seed}")
 
 
 def digest(identity: dict) -> str:
@@ -271,6 +283,7 @@ class Planned:
     seed: int
     identity: dict
     checkpoint_dir: str | None
+    data_seed: int | None = None
 
 
 def settings(a, scale: Scale):
@@ -290,14 +303,16 @@ def planned(a, scale: Scale, built: dict) -> list[Planned]:
         task, evals = built[name]
         for model in a.models:
             for variant in a.variants or list(train.VARIANTS[model]):
-                for seed in a.seeds:
+                for seed, data_seed in zip(a.seeds, a.data_seeds or a.seeds, strict=True):
+                    data_seed = None if data_seed == seed else data_seed
                     identity = train.run_identity(task, model, scale.preset, variant, seed,
                                                   a.lr, steps, batch, overrides, train_on,
-                                                  short_first=a.short_first)
+                                                  short_first=a.short_first,
+                                                  data_seed=data_seed)
                     ckdir = (run_dir(a.runs_dir, stem, name, model, variant, seed, identity)
                              if a.checkpoint_every else None)
                     out.append(Planned(name, task, evals, model, variant, seed, identity,
-                                       ckdir))
+                                       ckdir, data_seed))
     return out
 
 
@@ -331,8 +346,9 @@ def main(argv=None) -> None:
                       batch=batch, overrides=overrides, eval_tasks=p.evals,
                       eval_batch=scale.eval_batch, train_on=train_on,
                       checkpoint_dir=p.checkpoint_dir, checkpoint_every=a.checkpoint_every,
-                      short_first=a.short_first)
-        print(f"{p.name:18s} {p.model:15s} {p.variant:9s} seed {p.seed}: "
+                      short_first=a.short_first, data_seed=p.data_seed)
+        print(f"{p.name:18s} {p.model:15s} {p.variant:9s} seed {p.seed}"
+              f"{'' if p.data_seed is None else f' (data seed {p.data_seed})'}: "
               f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
               f"evals {r.by_eval} characters {r.by_eval_token} skipped {r.skipped} "
               f"{r.seconds:.0f}s", flush=True)
@@ -341,6 +357,7 @@ def main(argv=None) -> None:
         with open(log, "a") as f:
             f.write(json.dumps(dict(setup, task=repr(p.task), task_name=p.name, model=p.model,
                                     variant=p.variant, seed=p.seed, identity=digest(p.identity),
+                                    **({} if p.data_seed is None else {"data_seed": p.data_seed}),
                                     **dataclasses.asdict(r))) + "\n")
     write(a, argv, scale, built, setup, log, time.time() - t0)
 
@@ -356,7 +373,8 @@ def gather(log: str, setup: dict, built: dict):
     reprs = {repr(task): name for name, (task, _) in built.items()}
     runs = [r for r in runs if all(r.get(k) == v for k, v in setup.items())
             and r["task"] in reprs]
-    latest = {(reprs[r["task"]], r["model"], r["variant"], r["seed"]): r for r in runs}
+    latest = {(reprs[r["task"]], r["model"], r["variant"], seed_label(r["seed"], r)): r
+              for r in runs}
     evals = list(next(iter(built.values()))[1]) if built else []
     rows, groups = [], {}
     for name in built:
@@ -382,7 +400,7 @@ def gather(log: str, setup: dict, built: dict):
                              _spread(chars[0]) + (f" ({_spread(chars[1])})" if chars[1] else ""),
                              *(_spread(by(e, 0)) for e in evals),
                              "/".join(str(r["skipped"]) for r in group),
-                             ", ".join(str(r["seed"]) for r in group),
+                             ", ".join(seed_label(r["seed"], r)[1:] for r in group),
                              f"{np.mean([r['seconds'] for r in group]):.0f}"))
     return rows, groups, evals
 
@@ -425,6 +443,8 @@ def write(a, argv, scale, built, setup, log, total) -> None:
         "*accuracy at T=n*: the same trained model on the task at length n; "
         "*non-finite steps*: steps the trainer's guard skipped because the loss or a gradient "
         "was NaN/Inf (a run stops after 20)"
+        + ("; *seeds*: `0d1` initialised the model with seed 0 and drew its training batches "
+           "with seed 1 (`--data-seeds`)" if any("d" in row[-2] for row in rows) else "")
         + ("; *characters right*: on a task scored per sequence, the share of the target "
            "characters predicted right at the training length, whole value or not, over the "
            "seeds logged with it (kept since 2026-12-06; - where none is)" if chars_col else "")

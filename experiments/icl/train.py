@@ -107,12 +107,16 @@ def model_config(task, model: str, preset: str, variant: str, overrides: dict | 
 
 def run_identity(task, model: str, preset: str, variant: str, seed: int, lr: float,
                  steps: int, batch: int, overrides: dict | None, train_on: str,
-                 max_skipped: int = 20, short_first: tuple[int, int] | None = None) -> dict:
+                 max_skipped: int = 20, short_first: tuple[int, int] | None = None,
+                 data_seed: int | None = None) -> dict:
     """What a checkpoint must match to be resumed by a run (JSON, as it reads back): the
     whole model config, not only the overrides, so a changed default is not resumed.
-    ``short_first`` enters only when set, so the runs logged before it keep their identity."""
+    ``short_first``, and ``data_seed`` where it is not ``seed``, enter only when set, so the
+    runs logged before them keep their identity."""
     cfg = model_config(task, model, preset, variant, overrides)
     extra = {} if short_first is None else {"short_first": list(short_first)}
+    if data_seed is not None and data_seed != seed:
+        extra["data_seed"] = data_seed
     return normalize(dict(task=repr(task), model=model, preset=preset, variant=variant,
                           seed=seed, lr=lr, steps=steps, batch=batch,
                           config=dataclasses.asdict(cfg), train_on=train_on,
@@ -203,7 +207,7 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         max_skipped: int = 20, verbose: bool = False, eval_tasks: dict | None = None,
         eval_batch: int | None = None, train_on: str = "target",
         checkpoint_dir: str | None = None, checkpoint_every: int = 100,
-        short_first: tuple[int, int] | None = None) -> Result:
+        short_first: tuple[int, int] | None = None, data_seed: int | None = None) -> Result:
     """Train on ``task``; score it and every ``eval_tasks`` entry (name -> task, e.g. the same
     task at longer lengths) on fixed held-out batches.
 
@@ -217,6 +221,10 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     length L (``task.at_length(L)``: the same distribution, a shorter sequence), the rest at
     the task's own length.  Scoring is unchanged.  For needles: the value's few scored tokens
     are a larger share of a short haystack, and a memory can find the copy there first.
+
+    ``seed`` initialises the model and, unless ``data_seed`` is given, draws the training
+    batches; ``data_seed`` draws them instead, so the two can be told apart (which one decides
+    whether a run leaves a plateau).  The held-out batches follow ``seed`` either way.
 
     ``checkpoint_dir``: save the parameters, optimizer state and batch generator there every
     ``checkpoint_every`` steps and at the end (orbax, ``nested_jax.train.checkpoints``), and
@@ -262,14 +270,14 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         p, o = jax.lax.cond(finite, apply, lambda args: args, (p, o))
         return p, o, loss, acc, finite
 
-    prog = _Progress(np.random.default_rng(seed))
+    prog = _Progress(np.random.default_rng(seed if data_seed is None else data_seed))
     start, ckpt = 0, None
     if checkpoint_dir is not None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={checkpoint_every}: must be >= 1")
         ckpt = Checkpoints(checkpoint_dir, keep=2, use_async=False)
         identity = run_identity(task, model, preset, variant, seed, lr, steps, batch,
-                                overrides, train_on, max_skipped, short_first)
+                                overrides, train_on, max_skipped, short_first, data_seed)
         found = ckpt.restore({"params": params, "opt": opt}, prog,
                              check=same_run(identity, checkpoint_dir,
                                              config_defaults(task, model, preset)))

@@ -21,6 +21,8 @@ from nested_jax.models import create
     (["formal", "--task-set", "prefix_labels"], "--task-set: 'prefix_labels' must be"),
     (["mqar", "--checkpoint-every", "-1"], "--checkpoint-every=-1: use a positive"),
     (["niah", "--short-first", "256"], "--short-first='256': use LEN:STEPS"),
+    (["niah", "--seeds", "0", "1", "--data-seeds", "1"],
+     "--data-seeds [1]: give one per --seeds entry [0, 1]"),
 ])
 def test_bad_names_fail_with_the_option(capsys, argv, needle):
     with pytest.raises(SystemExit):
@@ -238,6 +240,50 @@ def test_a_length_curriculum_trains_short_first_and_resumes_bitwise(tmp_path):
             train.run(_Recording(task, 10**9, drawn), "transformer", "tiny",
                       **dict(kw, short_first=bad))
         assert drawn == []
+
+
+class _Batches(_Interrupting):
+    """The task, keeping the inputs of the first ``keep`` batches it draws."""
+
+    def __init__(self, task, keep: int):
+        super().__init__(task, after=10**9)
+        self.keep, self.drawn = keep, []
+
+    def sample(self, rng, n):
+        b = super().sample(rng, n)
+        if len(self.drawn) < self.keep:
+            self.drawn.append(b.arrays()[0].copy())
+        return b
+
+
+def test_a_data_seed_draws_the_batches_and_the_seed_still_initialises():
+    """``data_seed`` apart from ``seed``: two runs with one data seed and different seeds draw
+    the same training batches and still end apart (the initialisation follows ``seed``); a
+    data seed equal to the seed is the run without one, bit for bit and in identity, so no
+    logged run changes its identity; another data seed changes both, and its checkpoint
+    directory says which (``s0d1``)."""
+    task = tasks.make("mqar", n_pairs=4, seq_len=32, vocab=32)
+    kw = dict(steps=3, batch=4, eval_batches=1, log_every=1, freeze_eval=False)
+    runs = {}
+    for seed, data_seed in [(0, 1), (1, 1), (1, None), (0, 0), (0, None)]:
+        t = _Batches(task, keep=3)
+        runs[seed, data_seed] = (train.run(t, "transformer", "tiny", seed=seed,
+                                           data_seed=data_seed, **kw), t.drawn)
+    same_data = [runs[0, 1][1], runs[1, 1][1]]
+    np.testing.assert_array_equal(np.stack(same_data[0]), np.stack(same_data[1]))
+    assert runs[0, 1][0].curve != runs[1, 1][0].curve  # same batches, another init
+    assert not np.array_equal(np.stack(runs[0, 1][1]), np.stack(runs[0, None][1]))
+    np.testing.assert_array_equal(np.stack(runs[1, 1][1]), np.stack(runs[1, None][1]))
+    same = [(r.curve, r.accuracy, r.final_loss) for r in (runs[0, 0][0], runs[0, None][0])]
+    assert same[0] == same[1]
+    ident = lambda seed, ds: train.run_identity(task, "transformer", "tiny", "all", seed,  # noqa: E731
+                                                3e-3, 3, 4, None, "target", data_seed=ds)
+    assert ident(0, 0) == ident(0, None) and "data_seed" not in ident(0, 0)
+    assert run.digest(ident(0, 1)) != run.digest(ident(0, None))
+    assert "-transformer-all-s0d1-" in run.run_dir("r", "icl_x", "t", "transformer", "all", 0,
+                                                   ident(0, 1))
+    assert "-transformer-all-s0-" in run.run_dir("r", "icl_x", "t", "transformer", "all", 0,
+                                                 ident(0, None))
 
 
 def test_a_run_saved_before_a_config_field_existed_resumes_and_a_changed_default_does_not(
