@@ -125,6 +125,10 @@ def parse(argv):
     p.add_argument("--short-first", default=None, metavar="LEN:STEPS",
                    help="length curriculum: the first STEPS steps train on the task at length "
                         "LEN, the rest at its own length (train.run)")
+    p.add_argument("--init-from", default=None, metavar="SEED:PATTERN",
+                   help="start the parameters whose path (e.g. blocks/0/mixer/conv) matches "
+                        "the regular expression PATTERN from seed SEED's initialisation, the "
+                        "rest from each run's seed (train.init_parts)")
     p.add_argument("--out", default=None, help="results stem (default icl_<suite>)")
     p.add_argument("--runs-dir", default="runs/icl",
                    help="where each run checkpoints (resumable: rerun the same command)")
@@ -142,6 +146,11 @@ def parse(argv):
         except ValueError:
             p.error(f"--short-first={a.short_first!r}: use LEN:STEPS, e.g. 256:1200")
         a.short_first = (length, n)
+    if a.init_from is not None:
+        seed, _, pattern = a.init_from.partition(":")
+        if not seed.lstrip("-").isdigit() or not pattern:
+            p.error(f"--init-from={a.init_from!r}: use SEED:PATTERN, e.g. 0:mixer/conv")
+        a.init_from = (int(seed), pattern)
     if a.data_seeds is not None and len(a.data_seeds) != len(a.seeds):
         p.error(f"--data-seeds {a.data_seeds}: give one per --seeds entry {a.seeds}")
     if a.suite not in SUITES:
@@ -308,7 +317,7 @@ def planned(a, scale: Scale, built: dict) -> list[Planned]:
                     identity = train.run_identity(task, model, scale.preset, variant, seed,
                                                   a.lr, steps, batch, overrides, train_on,
                                                   short_first=a.short_first,
-                                                  data_seed=data_seed)
+                                                  data_seed=data_seed, init_from=a.init_from)
                     ckdir = (run_dir(a.runs_dir, stem, name, model, variant, seed, identity)
                              if a.checkpoint_every else None)
                     out.append(Planned(name, task, evals, model, variant, seed, identity,
@@ -324,8 +333,10 @@ def main(argv=None) -> None:
     built = command_tasks(a, scale)  # a bad task or length fails here, before any training
     for task, _ in built.values():  # and so does a curriculum length no model can take
         for m in a.models:
-            train.short_task(task, train.model_config(task, m, scale.preset, "all", overrides),
-                             steps, a.short_first)
+            cfg = train.model_config(task, m, scale.preset, "all", overrides)
+            train.short_task(task, cfg, steps, a.short_first)
+            if a.init_from:  # and a pattern that picks no parameter, or all of them
+                train.initial_params(m, cfg, 0, a.init_from)
     stem = a.out or f"icl_{a.suite}"
     log = os.path.join(RESULTS, f"{stem}_runs.jsonl")
     setup = dict(preset=scale.preset, steps=steps, batch=batch, lr=a.lr, overrides=overrides)
@@ -333,6 +344,8 @@ def main(argv=None) -> None:
         setup["train_on"] = train_on
     if a.short_first:  # absent from the logs of runs without a curriculum
         setup["short_first"] = list(a.short_first)
+    if a.init_from:  # absent from the logs of runs started from one seed
+        setup["init_from"] = list(a.init_from)
     t0, done = time.time(), logged(log)
     for p in [] if a.report_only else planned(a, scale, built):
         if digest(p.identity) in done:  # the same run (budget and whole config) is logged
@@ -346,7 +359,8 @@ def main(argv=None) -> None:
                       batch=batch, overrides=overrides, eval_tasks=p.evals,
                       eval_batch=scale.eval_batch, train_on=train_on,
                       checkpoint_dir=p.checkpoint_dir, checkpoint_every=a.checkpoint_every,
-                      short_first=a.short_first, data_seed=p.data_seed)
+                      short_first=a.short_first, data_seed=p.data_seed,
+                      init_from=a.init_from)
         print(f"{p.name:18s} {p.model:15s} {p.variant:9s} seed {p.seed}"
               f"{'' if p.data_seed is None else f' (data seed {p.data_seed})'}: "
               f"acc {r.accuracy:.3f} frozen-eval {r.accuracy_frozen_eval} "
@@ -435,6 +449,8 @@ def write(a, argv, scale, built, setup, log, total) -> None:
                    "targets), scored on the targets only"}.get(setup.get("train_on"), "")
         + ("; length curriculum: the first {1} steps at T={0}, the rest at the task's length"
            .format(*setup["short_first"]) if setup.get("short_first") else "")
+        + ("; the parameters matching `{1}` start from seed {0}'s initialisation, the rest "
+           "from each run's seed".format(*setup["init_from"]) if setup.get("init_from") else "")
         + "\n"
         "- accuracy: mean [min, max] over seeds, on 8 fresh held-out batches (the same for "
         "every run) of the training distribution; *frozen at eval*: the trained model scored "

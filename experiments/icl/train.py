@@ -9,6 +9,7 @@ seed, lr, steps).
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import jax
@@ -108,19 +109,56 @@ def model_config(task, model: str, preset: str, variant: str, overrides: dict | 
 def run_identity(task, model: str, preset: str, variant: str, seed: int, lr: float,
                  steps: int, batch: int, overrides: dict | None, train_on: str,
                  max_skipped: int = 20, short_first: tuple[int, int] | None = None,
-                 data_seed: int | None = None) -> dict:
+                 data_seed: int | None = None,
+                 init_from: tuple[int, str] | None = None) -> dict:
     """What a checkpoint must match to be resumed by a run (JSON, as it reads back): the
     whole model config, not only the overrides, so a changed default is not resumed.
-    ``short_first``, and ``data_seed`` where it is not ``seed``, enter only when set, so the
-    runs logged before them keep their identity."""
+    ``short_first``, ``init_from``, and ``data_seed`` where it is not ``seed``, enter only
+    when set, so the runs logged before them keep their identity."""
     cfg = model_config(task, model, preset, variant, overrides)
     extra = {} if short_first is None else {"short_first": list(short_first)}
     if data_seed is not None and data_seed != seed:
         extra["data_seed"] = data_seed
+    if init_from is not None:
+        extra["init_from"] = list(init_from)
     return normalize(dict(task=repr(task), model=model, preset=preset, variant=variant,
                           seed=seed, lr=lr, steps=steps, batch=batch,
                           config=dataclasses.asdict(cfg), train_on=train_on,
                           max_skipped=max_skipped, **extra))
+
+
+def param_path(path) -> str:
+    """``blocks/0/mixer/conv``: a parameter's path in the model, as ``init_from`` matches it."""
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    return "/".join(k for k in keys if k != ".value")
+
+
+def init_parts(model: str, cfg, params, init_from: tuple[int, str] | None):
+    """``params`` with the parameters whose path matches ``init_from = (seed, pattern)`` (a
+    regular expression searched in ``param_path``) taken from the initialisation with that
+    seed instead: training from one seed's start with some modules from another's locates
+    which module's start decides an outcome.  Refused, with the option named, where the
+    pattern matches no parameter or every one (that is ``--seeds``)."""
+    if init_from is None:
+        return params
+    other_seed, pattern = init_from
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    hits = [p for p in paths if re.search(pattern, p)]
+    if not hits or len(hits) == len(paths):
+        raise ValueError(f"--init-from {other_seed}:{pattern}: the pattern matches "
+                         f"{len(hits)} of the model's {len(paths)} parameters; match some, "
+                         f"not none or all (paths look like {paths[0]!r}, {paths[-1]!r})")
+    other = nnx.split(create(model, cfg, rngs=nnx.Rngs(other_seed)), nnx.Param, ...)[1]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, mine, theirs: theirs if re.search(pattern, param_path(path)) else mine,
+        params, other)
+
+
+def initial_params(model: str, cfg, seed: int, init_from: tuple[int, str] | None = None):
+    """(graphdef, parameters, rest) of a run's model at its start: initialised with ``seed``,
+    the parts ``init_from`` names from another seed (``init_parts``)."""
+    graphdef, params, rest = nnx.split(create(model, cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+    return graphdef, init_parts(model, cfg, params, init_from), rest
 
 
 def short_task(task, cfg, steps: int, short_first: tuple[int, int] | None):
@@ -207,7 +245,8 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
         max_skipped: int = 20, verbose: bool = False, eval_tasks: dict | None = None,
         eval_batch: int | None = None, train_on: str = "target",
         checkpoint_dir: str | None = None, checkpoint_every: int = 100,
-        short_first: tuple[int, int] | None = None, data_seed: int | None = None) -> Result:
+        short_first: tuple[int, int] | None = None, data_seed: int | None = None,
+        init_from: tuple[int, str] | None = None) -> Result:
     """Train on ``task``; score it and every ``eval_tasks`` entry (name -> task, e.g. the same
     task at longer lengths) on fixed held-out batches.
 
@@ -225,6 +264,8 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
     ``seed`` initialises the model and, unless ``data_seed`` is given, draws the training
     batches; ``data_seed`` draws them instead, so the two can be told apart (which one decides
     whether a run leaves a plateau).  The held-out batches follow ``seed`` either way.
+    ``init_from = (seed, pattern)`` starts the parameters whose path matches ``pattern`` from
+    that seed's initialisation (``init_parts``), the rest from ``seed``'s.
 
     ``checkpoint_dir``: save the parameters, optimizer state and batch generator there every
     ``checkpoint_every`` steps and at the end (orbax, ``nested_jax.train.checkpoints``), and
@@ -243,8 +284,7 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
                              f"vocab_size={cfg.vocab_size}; drop the vocab_size override.")
     short = short_task(task, cfg, steps, short_first)
     scoring = getattr(task, "scoring", "token")
-    net = create(model, cfg, rngs=nnx.Rngs(seed))
-    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    graphdef, params, rest = initial_params(model, cfg, seed, init_from)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -277,7 +317,8 @@ def run(task, model: str, preset: str = "tiny", variant: str = "all", seed: int 
             raise ValueError(f"checkpoint_every={checkpoint_every}: must be >= 1")
         ckpt = Checkpoints(checkpoint_dir, keep=2, use_async=False)
         identity = run_identity(task, model, preset, variant, seed, lr, steps, batch,
-                                overrides, train_on, max_skipped, short_first, data_seed)
+                                overrides, train_on, max_skipped, short_first, data_seed,
+                                init_from)
         found = ckpt.restore({"params": params, "opt": opt}, prog,
                              check=same_run(identity, checkpoint_dir,
                                              config_defaults(task, model, preset)))

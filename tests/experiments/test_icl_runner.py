@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,6 +22,8 @@ from nested_jax.models import create
     (["formal", "--task-set", "prefix_labels"], "--task-set: 'prefix_labels' must be"),
     (["mqar", "--checkpoint-every", "-1"], "--checkpoint-every=-1: use a positive"),
     (["niah", "--short-first", "256"], "--short-first='256': use LEN:STEPS"),
+    (["niah", "--init-from", "conv"], "--init-from='conv': use SEED:PATTERN"),
+    (["niah", "--init-from", "0:"], "--init-from='0:': use SEED:PATTERN"),
     (["niah", "--seeds", "0", "1", "--data-seeds", "1"],
      "--data-seeds [1]: give one per --seeds entry [0, 1]"),
 ])
@@ -284,6 +287,33 @@ def test_a_data_seed_draws_the_batches_and_the_seed_still_initialises():
                                                    ident(0, 1))
     assert "-transformer-all-s0-" in run.run_dir("r", "icl_x", "t", "transformer", "all", 0,
                                                  ident(0, None))
+
+
+def test_init_from_takes_the_matching_parameters_from_another_seed():
+    """``init_from=(1, "mixer/conv")`` starts exactly the parameters on that path from seed 1's
+    initialisation and every other from the run's seed 0; the run's identity says so; a pattern
+    that matches no parameter, or all of them, is refused naming the option, before any batch
+    is drawn."""
+    task = tasks.make("mqar", n_pairs=4, seq_len=32, vocab=32)
+    cfg = train.model_config(task, "hope", "tiny", "all", None)
+    flat = lambda ps: {train.param_path(p): np.asarray(x)  # noqa: E731
+                       for p, x in jax.tree_util.tree_flatten_with_path(ps)[0]}
+    own, other = (flat(train.initial_params("hope", cfg, s)[1]) for s in (0, 1))
+    mixed = flat(train.initial_params("hope", cfg, 0, (1, "mixer/conv"))[1])
+    swapped = [p for p in mixed if "mixer/conv" in p]
+    assert swapped and all(np.array_equal(mixed[p], other[p]) for p in swapped)
+    assert all(np.array_equal(mixed[p], own[p]) for p in mixed if p not in swapped)
+    assert not any(np.array_equal(own[p], other[p]) for p in swapped)
+    ident = lambda f: train.run_identity(task, "hope", "tiny", "all", 0, 3e-3, 3, 4,  # noqa: E731
+                                         None, "target", init_from=f)
+    assert "init_from" not in ident(None)
+    assert ident((1, "mixer/conv"))["init_from"] == [1, "mixer/conv"]
+    for bad, n in [("nosuch", 0), (".", len(own))]:
+        drawn = []
+        with pytest.raises(ValueError, match=f"--init-from 1:{bad}: the pattern matches {n} of"):
+            train.run(_Recording(task, 10**9, drawn), "hope", "tiny", steps=3, batch=4,
+                      init_from=(1, bad))
+        assert drawn == []
 
 
 def test_a_run_saved_before_a_config_field_existed_resumes_and_a_changed_default_does_not(
