@@ -216,6 +216,10 @@ class SelfModifyingFields:
       norm_eps: RMSNorm epsilon of the output norm.
       memory_dtype: dtype of the inner loop and of the output norm ("float64" is accepted for
         the exactness tests).
+      out_gate_bias: None (default) keeps the output gate silu(x W_g) bias-free, as before; a
+        float b gives it a learnable per-channel bias starting at b, silu(x W_g + b_g), so the
+        gate starts open (silu(1) = 0.73) instead of a random +-0.08 that scrambles the read's
+        direction before W_o (module notes; decisions.md #32).
     """
 
     memory_hidden: int = 0
@@ -249,6 +253,7 @@ class SelfModifyingFields:
     remat_group: int = 0
     norm_eps: float = 1e-6
     memory_dtype: str = "float32"
+    out_gate_bias: float | None = None
     # No __post_init__ here: HopeConfig validates through ModelConfig's (which calls
     # validate_fields from HopeConfig.validate); a mixin's would shadow it in the MRO.
 
@@ -347,6 +352,11 @@ def validate_fields(cfg) -> None:
              "must be an int: 0 (sqrt of the chunk count), -1 (off) or a segment length >= 1")
     if not cfg.norm_eps > 0:
         fail("norm_eps", cfg.norm_eps, "must be positive")
+    b = cfg.out_gate_bias
+    if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float))
+                          or not math.isfinite(b)):
+        fail("out_gate_bias", b, "must be None (a bias-free output gate) or a finite float, the "
+             "gate bias's initial value (e.g. 1.0: the gate starts open)")
     for name in ("dtype", "param_dtype", "memory_dtype"):
         check_choice(cfg, name, DTYPES + ("float64",))  # float64: the exactness tests
 
@@ -446,6 +456,8 @@ class SelfModifyingTitans(nnx.Module):
                                     scale_init=layers.param_init(nnx.initializers.ones, None),
                                     rngs=rngs)
         self.gate_proj = layers.dense(D, D, ("embed", "heads"), std=0.02, **kw)
+        self.gate_bias = None if cfg.out_gate_bias is None else nnx.Param(
+            jnp.full((D,), cfg.out_gate_bias, pdt), logical_axes=("heads",))
         self.o_proj = layers.dense(D, D, ("heads", "embed"), std=out_std, **kw)
 
     # ---- levels -------------------------------------------------------------------------------
@@ -566,7 +578,10 @@ class SelfModifyingTitans(nnx.Module):
         """W_o (RMSNorm(o) * silu(x W_g)): per-head norm, output gate, projection."""
         B, T, D = x_BxTxD.shape
         o = self.out_norm(o_BxTxHxK).astype(x_BxTxD.dtype).reshape(B, T, D)
-        return self.o_proj(o * jax.nn.silu(self.gate_proj(x_BxTxD)))
+        g = self.gate_proj(x_BxTxD)
+        if self.gate_bias is not None:
+            g = g + self.gate_bias[...].astype(g.dtype)[None, None]
+        return self.o_proj(o * jax.nn.silu(g))
 
     # ---- parallel (training) path ------------------------------------------------------------
 

@@ -152,7 +152,8 @@ def reference(layer, x_BxTxD):
         outs.append(prior if cfg.memory_read == "prior" else read(w1["memory"], w2["memory"], q))
     o = np.stack(outs, axis=1)  # [B, T, H, K]
     o = o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + cfg.norm_eps) * p(layer.out_norm.scale)
-    gate = _silu(x @ p(layer.gate_proj.kernel))
+    bias = 0.0 if layer.gate_bias is None else p(layer.gate_bias)
+    gate = _silu(x @ p(layer.gate_proj.kernel) + bias)
     return (o.reshape(B, T, D) * gate) @ p(layer.o_proj.kernel)
 
 
@@ -181,6 +182,8 @@ CASES = {
         static_v=True, momentum=False, weight_decay=False, chunk_memory=5, chunk_other=3,
         memory_path="chunked", remat_group=-1),
     "linear-memory-C8-C4": dict(memory_form="linear", chunk_memory=8, chunk_other=4),
+    "open-output-gate-linear-memory-C4-C2": dict(memory_form="linear", out_gate_bias=1.0,
+                                                 chunk_memory=4, chunk_other=2),
     "linear-memory-prior-read-self-target-per-token": dict(
         memory_form="linear", memory_read="prior", memory_self_target=True, memory_eta_scale=3.0),
     "linear-memory-dgd-all-C3-C2": dict(memory_form="linear", inner_rule="dgd_all",
@@ -371,6 +374,8 @@ def test_gradients_match_finite_differences(x64):
     ({"memory_form": "mlp3"}, "memory_form"),
     ({"retention_init": 1.0}, "retention_init"),
     ({"retention_init": 0.0}, "retention_init"),
+    ({"out_gate_bias": "open"}, "out_gate_bias"),
+    ({"out_gate_bias": float("inf")}, "out_gate_bias"),
 ])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"^{field}="):
