@@ -105,8 +105,8 @@ Readings of points the paper leaves open (recorded in docs/paper_map/models.md):
   * the output gate is silu(x W_g) of the block's (normalised, pre-conv) input, as in GatedDeltaNet.
     At init (W_g ~ N(0, 0.02)) it multiplies the read by +-0.08 per channel, its sign set by
     the input: the read reaches W_o small and scrambled, and on S-NIAH-3 whether the memories
-    alone learn to copy was a draw of the start (1 of 3 seeds).  ``out_gate_bias=1.0`` starts
-    the gate open (silu(1) = 0.73 a channel): 3 of 3 (decisions.md #32);
+    alone learn to copy was a draw of the start (1 of 4 seeds).  ``out_gate_bias=1.0`` starts
+    the gate open (silu(1) = 0.73 a channel): 4 of 4 (decisions.md #32);
   * the conv starts as the identity (current-token tap 1, others ~N(0, 0.02)).
 """
 
