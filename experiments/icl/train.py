@@ -129,8 +129,7 @@ def run_identity(task, model: str, preset: str, variant: str, seed: int, lr: flo
 
 def param_path(path) -> str:
     """``blocks/0/mixer/conv``: a parameter's path in the model, as ``init_from`` matches it."""
-    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-    return "/".join(k for k in keys if k != ".value")
+    return jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
 
 
 def init_parts(model: str, cfg, params, init_from: tuple[int, str] | None):
