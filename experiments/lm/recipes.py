@@ -52,8 +52,14 @@ class Scale:
       vocab: SentencePiece vocabulary, trained once on the training split and shared by every
         run of the scale.
       seq_len, batch, steps: the training budget (every model sees the same tokens).
-      lrs: the peak learning-rate grid, swept on the first seed; further seeds run at the best
-        value only.
+      lrs: the peak learning-rate grid of AdamW (the compare and ablation suites), swept on the
+        first seed; further seeds run at the best value only.
+      optimizer_lrs: the optimizer suite's grid for each optimizer.  Optimizers differ in the
+        scale of their update (Muon's orthogonal update, DMGD's and delta momentum's raw
+        momentum), so one grid cannot hold every optimizer's best value: each is centred on
+        its best value relative to AdamW's in the tiny-transformer comparison
+        (`experiments/results/train_optim_compare.md`: Muon 10x, M3 3x, DMGD and delta
+        momentum 30x AdamW's best).
       warmup: warmup steps; eval_batches: held-out batches per score.
       position_len, position_batches: the length and batches of the loss-by-position curve
         (longer than training: what the model does with context it never trained on).
@@ -66,6 +72,7 @@ class Scale:
     batch: int
     steps: int
     lrs: tuple[float, ...]
+    optimizer_lrs: dict
     warmup: int
     eval_batches: int
     position_len: int
@@ -73,6 +80,10 @@ class Scale:
 
     def overrides(self, model: str) -> dict:
         return {**self.base, **self.sizes[model]}
+
+    def grid(self, suite: str, optimizer: str) -> tuple[float, ...]:
+        """The learning rates an arm sweeps: the optimizer's own grid in the optimizer suite."""
+        return tuple(self.optimizer_lrs[optimizer]) if suite == "optimizers" else self.lrs
 
 
 SCALES = {
@@ -83,14 +94,24 @@ SCALES = {
         base=dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=4096),
         sizes=dict(hope=dict(d_ff=512), titans=dict(d_ff=544),
                    hope_attention=dict(cms_d_ff=216), transformer=dict(d_ff=640)),
-        vocab=4096, seq_len=256, batch=8, steps=400, lrs=(1e-3, 3e-3, 1e-2), warmup=40,
+        vocab=4096, seq_len=256, batch=8, steps=400, lrs=(1e-3, 3e-3, 1e-2),
+        # HopeLM's AdamW best is 1e-2 (compare's sweep, which added 3e-2): the AdamW arm's
+        # grid is three of compare's runs, reused.
+        optimizer_lrs=dict(adamw=(3e-3, 1e-2, 3e-2), muon=(3e-2, 1e-1, 3e-1),
+                           m3=(1e-2, 3e-2, 1e-1), delta_momentum=(1e-1, 3e-1, 1.0),
+                           deep_momentum=(1e-1, 3e-1, 1.0)),
+        warmup=40,
         eval_batches=16, position_len=2048, position_batches=4),
     # The small presets (~23M parameters at 32K pieces; ~15M at 8K), 1024-token sequences.
     "gpu": Scale(
         base=dict(max_seq_len=8192),
         sizes=dict(hope={}, titans={}, hope_attention={}, transformer={}),
         vocab=8192, seq_len=1024, batch=32, steps=20_000,
-        lrs=(3e-4, 1e-3, 3e-3), warmup=1000, eval_batches=64, position_len=8192,
+        lrs=(3e-4, 1e-3, 3e-3),
+        optimizer_lrs=dict(adamw=(3e-4, 1e-3, 3e-3), muon=(3e-3, 1e-2, 3e-2),
+                           m3=(1e-3, 3e-3, 1e-2), delta_momentum=(1e-2, 3e-2, 1e-1),
+                           deep_momentum=(1e-2, 3e-2, 1e-1)),
+        warmup=1000, eval_batches=64, position_len=8192,
         position_batches=16),
 }
 PRESET = {"cpu": "small", "gpu": "small"}  # the preset the base shape overrides

@@ -65,7 +65,7 @@ def paired_gap(group: list[dict], ref: dict) -> str:
     return _spread([r["ppl"] - ref[r["seed"]] for r in group if r["seed"] in ref], "+.2f")
 
 
-def write(a, argv, setup: dict, log: str, lrs, total: float, command: str) -> None:
+def write(a, argv, setup: dict, log: str, total: float, command: str) -> None:
     runs = finished_runs(log, setup)
     order = list({"compare": recipes.MODELS, "ablation": recipes.ABLATIONS,
                   "optimizers": recipes.OPTIMIZERS}[setup["suite"]])

@@ -27,6 +27,21 @@ def test_every_ablation_row_is_a_hope_config_field_and_has_the_papers_number():
         assert row in recipes.PAPER_ABLATION_PPL
 
 
+@pytest.mark.parametrize("scale", list(recipes.SCALES))
+def test_each_optimizer_sweeps_its_own_grid(scale):
+    """Every optimizer has a grid with a middle value (so a best value can be inside it), the
+    other suites sweep AdamW's, and at the cpu scale the AdamW arm's grid is compare's HopeLM
+    sweep, whose best value (1e-2) is its middle: those runs are reused, not retrained."""
+    s = recipes.SCALES[scale]
+    assert set(s.optimizer_lrs) == set(recipes.OPTIMIZERS)
+    for opt in recipes.OPTIMIZERS:
+        grid = s.grid("optimizers", opt)
+        assert len(grid) >= 3 and list(grid) == sorted(set(grid)), (opt, grid)
+        assert s.grid("compare", opt) == s.grid("ablation", opt) == s.lrs
+    if scale == "cpu":
+        assert s.grid("optimizers", "adamw")[1] == 1e-2
+
+
 def _rec(ppl):
     return {"ppl": ppl}
 
@@ -55,7 +70,8 @@ def test_ablation_gap_to_hope_is_paired_by_seed():
     (["ablation", "--rows", "no_attention"], "--rows: 'no_attention' is unknown"),
     (["optimizers", "--optimizers", "sgdx"], "--optimizers: 'sgdx' is unknown"),
     (["compare", "--steps", "3"], "--steps=3"),
-    (["compare", "--lrs", "2"], "--lrs: 2.0 must be in"),
+    (["compare", "--lrs", "30"], "--lrs: 30.0 must be in"),
+    (["compare", "--lrs", "0"], "--lrs: 0.0 must be in"),
     (["compare", "--seeds", "0", "0"], "--seeds"),
 ])
 def test_bad_options_fail_before_training(argv, message, capsys):
