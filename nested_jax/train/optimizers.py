@@ -60,27 +60,50 @@ def schedule(cfg: Any, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only, not on norm scales or biases."""
+    """Weight decay on tensors of 2+ axes: matrices (and stacks of them), but also the
+    self-modifying layer's [3, H] gate biases and [3, H, K] gate read-outs and the depthwise
+    convolution filters (``VECTOR_STACKS``); norm scales and 1-axis biases are not decayed.
+    Every language-model result in experiments/results was trained with this mask."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+# Parameters of 2+ axes that are stacks of vectors, not linear maps: depthwise causal
+# convolution filters ([width, (groups,) channels]) and the self-modifying layer's gate
+# read-outs and biases ([3, H, K], [3, H]).  Orthogonalizing the update of a [3, H] bias gives
+# it a spectral norm of ~1 a step: under M3 and Muon this blew HopeLM up in warmup (train loss
+# 8.3 -> 11.4 by step 48, gradient norms 1e4-1e9; experiments/lm/notes/optimizers.md).
+# tests/train/test_optimizers.py checks that every model's parameters of 2+ axes are either
+# named here or matrices, so a new parameter needs a decision here.
+VECTOR_STACKS = frozenset({"conv", "gate_w", "gate_b"})
+
+
+def hidden_matrix(path: Any, p: Any) -> bool:
+    """Whether Newton-Schulz orthogonalizes ``p``'s update: a linear map inside the network
+    (its last two axes the map's input and output, leading axes a stack: heads, memories),
+    not the tied embedding / LM head, not a vector or a stack of vectors."""
+    names = {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
+    return (p.ndim >= 2 and "embed" not in jax.tree_util.keystr(path)
+            and not names & VECTOR_STACKS)
+
+
 def _muon_dimensions(params: Any) -> Any:
-    """Muon orthogonalizes hidden matrices; the embedding/LM head and vectors go to Adam."""
+    """Muon orthogonalizes the hidden matrices (``hidden_matrix``; a stack of them matrix by
+    matrix); the embedding/LM head and vectors go to its Adam."""
 
     def dims(path, p):
-        if p.ndim == 2 and "embed" not in jax.tree_util.keystr(path):
-            return optax.contrib.MuonDimensionNumbers()
+        if hidden_matrix(path, p):
+            return optax.contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1)
         return None
 
     return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def _ns_dimensions(params: Any) -> Any:
-    """Newton-Schulz optimizers (M3) orthogonalize hidden matrices, as Muon does: the tied
+    """Newton-Schulz optimizers (M3) orthogonalize the hidden matrices, as Muon does: the tied
     embedding/LM head and vectors get None (M3's update without the orthogonalization)."""
 
     def dims(path, p):
-        if p.ndim >= 2 and "embed" not in jax.tree_util.keystr(path):
+        if hidden_matrix(path, p):
             return deep.DimensionNumbers(p.ndim - 2, p.ndim - 1)
         return None
 

@@ -53,6 +53,50 @@ def test_m3_orthogonalizes_hidden_matrices_only():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
 
 
+@pytest.mark.parametrize("model", ["hope", "titans", "hope_attention", "transformer"])
+def test_newton_schulz_acts_on_every_models_matrices_and_nothing_else(model):
+    """Each model's parameters as the trainer hands them to optax (``nnx.split``): Muon and
+    M3 orthogonalize the same tensors, matrix by matrix over the last two axes (stacks of
+    per-head memories included), and never the embedding, a vector, or a stack of vectors
+    (``VECTOR_STACKS``: a [3, H] bias orthogonalized gets a spectral-norm-1 update and blew
+    HopeLM up).  A tensor of 2+ axes that is neither a ``kernel``, a CMS level's weight, a
+    memory's initial state nor a named vector stack fails here: it needs a decision."""
+    from flax import nnx
+
+    from nested_jax import models
+
+    abstract = models.abstract_model(model, models.make_config(model, "tiny"))
+    _, params, _ = nnx.split(abstract, nnx.Param, ...)
+    muon, ns = optimizers._muon_dimensions(params), optimizers._ns_dimensions(params)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    is_leaf = lambda x: x is None or isinstance(x, (deep.DimensionNumbers,
+                                                    optax.contrib.MuonDimensionNumbers))
+    muon_leaves = jax.tree.leaves(muon, is_leaf=is_leaf)
+    ns_leaves = jax.tree.leaves(ns, is_leaf=is_leaf)
+    assert len(muon_leaves) == len(ns_leaves) == len(flat)
+    matrices = ("kernel", "up", "gate", "down", "coupled_w1", "coupled_w2", "memory_w",
+                "memory_w1", "memory_w2", "W1", "W2")
+    for (path, p), m, n in zip(flat, muon_leaves, ns_leaves, strict=True):
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        name = jax.tree_util.keystr(path)
+        if m is None:
+            assert n is None, name
+            assert (p.ndim < 2 or "embedding" in names
+                    or set(names) & optimizers.VECTOR_STACKS), name
+        else:
+            assert set(names) & set(matrices), f"{name} {p.shape}: a matrix or a vector stack?"
+            assert (m.reduction_axis, m.output_axis) == (p.ndim - 2, p.ndim - 1), name
+            assert n == deep.DimensionNumbers(p.ndim - 2, p.ndim - 1), name
+    if model == "hope":  # each exception names a real tensor of the self-modifying layer
+        excluded = set()
+        for path, p in flat:
+            names = {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
+            if p.ndim >= 2 and "embedding" not in names:
+                assert optimizers.hidden_matrix(path, p) != bool(names & optimizers.VECTOR_STACKS)
+                excluded |= names & optimizers.VECTOR_STACKS
+        assert excluded == optimizers.VECTOR_STACKS
+
+
 def test_unknown_names_are_reported():
     with pytest.raises(ValueError, match="optim.name='nadamax_x'"):
         optimizers.build(OptimConfig(name="nadamax_x"), 10)
