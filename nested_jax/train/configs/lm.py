@@ -30,7 +30,9 @@ Variants:
              not fit), and so on two v5e-16 slices (8.56; 16.14 as shipped); v5e-256 fits as
              shipped (12.92; docs/training.md, experiments/results/tpu_compile_grid.md).
              HopeLM 1.3B on v5e-16 needs the same setting (13.46 GiB a chip, 11.61 with the
-             Mosaic kernel off; 18.72 as shipped with it off):
+             Mosaic kernel off; 18.72 as shipped with it off), and so on two v5e-16 slices
+             (11.69 with the kernel off; 18.93 as shipped) and on v5e-256 with the kernel on
+             (10.08; with it off 15.90 as shipped, which leaves no margin):
 
                nested-jax train --config lm:760M --model hope \
                    --data /mnt/data/train.array_record-* \
