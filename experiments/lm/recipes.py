@@ -60,7 +60,8 @@ class Scale:
         its best value relative to AdamW's in the tiny-transformer comparison
         (`experiments/results/train_optim_compare.md`: Muon 10x, M3 3x, DMGD and delta
         momentum 30x AdamW's best), then lowered where HopeLM showed more: M3 at 3e-2 on
-        HopeLM blew up in warmup (train loss 8.3 -> 11.4 by step 48, gradient norm 6e3), so
+        HopeLM blew up in warmup (train loss 8.3 -> 11.4 by step 48, gradient norm 6e3; before
+        the fix of docs/decisions.md #33, after which it still spikes and recovers), so
         M3 and Muon (whose Adam takes the embedding and vectors at the same rate) are
         centred one step lower.
       warmup: warmup steps; eval_batches: held-out batches per score.

@@ -86,28 +86,23 @@ def hidden_matrix(path: Any, p: Any) -> bool:
             and not names & VECTOR_STACKS)
 
 
+def _dimensions(params: Any, make: Any) -> Any:
+    """``make(reduction_axis, output_axis)`` for each hidden matrix (its last two axes), None
+    for every other tensor."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: make(p.ndim - 2, p.ndim - 1) if hidden_matrix(path, p) else None, params)
+
+
 def _muon_dimensions(params: Any) -> Any:
     """Muon orthogonalizes the hidden matrices (``hidden_matrix``; a stack of them matrix by
     matrix); the embedding/LM head and vectors go to its Adam."""
-
-    def dims(path, p):
-        if hidden_matrix(path, p):
-            return optax.contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1)
-        return None
-
-    return jax.tree_util.tree_map_with_path(dims, params)
+    return _dimensions(params, optax.contrib.MuonDimensionNumbers)
 
 
 def _ns_dimensions(params: Any) -> Any:
     """Newton-Schulz optimizers (M3) orthogonalize the hidden matrices, as Muon does: the tied
     embedding/LM head and vectors get None (M3's update without the orthogonalization)."""
-
-    def dims(path, p):
-        if hidden_matrix(path, p):
-            return deep.DimensionNumbers(p.ndim - 2, p.ndim - 1)
-        return None
-
-    return jax.tree_util.tree_map_with_path(dims, params)
+    return _dimensions(params, deep.DimensionNumbers)
 
 
 # ---- the registry ---------------------------------------------------------------------------
