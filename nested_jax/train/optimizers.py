@@ -22,6 +22,7 @@ or constant) and, first in the chain, global-norm gradient clipping.
 """
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import types
@@ -77,32 +78,48 @@ def decay_mask(params: Any) -> Any:
 VECTOR_STACKS = frozenset({"conv", "gate_w", "gate_b"})
 
 
+def _names(path: Any) -> set[str]:
+    return {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
+
+
 def hidden_matrix(path: Any, p: Any) -> bool:
     """Whether Newton-Schulz orthogonalizes ``p``'s update: a linear map inside the network
     (its last two axes the map's input and output, leading axes a stack: heads, memories),
     not the tied embedding / LM head, not a vector or a stack of vectors."""
-    names = {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
     return (p.ndim >= 2 and "embed" not in jax.tree_util.keystr(path)
-            and not names & VECTOR_STACKS)
+            and not _names(path) & VECTOR_STACKS)
 
 
-def _dimensions(params: Any, make: Any) -> Any:
+def _dimensions(params: Any, make: Any, skip: tuple[str, ...] = ()) -> Any:
     """``make(reduction_axis, output_axis)`` for each hidden matrix (its last two axes), None
-    for every other tensor."""
+    for every other tensor and for those whose path names one of ``skip`` (``ns_skip``)."""
+    if isinstance(skip, str) or not all(isinstance(n, str) for n in skip):
+        fail("optim.kwargs.ns_skip", skip, "expects a tuple of names, e.g. ('levels',)")
+    # optax.masked hands the Newton-Schulz branch the params with the others as MaskedNodes
+    # (no leaves): count their paths too, or a skipped name would look unknown there.
+    paths = jax.tree_util.tree_leaves_with_path(
+        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    unknown = set(skip) - set().union(*(_names(path) for path, _ in paths))
+    if unknown:
+        fail("optim.kwargs.ns_skip", tuple(skip), f"{sorted(unknown)} names no parameter; use "
+             "names from the model's parameter paths, e.g. ('levels',) for the CMS levels")
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: make(p.ndim - 2, p.ndim - 1) if hidden_matrix(path, p) else None, params)
+        lambda path, p: (make(p.ndim - 2, p.ndim - 1)
+                         if hidden_matrix(path, p) and not _names(path) & set(skip) else None),
+        params)
 
 
-def _muon_dimensions(params: Any) -> Any:
+def _muon_dimensions(params: Any, skip: tuple[str, ...] = ()) -> Any:
     """Muon orthogonalizes the hidden matrices (``hidden_matrix``; a stack of them matrix by
-    matrix); the embedding/LM head and vectors go to its Adam."""
-    return _dimensions(params, optax.contrib.MuonDimensionNumbers)
+    matrix) but those named in ``skip``; the embedding/LM head and vectors go to its Adam."""
+    return _dimensions(params, optax.contrib.MuonDimensionNumbers, skip)
 
 
-def _ns_dimensions(params: Any) -> Any:
+def _ns_dimensions(params: Any, skip: tuple[str, ...] = ()) -> Any:
     """Newton-Schulz optimizers (M3) orthogonalize the hidden matrices, as Muon does: the tied
-    embedding/LM head and vectors get None (M3's update without the orthogonalization)."""
-    return _dimensions(params, deep.DimensionNumbers)
+    embedding/LM head, vectors and ``skip`` get None (M3's update without the
+    orthogonalization)."""
+    return _dimensions(params, deep.DimensionNumbers, skip)
 
 
 # ---- the registry ---------------------------------------------------------------------------
@@ -269,7 +286,10 @@ class Muon(OptimizerConfig):
     """optax.contrib.muon on the hidden matrices; the embedding and vectors go to its Adam.
 
     ``b1`` is Muon's momentum and Adam's first moment, ``b2`` Adam's second,
-    ``weight_decay`` both decays (matrices only).
+    ``weight_decay`` both decays (matrices only).  ``ns_skip``: parameter-path names whose
+    matrices go to the Adam too; ``('levels',)`` keeps the CMS levels' initial weights off
+    Newton-Schulz, whose updates of them blow HopeLM's gradients up in warmup
+    (experiments/lm/notes/optimizers.md).
     """
 
     b1: float = 0.9
@@ -284,6 +304,7 @@ class Muon(OptimizerConfig):
     consistent_rms: float | None = None
     adam_eps_root: float = 0.0
     mu_dtype: Dtype = None
+    ns_skip: tuple = ()
 
     def build(self, learning_rate):
         return optax.contrib.muon(
@@ -292,13 +313,15 @@ class Muon(OptimizerConfig):
             mu_dtype=self.mu_dtype, nesterov=self.nesterov, adaptive=self.adaptive,
             preconditioning=self.preconditioning, adam_b1=self.b1, adam_b2=self.b2,
             adam_eps_root=self.adam_eps_root, adam_weight_decay=self.weight_decay,
-            muon_weight_dimension_numbers=_muon_dimensions, consistent_rms=self.consistent_rms)
+            muon_weight_dimension_numbers=functools.partial(_muon_dimensions, skip=self.ns_skip),
+            consistent_rms=self.consistent_rms)
 
 
 @register("m3")
 class M3(OptimizerConfig):
     """nested_jax.optim.m3 (Algorithm 1 with the readings of nested_jax/optim/m3.py); hidden
-    matrices are orthogonalized, the embedding and vectors skip Newton-Schulz."""
+    matrices are orthogonalized, the embedding, vectors and the matrices ``ns_skip`` names
+    (as Muon's) skip Newton-Schulz."""
 
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -312,13 +335,15 @@ class M3(OptimizerConfig):
     moments: str = "ema"
     precondition: str = "before_ns"
     accumulator_dtype: Dtype = None
+    ns_skip: tuple = ()
 
     def build(self, learning_rate):
         return deep.m3(
             learning_rate, self.beta1, self.beta2, self.beta3, self.alpha, self.eps,
             every=self.every, ns_steps=self.ns_steps, ns_coeffs=self.ns_coeffs,
             moments=self.moments, precondition=self.precondition,
-            weight_dimension_numbers=_ns_dimensions, weight_decay=self.weight_decay,
+            weight_dimension_numbers=functools.partial(_ns_dimensions, skip=self.ns_skip),
+            weight_decay=self.weight_decay,
             weight_decay_mask=decay_mask, accumulator_dtype=self.accumulator_dtype)
 
 

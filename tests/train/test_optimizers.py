@@ -97,6 +97,56 @@ def test_newton_schulz_acts_on_every_models_matrices_and_nothing_else(model):
         assert excluded == optimizers.VECTOR_STACKS
 
 
+@pytest.mark.parametrize("name", ["muon", "m3"])
+def test_ns_skip_takes_the_named_matrices_off_newton_schulz(name):
+    """``optim.kwargs.ns_skip=['levels']`` on HopeLM, through the trainer's own build: a CMS
+    level's matrix gets the Adam-like step (the first is -c sign(g)), every other hidden matrix
+    the same orthogonalized update as without it."""
+    from flax import nnx
+
+    from nested_jax import models
+
+    abstract = models.abstract_model("hope", models.make_config("hope", "tiny"))
+    _, shapes, _ = nnx.split(abstract, nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                          shapes)
+    # |g| >= 1: the epsilons of Adam's and M3's denominators are negligible everywhere.
+    grads = jax.tree.map(lambda p: jnp.asarray(
+        (1 + np.abs(z := rng.standard_normal(p.shape))) * np.sign(z), jnp.float32), shapes)
+    level = lambda t: t["blocks"][0]["cms"]["levels"][0]["up"]
+    proj = lambda t: t["blocks"][0]["mixer"]["q_proj"]["kernel"]
+
+    def first_update(**kwargs):
+        cfg = OptimConfig(name=name, learning_rate=1e-2, warmup_steps=0, schedule="constant",
+                          grad_clip=0.0, weight_decay=0.0, kwargs=kwargs)
+        tx = optimizers.build(cfg, 10)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    def sign_like(u, g):  # Adam's first step: -c sign(g), one magnitude c for every entry
+        u, g = np.asarray(u), np.asarray(g)
+        return np.ptp(np.abs(u)) < 1e-3 * np.abs(u).mean() and np.all(np.sign(u) == -np.sign(g))
+
+    plain, skipped = first_update(), first_update(ns_skip=["levels"])
+    assert sign_like(level(skipped), level(grads))
+    assert not sign_like(level(plain), level(grads))  # orthogonalized: the sign step mixed
+    assert not sign_like(proj(plain), proj(grads))
+    np.testing.assert_array_equal(proj(skipped), proj(plain))
+
+
+@pytest.mark.parametrize(("skip", "match"), [
+    (["level"], r"optim\.kwargs\.ns_skip=\('level',\): \['level'\] names no parameter"),
+    ("levels", r"optim\.kwargs\.ns_skip='levels': expects tuple"),
+])
+def test_ns_skip_naming_no_parameter_is_refused_before_training(skip, match):
+    """A typo would silently orthogonalize everything as before: refused at the optimizer's
+    init, which the trainer runs (abstractly) before the first step."""
+    params = {"levels": {"up": jnp.ones((4, 4))}, "mlp": {"kernel": jnp.ones((4, 4))}}
+    with pytest.raises(ValueError, match=match):
+        tx = optimizers.build(OptimConfig(name="muon", kwargs={"ns_skip": skip}), 10)
+        jax.eval_shape(tx.init, params)
+
+
 def test_unknown_names_are_reported():
     with pytest.raises(ValueError, match="optim.name='nadamax_x'"):
         optimizers.build(OptimConfig(name="nadamax_x"), 10)
@@ -140,7 +190,7 @@ CHANGED = {
     "adam_eps_root": 0.1, "beta1": 0.5, "beta2": 0.5, "beta3": 0.5, "alpha": 0.5,
     "every": 3, "moments": "cumulative", "precondition": "after_ns", "beta": 0.1,
     "form": "arxiv", "axis": 0, "eta_mlp": 0.5, "eta": 0.5, "hidden": 4, "objective": "l2",
-    "seed": 1,
+    "seed": 1, "ns_skip": ["mlp"],
     ("lars", "momentum"): 0.5, ("muon", "nesterov"): False,
     ("m3", "ns_coeffs"): [2.0, -1.5, 0.5],
 }
@@ -268,6 +318,8 @@ def test_defaults_are_optim_configs_and_the_factories():
         for f in dataclasses.fields(cls):
             if f.name in optimizers.SHARED_FIELDS:
                 assert f.default == getattr(OptimConfig(), f.name), (name, f.name)
+            elif f.name == "ns_skip":  # the trainer's choice of matrices: none skipped
+                assert f.default == (), name
             else:
                 assert f.default == signature[f.name].default, (name, f.name)
 
