@@ -183,3 +183,28 @@ def test_a_run_stopped_by_a_signal_is_neither_scored_nor_logged(tmp_path):
                                          "neither scored nor logged"):
         train_to_end(cfg, str(workdir))
     assert list((workdir / "checkpoints").iterdir()), "the stop still checkpoints, to resume"
+
+
+def test_every_spike_arm_builds_on_the_suites_hopelm():
+    """experiments.lm.spike: each arm's optimizer and ``optim.kwargs`` build and initialize on
+    the optimizer suite's HopeLM (an ``ns_skip`` name in no parameter's path is refused
+    there), and its groups name real tensors, so no arm fails after the runs before it."""
+    import jax
+    from flax import nnx
+
+    from experiments.lm import spike
+    from nested_jax import models
+    from nested_jax.train import optimizers
+    from nested_jax.train.config import OptimConfig
+
+    s = recipes.SCALES["cpu"]
+    cfg = models.make_config("hope", recipes.PRESET["cpu"], vocab_size=s.vocab,
+                             **s.overrides("hope"))
+    _, params, _ = nnx.split(models.abstract_model("hope", cfg), nnx.Param, ...)
+    for name, (optimizer, kwargs) in spike.ARMS.items():
+        tx = optimizers.build(OptimConfig(name=optimizer, learning_rate=spike.LR,
+                                          kwargs=kwargs), s.steps)
+        jax.eval_shape(tx.init, params)
+    names = [{str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
+             for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    assert {spike.group_of(n) for n in names} == {*spike.GROUPS, "other"}
