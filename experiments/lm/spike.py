@@ -164,15 +164,14 @@ def write(argv, steps: int, log_path: str, seconds: float) -> None:
             continue
         peaks = [max(s["grad_norm"] for s in r["log"]) for r in rs]
         ends = [r["log"][-1]["loss"] for r in rs]
-        first = [min((s["step"] for s in r["log"] if s["grad_norm"] > 10), default=None)
-                 for r in rs]
+        over = [sum(s["grad_norm"] > 10 for s in r["log"]) for r in rs]
         top = [max(r["log"], key=lambda s: s["grad_norm"])["by_group"] for r in rs]
         lead = {g: np.mean([t[g] ** 2 / sum(v ** 2 for v in t.values()) for t in top])
                 for g in top[0]}
         share = max(lead, key=lead.get)
         rows.append((name, ", ".join(str(r["seed"]) for r in rs),
                      f"{np.exp(np.mean(np.log(peaks))):.3g} [{min(peaks):.3g}, {max(peaks):.3g}]",
-                     ", ".join("-" if f is None else str(f) for f in first),
+                     ", ".join(str(n) for n in over),
                      f"{share} ({lead[share]:.0%})", report._spread(ends, ".3f")))
     body = (
         f"Command: `{shlex.join(['python -m experiments.lm.spike', *argv])}` "
@@ -182,11 +181,12 @@ def write(argv, steps: int, log_path: str, seconds: float) -> None:
         "steps of the 400-step schedule; the trainer's step without its guard (nothing "
         "skipped)\n"
         "- max grad norm: the largest global gradient norm (before clipping to 1) over the "
-        "steps, geometric mean [range] over seeds; first > 10: the step it first exceeds 10 "
+        "steps, geometric mean [range] over seeds; steps > 10: how many steps' norms exceed 10, "
+        "by seed"
         "; at the peak: the parameter group with the largest share of the squared gradient "
         "norm there (mean over seeds); loss: the train loss at the last "
         "step, mean [range]\n\n"
-        + benchlib.markdown_table(["arm", "seeds", "max grad norm", "first > 10 (step)",
+        + benchlib.markdown_table(["arm", "seeds", "max grad norm", f"steps > 10 (of {steps})",
                                    "at the peak", f"loss at step {steps}"], rows)
         + "\n\nReading: experiments/lm/notes/optimizers.md (hand-written).\n")
     benchlib.write_result(OUT + ".md", "Optimizer suite: what drives Muon's and M3's warmup "
