@@ -174,8 +174,9 @@ def write(argv, steps: int, log_path: str, seconds: float) -> None:
                      ", ".join(str(n) for n in over),
                      f"{share} ({lead[share]:.0%})", report._spread(ends, ".3f")))
     body = (
-        f"Command: `{shlex.join(['python -m experiments.lm.spike', *argv])}` "
-        f"({seconds / 60:.1f} min)\n\n"
+        f"Command: `{' '.join(['python -m experiments.lm.spike', shlex.join(argv)]).strip()}` "
+        f"(this invocation {seconds / 60:.1f} min; the table covers every run in "
+        f"`lm_optimizers_spike_runs.jsonl` of {steps} steps, ~7 min each on one core)\n\n"
         f"- model, data, batch, warmup and schedule: the optimizer suite's HopeLM at the cpu "
         f"scale (`experiments/lm/recipes.py`), peak learning rate {LR:g}, the first {steps} "
         "steps of the 400-step schedule; the trainer's step without its guard (nothing "
