@@ -201,7 +201,7 @@ def test_every_spike_arm_builds_on_the_suites_hopelm():
     cfg = models.make_config("hope", recipes.PRESET["cpu"], vocab_size=s.vocab,
                              **s.overrides("hope"))
     _, params, _ = nnx.split(models.abstract_model("hope", cfg), nnx.Param, ...)
-    for name, (optimizer, kwargs) in spike.ARMS.items():
+    for optimizer, kwargs in spike.ARMS.values():
         tx = optimizers.build(OptimConfig(name=optimizer, learning_rate=spike.LR,
                                           kwargs=kwargs), s.steps)
         jax.eval_shape(tx.init, params)
