@@ -71,14 +71,13 @@ def train_steps(cfg, steps: int, workdir: str) -> list[dict]:
     from flax import nnx
 
     from nested_jax import data as data_lib
-    from nested_jax.train import trainer
+    from nested_jax.train import optimizers, trainer
     from nested_jax.train.step import next_token_loss
 
     r = trainer.prepare(cfg, workdir, devices=jax.devices()[:1])
     state = r.init_state()
     paths = jax.tree_util.tree_leaves_with_path(state["params"])
-    groups = [group_of({str(getattr(k, "key", getattr(k, "name", ""))) for k in path})
-              for path, _ in paths]
+    groups = [group_of(optimizers.path_names(path)) for path, _ in paths]
 
     def loss_fn(params, rest, tokens_BxT1):
         return next_token_loss(nnx.merge(r.graphdef, params, rest), tokens_BxT1)[0]

@@ -78,7 +78,9 @@ def decay_mask(params: Any) -> Any:
 VECTOR_STACKS = frozenset({"conv", "gate_w", "gate_b"})
 
 
-def _names(path: Any) -> set[str]:
+def path_names(path: Any) -> set[str]:
+    """The names along a parameter's path (dict keys, attribute names): what `ns_skip` and
+    `VECTOR_STACKS` match."""
     return {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
 
 
@@ -87,7 +89,7 @@ def hidden_matrix(path: Any, p: Any) -> bool:
     (its last two axes the map's input and output, leading axes a stack: heads, memories),
     not the tied embedding / LM head, not a vector or a stack of vectors."""
     return (p.ndim >= 2 and "embed" not in jax.tree_util.keystr(path)
-            and not _names(path) & VECTOR_STACKS)
+            and not path_names(path) & VECTOR_STACKS)
 
 
 def _dimensions(params: Any, make: Any, skip: tuple[str, ...] = ()) -> Any:
@@ -99,13 +101,13 @@ def _dimensions(params: Any, make: Any, skip: tuple[str, ...] = ()) -> Any:
     # (no leaves): count their paths too, or a skipped name would look unknown there.
     paths = jax.tree_util.tree_leaves_with_path(
         params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    unknown = set(skip) - set().union(*(_names(path) for path, _ in paths))
+    unknown = set(skip) - set().union(*(path_names(path) for path, _ in paths))
     if unknown:
         fail("optim.kwargs.ns_skip", tuple(skip), f"{sorted(unknown)} names no parameter; use "
              "names from the model's parameter paths, e.g. ('levels',) for the CMS levels")
     return jax.tree_util.tree_map_with_path(
         lambda path, p: (make(p.ndim - 2, p.ndim - 1)
-                         if hidden_matrix(path, p) and not _names(path) & set(skip) else None),
+                         if hidden_matrix(path, p) and not path_names(path) & set(skip) else None),
         params)
 
 

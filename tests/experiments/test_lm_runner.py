@@ -205,6 +205,6 @@ def test_every_spike_arm_builds_on_the_suites_hopelm():
         tx = optimizers.build(OptimConfig(name=optimizer, learning_rate=spike.LR,
                                           kwargs=kwargs), s.steps)
         jax.eval_shape(tx.init, params)
-    names = [{str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
+    names = [optimizers.path_names(path)
              for path, _ in jax.tree_util.tree_leaves_with_path(params)]
     assert {spike.group_of(n) for n in names} == {*spike.GROUPS, "other"}
