@@ -246,7 +246,9 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def differences(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
+    """Fields whose values differ as saved: compared after the JSON round trip config.json
+    makes, so a tuple in `optim.kwargs` or `model_overrides` matches the list it reads back."""
+    fa, fb = (flatten(json.loads(json.dumps(c.to_dict()))) for c in (a, b))
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 

@@ -64,3 +64,17 @@ def test_resume_allows_only_resumable_changes(tmp_path):
     changed = config_lib.apply_overrides(cfg, ["model.d_model=64", "optim.learning_rate=1"])
     with pytest.raises(trainer.ConfigMismatchError, match=r"(?s)model_overrides.*learning_rate"):
         trainer.check_resumable(changed, tmp_path)
+
+
+def test_a_python_config_with_tuples_resumes_after_its_json_round_trip(tmp_path):
+    # config.json reads tuples back as lists: a run configured from Python with
+    # optim.kwargs.ns_skip=("levels",) must still resume (found by the LM optimizer suite),
+    # and a value that really differs must still be refused.
+    cfg = TrainConfig(model_overrides={"cms_chunk_sizes": (16, 64)},
+                      optim=config_lib.OptimConfig(name="muon", kwargs={"ns_skip": ("levels",)}))
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    trainer.check_resumable(cfg, tmp_path)
+    other = dataclasses.replace(cfg, optim=dataclasses.replace(
+        cfg.optim, kwargs={"ns_skip": ("levels", "memory_w")}))
+    with pytest.raises(trainer.ConfigMismatchError, match=r"optim\.kwargs"):
+        trainer.check_resumable(other, tmp_path)
