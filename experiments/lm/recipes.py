@@ -40,6 +40,14 @@ PAPER_ABLATION_PPL = {
 }
 
 OPTIMIZERS = ("adamw", "muon", "m3", "delta_momentum", "deep_momentum")
+# The optimizer suite's arms, name -> (optimizer, optim.kwargs): the five optimizers as shipped,
+# then the variant the warmup spike study points to (experiments/results/lm_optimizers_spike.md:
+# orthogonalized updates of the CMS levels' initial weights drive Muon's and M3's blow-up), the
+# CMS levels off Newton-Schulz (Muon: to its Adam; M3: its unorthogonalized update).  A variant
+# sweeps its optimizer's grid and never replaces the shipped arm.
+OPTIMIZER_ARMS = {**{o: (o, {}) for o in OPTIMIZERS},
+                  "muon_cms_off_ns": ("muon", {"ns_skip": ("levels",)}),
+                  "m3_cms_off_ns": ("m3", {"ns_skip": ("levels",)})}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,7 +68,7 @@ def paired_gap(group: list[dict], ref: dict) -> str:
 def write(a, argv, setup: dict, log: str, total: float, command: str) -> None:
     runs = finished_runs(log, setup)
     order = list({"compare": recipes.MODELS, "ablation": recipes.ABLATIONS,
-                  "optimizers": recipes.OPTIMIZERS}[setup["suite"]])
+                  "optimizers": recipes.OPTIMIZER_ARMS}[setup["suite"]])
     arms = sorted({r["arm"] for r in runs},  # the suite's order, not the log's
                   key=lambda arm: order.index(arm) if arm in order else len(order))
     first = min((r["seed"] for r in runs), default=0)

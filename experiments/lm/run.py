@@ -3,6 +3,7 @@
     python -m experiments.lm.run compare                 # Hope, TitansLM, Hope-Attention, T++
     python -m experiments.lm.run ablation                # the paper's ablation rows on HopeLM
     python -m experiments.lm.run optimizers              # AdamW, Muon, M3, delta momentum, DMGD
+                                                         # (+ Muon, M3 with CMS levels off NS)
     python -m experiments.lm.run compare --models transformer --seeds 0   # one shard
     python -m experiments.lm.run compare --report-only   # rewrite the report from the log
 
@@ -54,7 +55,7 @@ def parse(argv):
     p.add_argument("--rows", nargs="+", default=None,
                    help=f"ablation: a subset of {list(recipes.ABLATIONS)}")
     p.add_argument("--optimizers", nargs="+", default=None,
-                   help=f"optimizers: a subset of {list(recipes.OPTIMIZERS)}")
+                   help=f"optimizers: a subset of {list(recipes.OPTIMIZER_ARMS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--lrs", nargs="+", type=float, default=None,
                    help="the learning-rate grid (default: the scale's, per optimizer in the "
@@ -69,7 +70,7 @@ def parse(argv):
     if a.scale not in recipes.SCALES:
         p.error(f"--scale={a.scale!r} is unknown; choose one of {list(recipes.SCALES)}")
     for flag, known in (("models", recipes.MODELS), ("rows", recipes.ABLATIONS),
-                        ("optimizers", recipes.OPTIMIZERS)):
+                        ("optimizers", recipes.OPTIMIZER_ARMS)):
         for name in getattr(a, flag) or ():
             if name not in known:
                 p.error(f"--{flag}: {name!r} is unknown; choose from {list(known)}")
@@ -83,19 +84,21 @@ def parse(argv):
     return a
 
 
-def arms(a) -> list[tuple[str, str, dict, str]]:
-    """(arm name, model, model overrides, optimizer) for each arm of the suite."""
+def arms(a) -> list[tuple[str, str, dict, str, dict]]:
+    """(arm name, model, model overrides, optimizer, optim.kwargs) for each arm of the suite."""
     scale = recipes.SCALES[a.scale]
     if a.suite == "compare":
-        return [(m, m, scale.overrides(m), "adamw") for m in a.models or recipes.MODELS]
+        return [(m, m, scale.overrides(m), "adamw", {}) for m in a.models or recipes.MODELS]
     if a.suite == "ablation":
-        return [(r, "hope", {**scale.overrides("hope"), **recipes.ABLATIONS[r]}, "adamw")
+        return [(r, "hope", {**scale.overrides("hope"), **recipes.ABLATIONS[r]}, "adamw", {})
                 for r in a.rows or recipes.ABLATIONS]
-    return [(o, "hope", scale.overrides("hope"), o) for o in a.optimizers or recipes.OPTIMIZERS]
+    return [(o, "hope", scale.overrides("hope"), *recipes.OPTIMIZER_ARMS[o])
+            for o in a.optimizers or recipes.OPTIMIZER_ARMS]
 
 
 def train_config(scale: recipes.Scale, preset: str, model: str, overrides: dict, optimizer: str,
-                 lr: float, seed: int, steps: int, tokenizer: str):
+                 lr: float, seed: int, steps: int, tokenizer: str,
+                 optim_kwargs: dict | None = None):
     from nested_jax.train.config import DataConfig, OptimConfig, TrainConfig
 
     quarter = max(steps // 4, 1)
@@ -106,11 +109,12 @@ def train_config(scale: recipes.Scale, preset: str, model: str, overrides: dict,
         data=DataConfig(tokenizer=tokenizer, seq_len=scale.seq_len, batch_size=scale.batch,
                         eval_fraction=0.01),
         optim=OptimConfig(name=optimizer, learning_rate=lr, warmup_steps=scale.warmup,
-                          weight_decay=0.1, b2=0.95, grad_clip=1.0))
+                          weight_decay=0.1, b2=0.95, grad_clip=1.0,
+                          kwargs=dict(optim_kwargs or {})))
 
 
 def compare_twin(suite: str, setup: dict, model: str, overrides: dict, optimizer: str,
-                 lr: float, seed: int) -> dict | None:
+                 optim_kwargs: dict, lr: float, seed: int) -> dict | None:
     """The compare suite's finished run of this very training, if one is logged.
 
     The ablation suite's reference row ("hope") and the optimizer suite's AdamW arm train the
@@ -118,7 +122,7 @@ def compare_twin(suite: str, setup: dict, model: str, overrides: dict, optimizer
     tokens.  Training is deterministic, so their run would repeat compare's bit for bit (45 min
     on one CPU core); its record is reused instead, marked ``reused_from``.
     """
-    if suite == "compare":
+    if suite == "compare" or optim_kwargs:  # compare trains with the defaults only
         return None
     same = (model, overrides, optimizer, lr, seed)
     for r in report.finished_runs(os.path.join(RESULTS, "lm_compare_runs.jsonl"),
@@ -174,7 +178,7 @@ def main(argv=None) -> None:
     if not a.report_only:
         tok = tok_lib.build("builtin:wikipedia", scale.vocab,
                             os.path.join(runs_dir, f"tokenizer-{scale.vocab}.model"))
-        for name, model, overrides, optimizer in arms(a):
+        for name, model, overrides, optimizer, optim_kwargs in arms(a):
             lrs = tuple(a.lrs or scale.grid(a.suite, optimizer))
             done = report.logged(log, setup, name)
             # Middle of the grid first: an interrupted sweep has its likeliest best value.
@@ -185,18 +189,21 @@ def main(argv=None) -> None:
                     lr = report.best_lr(report.logged(log, setup, name), a.seeds[0], lrs)
                 if (lr, seed) in done:
                     continue
-                r = compare_twin(a.suite, setup, model, overrides, optimizer, lr, seed)
+                r = compare_twin(a.suite, setup, model, overrides, optimizer, optim_kwargs,
+                                 lr, seed)
                 if r is None:
                     cfg = train_config(scale, recipes.PRESET[a.scale], model, overrides,
                                        optimizer, lr, seed, steps,
-                                       f"sentencepiece:{os.path.abspath(tok)}")
+                                       f"sentencepiece:{os.path.abspath(tok)}", optim_kwargs)
                     workdir = os.path.join(runs_dir, a.suite, f"{name}-lr{lr:g}-s{seed}")
                     r = one_run(cfg, workdir, FREEZES[model], scale)
                 print(f"{a.suite} {name:16s} lr {lr:g} seed {seed}: ppl {r['ppl']:.3f} "
                       f"frozen {r['frozen']} {r['seconds']:.0f}s", flush=True)
                 with open(log, "a") as f:  # one line per run: shards in parallel processes
+                    kw = {"optim_kwargs": optim_kwargs} if optim_kwargs else {}
                     f.write(json.dumps(dict(setup, arm=name, model=model, optimizer=optimizer,
-                                            overrides=overrides, lr=lr, seed=seed, **r)) + "\n")
+                                            **kw, overrides=overrides, lr=lr, seed=seed, **r))
+                            + "\n")
                 done[(lr, seed)] = r
     report.write(a, argv, setup, log, time.time() - t0,
                  command=f"python -m experiments.lm.run {shlex.join(argv)}")

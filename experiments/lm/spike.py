@@ -25,7 +25,6 @@ run; finished runs are not rerun).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
@@ -132,9 +131,7 @@ def main(argv=None) -> None:
                 optimizer, kwargs = ARMS[name]
                 cfg = run.train_config(scale, recipes.PRESET["cpu"], "hope",
                                        scale.overrides("hope"), optimizer, LR, seed, scale.steps,
-                                       f"sentencepiece:{os.path.abspath(tok)}")
-                cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim,
-                                                                         kwargs=kwargs))
+                                       f"sentencepiece:{os.path.abspath(tok)}", kwargs)
                 with tempfile.TemporaryDirectory() as tmp:
                     t = time.time()
                     steps = train_steps(cfg, a.steps, tmp)

@@ -42,6 +42,19 @@ def test_each_optimizer_sweeps_its_own_grid(scale):
         assert s.grid("optimizers", "adamw")[1] == 1e-2
 
 
+def test_a_variant_arm_trains_its_optimizer_with_its_kwargs_and_never_reuses_compare():
+    """An optimizer-suite variant (e.g. Muon with the CMS levels off Newton-Schulz) sweeps its
+    optimizer's grid with its ``optim.kwargs`` in the run's config."""
+    a = run.parse(["optimizers", "--optimizers", "adamw", "muon_cms_off_ns"])
+    (_, _, _, opt0, kw0), (name, model, over, opt, kw) = run.arms(a)
+    assert (opt0, kw0) == ("adamw", {}) and (name, model, opt) == ("muon_cms_off_ns", "hope", "muon")
+    assert kw == {"ns_skip": ("levels",)}
+    s = recipes.SCALES["cpu"]
+    cfg = run.train_config(s, "small", model, over, opt, 3e-2, 0, 10, "byte", kw)
+    assert cfg.optim.name == "muon" and cfg.optim.kwargs == kw
+    assert s.grid("optimizers", opt) == s.optimizer_lrs["muon"]
+
+
 def _rec(ppl):
     return {"ppl": ppl}
 
@@ -113,10 +126,12 @@ def test_ablation_reference_row_and_adamw_arm_reuse_compares_identical_run(tmp_p
         assert "reused, not retrained" in (tmp_path / f"lm_{suite}.md").read_text()
 
     twin = dict(suite="ablation", setup=dict(setup, suite="ablation"), model="hope",
-                overrides=scale.overrides("hope"), optimizer="adamw", lr=0.01, seed=0)
+                overrides=scale.overrides("hope"), optimizer="adamw", optim_kwargs={},
+                lr=0.01, seed=0)
     assert run.compare_twin(**twin) is not None
     for change in (dict(overrides={**scale.overrides("hope"), **recipes.ABLATIONS["no_cms"]}),
-                   dict(optimizer="muon"), dict(lr=0.003), dict(seed=1),
+                   dict(optimizer="muon"), dict(optim_kwargs={"ns_skip": ("levels",)}),
+                   dict(lr=0.003), dict(seed=1),
                    dict(setup=dict(setup, suite="ablation", steps=200))):
         assert run.compare_twin(**{**twin, **change}) is None, change
 
@@ -185,10 +200,11 @@ def test_a_run_stopped_by_a_signal_is_neither_scored_nor_logged(tmp_path):
     assert list((workdir / "checkpoints").iterdir()), "the stop still checkpoints, to resume"
 
 
-def test_every_spike_arm_builds_on_the_suites_hopelm():
-    """experiments.lm.spike: each arm's optimizer and ``optim.kwargs`` build and initialize on
-    the optimizer suite's HopeLM (an ``ns_skip`` name in no parameter's path is refused
-    there), and its groups name real tensors, so no arm fails after the runs before it."""
+def test_every_spike_and_suite_arm_builds_on_the_suites_hopelm():
+    """experiments.lm.spike and the optimizer suite: each arm's optimizer and ``optim.kwargs``
+    build and initialize on the suite's HopeLM (an ``ns_skip`` name in no parameter's path is
+    refused there), and the spike's groups name real tensors, so no arm fails after the runs
+    before it."""
     import jax
     from flax import nnx
 
@@ -201,7 +217,7 @@ def test_every_spike_arm_builds_on_the_suites_hopelm():
     cfg = models.make_config("hope", recipes.PRESET["cpu"], vocab_size=s.vocab,
                              **s.overrides("hope"))
     _, params, _ = nnx.split(models.abstract_model("hope", cfg), nnx.Param, ...)
-    for optimizer, kwargs in spike.ARMS.values():
+    for optimizer, kwargs in [*spike.ARMS.values(), *recipes.OPTIMIZER_ARMS.values()]:
         tx = optimizers.build(OptimConfig(name=optimizer, learning_rate=spike.LR,
                                           kwargs=kwargs), s.steps)
         jax.eval_shape(tx.init, params)
