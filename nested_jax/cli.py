@@ -20,7 +20,8 @@ Exit status (docs/training.md):
   3    numeric: training diverged (the guard rejected max_bad_steps updates in a row)
   4    data error: unreadable or binary data, no documents, a bad downloaded file
   5    I/O error: a workdir or checkpoint directory that cannot be read or written
-  6    the workdir is in use by another training run (its host and PID are named)
+  6    the workdir is in use by another training run (its host and PID are named), or
+       prepare-data's --output by another prepare-data
   130  stopped by SIGINT (Ctrl-C) with a checkpoint saved
 """
 
@@ -325,11 +326,13 @@ def exit_code(e: BaseException) -> int:
         return EXIT_CONFIG
     from nested_jax.data import DataError
     from nested_jax.data.fetch import FetchError
+    from nested_jax.data.prepare import OutputBusyError
     from nested_jax.train.trainer import NonFiniteError
     from nested_jax.train.workdir import WorkdirBusyError
 
-    for kinds, code in (((WorkdirBusyError,), EXIT_BUSY), ((NonFiniteError,), EXIT_NUMERIC),
-                        ((DataError, FetchError), EXIT_DATA), ((OSError,), EXIT_IO),
+    for kinds, code in (((WorkdirBusyError, OutputBusyError), EXIT_BUSY),
+                        ((NonFiniteError,), EXIT_NUMERIC), ((DataError, FetchError), EXIT_DATA),
+                        ((OSError,), EXIT_IO),
                         ((ValueError, ImportError), EXIT_CONFIG)):
         if isinstance(e, kinds):
             return code

@@ -14,13 +14,16 @@ temporary directory (TMPDIR: room for the whole output) and copied up at the end
 any work, the output is checked: a directory holding this same preparation is left as it
 is ("already prepared"); the leftovers of an interrupted run of it are overwritten (their
 names are the same, and so is their content); anything else there (another preparation,
-other files) is refused, naming the path. Run it on one machine (`--workers` for its
+other files) is refused, naming the path. A second prepare-data into a local output that one
+is writing fails at once (OutputBusyError): two writers would truncate each other's shards.
+Run it on one machine (`--workers` for its
 cores); the hosts of a pod then each read their own shards of the result.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -257,6 +260,46 @@ def prepare(inputs: Sequence[str], output: str, tokenizer: str, *, num_shards: i
         return done
     out.mkdir(parents=True, exist_ok=True)
     local = not staged(out)
+    with _exclusive(out) if local else contextlib.nullcontext():
+        if local and (done := _check_output(out, manifest["id"])) is not None:
+            log.info("%s was prepared by another run meanwhile (id %s)", out, done["id"])
+            return done
+        return _write(files, tok, manifest, out, local, workers)
+
+
+class OutputBusyError(RuntimeError):
+    """Another prepare-data is writing the same output directory."""
+
+
+@contextlib.contextmanager
+def _exclusive(out: epath.Path):
+    """Hold an exclusive flock on the output directory itself while writing into it.
+
+    Two prepare-data runs into one directory would open the same `.partial-` shards, truncate
+    each other's and publish a damaged one.  The lock is on the directory (nothing is left in
+    it), and the kernel drops it however the process dies.
+    """
+    import fcntl
+
+    fd = os.open(str(out), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusyError(
+                f"--output {out}: another prepare-data is writing this directory; wait for it "
+                "to finish (then this command has nothing to do) or give another --output"
+            ) from None
+        except OSError as e:  # a filesystem without flock: say so, write unprotected
+            log.warning("could not lock %s (%s); make sure no other prepare-data writes it",
+                        out, e.strerror)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+def _write(files, tok, manifest: dict, out: epath.Path, local: bool, workers: int) -> dict:
+    num_shards = manifest["num_shards"]
     stage = out if local else epath.Path(tempfile.mkdtemp(prefix="nested_jax_prepare_"))
     log.info("tokenizing %d files with %s into %d shards at %s (id %s)", len(files), tok.spec,
              num_shards, out, manifest["id"])

@@ -429,3 +429,28 @@ def test_two_jax_processes_train_each_on_its_own_shards(tmp_path):
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-4000:]
     assert "held-out perplexity" in outs[0][0]
+
+
+def test_a_second_prepare_into_a_directory_being_written_stops_before_any_work(tmp_path):
+    # Two writers into one directory would truncate each other's .partial shards and publish
+    # a damaged one: the second stops at once (exit status 6), writes nothing, and once the
+    # first is done the same command finds the work finished.
+    import fcntl
+    import os
+
+    data, out = _corpus(tmp_path / "data"), tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # a running prepare-data's lock
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(prepare.OutputBusyError, match=r"--output .*out: another "
+                           r"prepare-data is writing.*another --output") as e:
+            _prepare(data, out)
+        assert cli.exit_code(e.value) == cli.EXIT_BUSY
+        assert list(out.iterdir()) == []
+    finally:
+        os.close(fd)
+    first = _prepare(data, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [shards.MANIFEST] + [shards.shard_name(first["id"], k, 4) for k in range(4)])
+    assert _prepare(data, out) == first
