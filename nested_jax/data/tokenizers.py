@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 from etils import epath
 
-from nested_jax.data import fetch
+from nested_jax.data import fetch, once
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def mistral_model_path(cache: pathlib.Path | None = None) -> pathlib.Path:
     path = root / "mistral_tokenizer.model.v1"
     if not path.exists():
         data = fetch.read_from_wheel(MISTRAL_REQUIREMENT, MISTRAL_MEMBER, root / "wheels")
-        path.write_bytes(data)
+        once.write_once(path, lambda tmp: tmp.write_bytes(data))  # never half a model cached
     return path
 
 

