@@ -7,14 +7,20 @@ records past its checkpoint, so the files read as one uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import math
+import os
+import tempfile
 import time
 from typing import Any
 
 import jax
 from etils import epath
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s of one device, by `device.device_kind` substring (first match wins).
 PEAK_FLOPS = (
@@ -39,9 +45,36 @@ def flops_per_token(model: Any, n_params: int, seq_len: int) -> float:
 
 
 def read_records(path: epath.Path) -> list[dict[str, Any]]:
+    """The records of a metrics JSONL file.  A line that does not parse (the torn last append
+    of a run killed mid-write) is skipped with a warning: it must not stop the resume."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not a whole record (a run killed while writing it?); "
+                        "skipped", path, n)
+    return out
+
+
+def _rewrite(path: epath.Path, text: str) -> None:
+    """Replace the file whole: a run killed mid-rewrite keeps the old file, never half of it."""
+    if "://" in str(path):  # an object store writes an object whole or not at all
+        path.write_text(text)
+        return
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, str(path))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 class MetricsLog:
@@ -64,7 +97,7 @@ class MetricsLog:
             keep = [r for r in read_records(self.path) if r["step"] < resume_step
                     or (r["step"] == resume_step and not any(k.startswith("eval/") for k in r))]
             self._lines = [json.dumps(r) + "\n" for r in keep]
-            self.path.write_text("".join(self._lines))
+            _rewrite(self.path, "".join(self._lines))
         try:
             from tensorboardX import SummaryWriter
 
@@ -91,7 +124,7 @@ class MetricsLog:
 
     def flush(self) -> None:
         if self.enabled and self._remote:
-            self.path.write_text("".join(self._lines))
+            _rewrite(self.path, "".join(self._lines))
             self._flushed = time.time()
 
     def close(self) -> None:
