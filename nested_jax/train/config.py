@@ -208,7 +208,15 @@ class TrainConfig:
     def load(cls, path: str | pathlib.Path) -> TrainConfig:
         from etils import epath
 
-        return cls.from_dict(json.loads(epath.Path(path).read_text()))
+        try:
+            d = json.loads(epath.Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} is not a whole JSON config ({e}); a run killed while writing it or a full "
+                "disk cuts it short. Every checkpoint records the "
+                f"run's config: delete {path} and run again to use the newest checkpoint's"
+            ) from e
+        return cls.from_dict(d)
 
 
 # Fields a resumed run may change; anything else must match the saved run.

@@ -7,18 +7,17 @@ records past its checkpoint, so the files read as one uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from typing import Any
 
 import jax
 from etils import epath
+
+from nested_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +60,6 @@ def read_records(path: epath.Path) -> list[dict[str, Any]]:
     return out
 
 
-def _rewrite(path: epath.Path, text: str) -> None:
-    """Replace the file whole: a run killed mid-rewrite keeps the old file, never half of it."""
-    if "://" in str(path):  # an object store writes an object whole or not at all
-        path.write_text(text)
-        return
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, str(path))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 class MetricsLog:
     """JSONL + TensorBoard writer (a no-op on non-primary processes).
 
@@ -97,7 +80,7 @@ class MetricsLog:
             keep = [r for r in read_records(self.path) if r["step"] < resume_step
                     or (r["step"] == resume_step and not any(k.startswith("eval/") for k in r))]
             self._lines = [json.dumps(r) + "\n" for r in keep]
-            _rewrite(self.path, "".join(self._lines))
+            workdir_lib.write_whole(self.path, "".join(self._lines))
         try:
             from tensorboardX import SummaryWriter
 
@@ -124,7 +107,7 @@ class MetricsLog:
 
     def flush(self) -> None:
         if self.enabled and self._remote:
-            _rewrite(self.path, "".join(self._lines))
+            workdir_lib.write_whole(self.path, "".join(self._lines))
             self._flushed = time.time()
 
     def close(self) -> None:

@@ -406,7 +406,7 @@ def _write_run_info(run: Run) -> None:
                 vocab_size=run.tokenizer.vocab_size, mesh=dict(run.mesh.shape),
                 devices=jax.device_count(), processes=jax.process_count(),
                 device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
-    (run.workdir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    workdir_lib.write_whole(run.workdir / "run.json", json.dumps(info, indent=2, default=str))
 
 
 # Libraries whose warnings and errors belong in train.log too: orbax reports a failed background
@@ -521,7 +521,7 @@ def _train(cfg, workdir, devices, progress, primary, *, restart=False,
         ckpt.close()
         raise
     if primary:  # only now: a refused or failed restore leaves the saved config as it was
-        (workdir / "config.json").write_text(cfg.to_json())
+        workdir_lib.write_whole(workdir / "config.json", cfg.to_json())
         _write_run_info(run)
     log.info("%s/%s: %.2fM parameters, mesh %s, tokenizer %s (vocab %d)", cfg.model, cfg.preset,
              run.n_params / 1e6, dict(run.mesh.shape), run.tokenizer.spec,

@@ -1,4 +1,5 @@
-"""The working directory: one training run at a time (a lock), and early I/O checks.
+"""The working directory: one training run at a time (a lock), early I/O checks, and its
+small files (config.json, run.json, metrics.jsonl) replaced whole, never half-written.
 
 The lock is `WORKDIR/train.lock`, held with `fcntl.flock` for the life of the run and
 holding `{"host", "pid", "started"}` for the message a second run prints. The kernel
@@ -11,11 +12,13 @@ must start one run per working directory (docs/training.md).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import socket
+import tempfile
 import time
 
 from etils import epath
@@ -52,6 +55,23 @@ def ensure_writable_dir(path: epath.Path, what: str) -> None:
         raise WorkdirError(e.errno or errno.EIO,
                            f"{what} {path} is not writable ({e.strerror or e}); fix its "
                            "permissions, mount or free space, or use another directory") from e
+
+
+def write_whole(path: epath.Path, text: str) -> None:
+    """Write `text` to `path` whole: a run killed mid-write keeps the old file (or none),
+    never half of one.  Locally a private temporary file is renamed over it."""
+    if not is_local(path):  # an object store writes an object whole or not at all
+        path.write_text(text)
+        return
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, str(path))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _probe(directory: epath.Path) -> None:

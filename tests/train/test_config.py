@@ -78,3 +78,15 @@ def test_a_python_config_with_tuples_resumes_after_its_json_round_trip(tmp_path)
         cfg.optim, kwargs={"ns_skip": ("levels", "memory_w")}))
     with pytest.raises(trainer.ConfigMismatchError, match=r"optim\.kwargs"):
         trainer.check_resumable(other, tmp_path)
+
+
+def test_a_cut_off_config_json_is_named_with_its_fix(tmp_path):
+    # (config.json is now written atomically; one cut short by a full disk or an older version
+    # must still give the fix, not a JSON traceback)
+    from nested_jax import cli
+
+    (tmp_path / "config.json").write_text(TrainConfig().to_json()[:40])
+    with pytest.raises(ValueError, match=r"config\.json is not a whole JSON config .*delete "
+                       r".*config\.json and run again") as e:
+        trainer.check_resumable(TrainConfig(), tmp_path)
+    assert cli.exit_code(e.value) == cli.EXIT_CONFIG

@@ -36,7 +36,7 @@ def test_a_resume_killed_while_rewriting_the_log_keeps_the_old_file(tmp_path, mo
     def killed(*a):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(metrics.os, "replace", killed)
+    monkeypatch.setattr(metrics.workdir_lib.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         metrics.MetricsLog(epath.Path(tmp_path), resume_step=2)
     assert path.read_bytes() == before
