@@ -16,8 +16,8 @@ is ("already prepared"); the leftovers of an interrupted run of it are overwritt
 names are the same, and so is their content); anything else there (another preparation,
 other files) is refused, naming the path. A second prepare-data into a local output that one
 is writing fails at once (OutputBusyError): two writers would truncate each other's shards.
-Run it on one machine (`--workers` for its
-cores); the hosts of a pod then each read their own shards of the result.
+Run it on one machine (`--workers` for its cores); the hosts of a pod then each read their
+own shards of the result.
 """
 
 from __future__ import annotations
